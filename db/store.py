@@ -1,0 +1,614 @@
+"""The store: the only code in nos that talks SQL.
+
+Every public method is one transaction and speaks plain dicts, so callers never hold
+ORM objects across transactions. Opening a database is careful: a file or server that
+is not a nos database of this schema version is refused before anything is written
+to it. Transient failures ("database is locked", a dropped connection) are retried a
+bounded number of times; every failure reaches the caller as a one-line StoreError.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlalchemy import (
+    Connection,
+    Engine,
+    create_engine,
+    event,
+    func,
+    insert,
+    inspect,
+    select,
+    update,
+)
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.models import (
+    APP,
+    INDIVIDUAL_STATUSES,
+    RUN_STATUSES,
+    SCHEMA_VERSION,
+    Base,
+    Baseline,
+    Evaluation,
+    Individual,
+    Meta,
+    Run,
+    TimestepStat,
+    utcnow,
+)
+
+T = TypeVar("T")
+
+SQLITE_HEADER = b"SQLite format 3\x00"
+# Statuses whose hash means "this genome was already judged": find_hash may point at them.
+JUDGED_STATUSES = ("evaluated", "rejected_integrity", "invalid", "error")
+FINAL_RUN_STATUSES = ("finished", "interrupted", "failed")
+# Bulk INSERTs send None as NULL instead of dropping the key, so rows with and without
+# a value keep one key set and stay one statement (see _complete).
+BULK = {"render_nulls": True}
+
+
+class StoreError(Exception):
+    """A database problem, described in one line a user can act on."""
+
+
+def resolve_url(db: str) -> str:
+    """A plain path becomes an absolute SQLite URL; anything with ``://`` is a URL already."""
+    if "://" in db:
+        return db
+    return f"sqlite:///{Path(db).expanduser().resolve()}"
+
+
+class Store:
+    """Read and write nos runs, individuals, evaluations, baselines and timestep stats."""
+
+    def __init__(
+        self,
+        db: str,
+        *,
+        create: bool = True,
+        retries: int = 5,
+        retry_wait: float = 0.2,
+        busy_timeout: float = 10.0,
+    ) -> None:
+        self.url = resolve_url(db)
+        self._retries = max(0, retries)
+        self._retry_wait = retry_wait
+        self._busy_timeout = busy_timeout
+        self._wal = False  # switched on once the file is known to be ours
+
+        url = _parse_url(self.url, db)
+        self._label = db if url.get_backend_name() == "sqlite" else url.render_as_string()
+        self._sqlite = url.get_backend_name() == "sqlite"
+        if self._sqlite:
+            self._check_sqlite_file(url, create)
+        self._engine = self._make_engine(url)
+        self._sessions = sessionmaker(self._engine, expire_on_commit=False)
+        try:
+            self._retry("open", lambda: self._prepare(create))
+        except BaseException:
+            self._engine.dispose()
+            raise
+        if self._sqlite:  # the file is ours now: switch it to WAL (see _on_sqlite_connect)
+            self._wal = True
+            self._engine.dispose()
+            self._retry("enable WAL", lambda: self._engine.connect().close())
+
+    # ------------------------------------------------------------------ plumbing
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Store({self._label!r})"
+
+    def close(self) -> None:
+        """Release pooled connections (and SQLite file handles)."""
+        self._engine.dispose()
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Session]:
+        """An ORM session for ad-hoc queries: commits on success, rolls back on exception."""
+        with self._sessions.begin() as session:
+            yield session
+
+    def _check_sqlite_file(self, url: URL, create: bool) -> None:
+        """Refuse, before SQLite touches it, a missing file (create=False) or a non-database."""
+        database = url.database or ""
+        if database in ("", ":memory:") or database.startswith("file:"):
+            return
+        path = Path(database)
+        if not path.exists():
+            if not create:
+                raise StoreError(f"{self._label} does not exist (opened with create=False)")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return
+        try:
+            with path.open("rb") as fh:
+                header = fh.read(len(SQLITE_HEADER))
+        except OSError as exc:
+            raise StoreError(f"cannot read {self._label}: {exc.strerror or exc}") from exc
+        if header and header != SQLITE_HEADER:
+            raise StoreError(f"{self._label} is not an SQLite database; refusing to modify it")
+
+    def _make_engine(self, url: URL) -> Engine:
+        kwargs: dict[str, Any] = {}
+        if not self._sqlite:
+            kwargs["pool_pre_ping"] = True
+            if url.get_driver_name() in ("psycopg", "psycopg2") and "connect_timeout" not in url.query:
+                kwargs["connect_args"] = {"connect_timeout": 10}
+        try:
+            engine = create_engine(url, **kwargs)
+        except ImportError as exc:
+            raise StoreError(
+                f"no driver for {url.drivername} ({exc}); for PostgreSQL install "
+                "'nos[postgres]' and use a postgresql+psycopg:// URL"
+            ) from exc
+        except ArgumentError as exc:
+            raise StoreError(f"bad database URL {self._label}: {_one_line(exc)}") from exc
+        if self._sqlite:
+            event.listen(engine, "connect", self._on_sqlite_connect)
+            event.listen(engine, "begin", _on_sqlite_begin)
+        return engine
+
+    def _on_sqlite_connect(self, dbapi_connection: Any, _record: Any) -> None:
+        """Per-connection SQLite settings; WAL only once the file is known to be ours."""
+        # We emit BEGIN ourselves (see _on_sqlite_begin): sqlite3's own transaction
+        # handling skips BEGIN before SELECT and DDL, which breaks atomicity.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
+            cursor.execute("PRAGMA foreign_keys = ON")
+            if self._wal and cursor.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                cursor.execute("PRAGMA journal_mode = WAL")  # persistent: stored in the file
+        finally:
+            cursor.close()
+
+    def _prepare(self, create: bool) -> None:
+        """Create the schema in an empty database, or check an existing one is ours."""
+        tables, meta = self._read_schema()
+        if not tables:
+            if not create:
+                raise StoreError(f"{self._label} is an empty database (opened with create=False)")
+            self._create_schema()
+            tables, meta = self._read_schema()
+        if meta.get("app") != APP:
+            shown = ", ".join(sorted(tables)[:12]) + (", ..." if len(tables) > 12 else "")
+            raise StoreError(
+                f"{self._label} is not a nos database (tables: {shown}); refusing to modify it"
+            )
+        version = meta.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise StoreError(
+                f"{self._label} has nos schema_version {version!r}, this nos reads "
+                f"{SCHEMA_VERSION!r}; refusing to modify it"
+            )
+        missing = sorted(set(Base.metadata.tables) - tables)
+        if missing:
+            raise StoreError(
+                f"{self._label} is a nos database without tables {', '.join(missing)}; "
+                "refusing to modify it"
+            )
+
+    def _read_schema(self) -> tuple[set[str], dict[str, str]]:
+        """Table names and the meta stamps, read without writing anything."""
+        with self._engine.connect() as conn:
+            inspector = inspect(conn)
+            tables = set(inspector.get_table_names())
+            meta: dict[str, str] = {}
+            if "meta" in tables and {"key", "value"} <= {
+                c["name"] for c in inspector.get_columns("meta")
+            }:
+                meta = dict(conn.execute(select(Meta.key, Meta.value)).all())
+        return tables, meta
+
+    def _create_schema(self) -> None:
+        """All tables and the meta stamps in one transaction, so no one sees half a schema."""
+        with self._engine.connect().execution_options(nos_write=True) as conn, conn.begin():
+            if inspect(conn).get_table_names():
+                return  # another process created it meanwhile; the caller re-checks
+            Base.metadata.create_all(conn)
+            conn.execute(
+                Meta.__table__.insert(),
+                [{"key": "app", "value": APP}, {"key": "schema_version", "value": SCHEMA_VERSION}],
+            )
+
+    def _retry(self, what: str, fn: Callable[[], T]) -> T:
+        """Run ``fn``, retrying transient errors with backoff; any failure -> StoreError."""
+        attempt = 0
+        while True:
+            try:
+                return fn()
+            except OperationalError as exc:
+                if not self._is_transient(exc):
+                    raise StoreError(f"{self._label}: {what} failed: {_one_line(exc)}") from exc
+                if attempt >= self._retries:
+                    raise StoreError(
+                        f"{self._label}: {what} failed after {attempt + 1} attempts: "
+                        f"{_one_line(exc)}"
+                    ) from exc
+                time.sleep(self._retry_wait * 2**attempt)
+                attempt += 1
+            except SQLAlchemyError as exc:
+                raise StoreError(f"{self._label}: {what} failed: {_one_line(exc)}") from exc
+
+    def _is_transient(self, exc: OperationalError) -> bool:
+        """SQLite: only lock contention. Servers: any OperationalError (connection,
+        deadlock, serialization) is worth another try."""
+        if not self._sqlite:
+            return True
+        message = str(exc.orig).lower()
+        return "locked" in message or "busy" in message
+
+    def _transaction(self, what: str, fn: Callable[[Session], T], *, write: bool = False) -> T:
+        """Run ``fn(session)`` in one transaction (retried as a whole)."""
+
+        def attempt() -> T:
+            with self._sessions.begin() as session:
+                if write:  # SQLite: take the write lock up front (BEGIN IMMEDIATE)
+                    session.connection(execution_options={"nos_write": True})
+                return fn(session)
+
+        return self._retry(what, attempt)
+
+    # ------------------------------------------------------------------ runs
+
+    def create_run(self, name: str, config: dict, seed: int) -> int:
+        """Register a new run (status ``running``); names are unique."""
+
+        def write(session: Session) -> int:
+            if session.scalar(select(Run.id).where(Run.name == name)) is not None:
+                raise StoreError(f"a run named {name!r} already exists in {self._label}")
+            run = Run(name=name, config=config, seed=seed, status="running", started_at=utcnow())
+            session.add(run)
+            session.flush()
+            return run.id
+
+        return self._transaction("create_run", write, write=True)
+
+    def get_run(self, name_or_id: str | int) -> dict | None:
+        """A run by name, or by id (an int, or a digit string that is not a run name)."""
+
+        def read(session: Session) -> dict | None:
+            run = _find_run(session, name_or_id)
+            return None if run is None else _row(run)
+
+        return self._transaction("get_run", read)
+
+    def list_runs(self) -> list[dict]:
+        """All runs, oldest first, each with n_individuals, n_evaluated and best_fitness."""
+        evaluated = Individual.status == "evaluated"
+        stmt = (
+            select(
+                Run,
+                func.count(Individual.id),
+                func.count(Individual.id).filter(evaluated),
+                func.min(Individual.fitness).filter(evaluated),
+            )
+            .outerjoin(Individual, Individual.run_id == Run.id)
+            .group_by(Run.id)
+            .order_by(Run.id)
+        )
+
+        def read(session: Session) -> list[dict]:
+            return [
+                {**_row(run), "n_individuals": n, "n_evaluated": n_eval, "best_fitness": best}
+                for run, n, n_eval, best in session.execute(stmt)
+            ]
+
+        return self._transaction("list_runs", read)
+
+    def set_run_status(self, run_id: int, status: str) -> None:
+        """Record how a run stands; a final status stamps finished_at, ``running`` clears it."""
+        _check_choice("run status", status, RUN_STATUSES)
+
+        def write(session: Session) -> None:
+            run = session.get(Run, run_id)
+            if run is None:
+                raise StoreError(f"no run with id {run_id} in {self._label}")
+            run.status = status
+            run.finished_at = utcnow() if status in FINAL_RUN_STATUSES else None
+
+        self._transaction("set_run_status", write, write=True)
+
+    # ------------------------------------------------------------------ individuals
+
+    def add_individuals(self, rows: list[dict]) -> list[int]:
+        """Insert candidates (with nested ``evaluations``) all-or-nothing; ids in order.
+
+        Besides column values a row may carry ``evaluations`` (list of dicts) and, instead
+        of ``parent_id``, ``parent_slot``: the slot of a parent in the same run, stored
+        already or earlier in this batch. Rows go in as bulk INSERTs, split only where a
+        row needs the id of a parent from the same batch.
+        """
+        prepared = [_individual_values(row, f"individual row {i}") for i, row in enumerate(rows)]
+
+        def write(session: Session) -> list[int]:
+            ids: list[int] = []
+            by_slot: dict[tuple[int, str], int] = {}  # ids of this batch's rows, once inserted
+            pending: list[dict] = []
+
+            def insert_pending() -> None:
+                if not pending:
+                    return
+                # Matched back by (run_id, slot), which is unique: a RETURNING that must
+                # keep parameter order would make SQLite insert row by row.
+                stmt = insert(Individual).returning(
+                    Individual.run_id, Individual.slot, Individual.id
+                )
+                result = session.execute(stmt, pending, execution_options=BULK)
+                by_slot.update(((r, slot), i) for r, slot, i in result)
+                ids.extend(by_slot[(v["run_id"], v["slot"])] for v in pending)
+                pending.clear()
+
+            for i, (values, parent_slot, _) in enumerate(prepared):
+                if parent_slot is not None:
+                    key = (values["run_id"], parent_slot)
+                    if any((v["run_id"], v["slot"]) == key for v in pending):
+                        insert_pending()
+                    parent_id = by_slot.get(key) or session.scalar(
+                        select(Individual.id).where(
+                            Individual.run_id == key[0], Individual.slot == key[1]
+                        )
+                    )
+                    if parent_id is None:
+                        raise StoreError(
+                            f"individual row {i}: no parent with slot {parent_slot!r} "
+                            f"in run {key[0]}"
+                        )
+                    values = {**values, "parent_id": parent_id}
+                pending.append(values)
+            insert_pending()
+
+            evaluations = [
+                {**e, "individual_id": ind_id}
+                for ind_id, (_, _, evals) in zip(ids, prepared)
+                for e in evals
+            ]
+            if evaluations:
+                session.execute(insert(Evaluation), evaluations, execution_options=BULK)
+            return ids
+
+        return self._transaction("add_individuals", write, write=True)
+
+    def individuals(self, run_id: int) -> list[dict]:
+        """All individuals of a run, by id, without evaluations."""
+        stmt = select(Individual).where(Individual.run_id == run_id).order_by(Individual.id)
+        return self._transaction("individuals", lambda s: [_row(i) for i in s.scalars(stmt)])
+
+    def individual_by_slot(self, run_id: int, slot: str) -> dict | None:
+        """The individual made in ``slot`` (how a resumed run knows what is done)."""
+        stmt = select(Individual).where(Individual.run_id == run_id, Individual.slot == slot)
+        return self._transaction("individual_by_slot", lambda s: _row_or_none(s.scalar(stmt)))
+
+    def get_individual(self, ind_id: int) -> dict | None:
+        """One individual with its ``evaluations`` and its ``run_name``."""
+
+        def read(session: Session) -> dict | None:
+            ind = session.get(Individual, ind_id)
+            if ind is None:
+                return None
+            run_name = session.scalar(select(Run.name).where(Run.id == ind.run_id))
+            return {
+                **_row(ind),
+                "run_name": run_name,
+                "evaluations": [_row(e) for e in ind.evaluations],
+            }
+
+        return self._transaction("get_individual", read)
+
+    def lineage(self, ind_id: int) -> list[dict]:
+        """``[individual, parent, grandparent, ..., initial]``; empty if no such id."""
+
+        def read(session: Session) -> list[dict]:
+            chain: list[dict] = []
+            seen: set[int] = set()
+            ind = session.get(Individual, ind_id)
+            while ind is not None and ind.id not in seen:  # `seen` guards hand-edited cycles
+                seen.add(ind.id)
+                chain.append(_row(ind))
+                ind = None if ind.parent_id is None else session.get(Individual, ind.parent_id)
+            return chain
+
+        return self._transaction("lineage", read)
+
+    def top(self, run_id: int, n: int = 10) -> list[dict]:
+        """The ``n`` best evaluated individuals (lower fitness is better; ties by id)."""
+        stmt = (
+            select(Individual)
+            .where(
+                Individual.run_id == run_id,
+                Individual.status == "evaluated",
+                Individual.fitness.is_not(None),
+            )
+            .order_by(Individual.fitness, Individual.id)
+            .limit(n)
+        )
+        return self._transaction("top", lambda s: [_row(i) for i in s.scalars(stmt)])
+
+    def find_hash(self, run_id: int, genome_hash: str) -> dict | None:
+        """The earliest already-judged individual with this hash (the one a duplicate points to)."""
+        stmt = (
+            select(Individual)
+            .where(
+                Individual.run_id == run_id,
+                Individual.genome_hash == genome_hash,
+                Individual.status.in_(JUDGED_STATUSES),
+            )
+            .order_by(Individual.id)
+            .limit(1)
+        )
+        return self._transaction("find_hash", lambda s: _row_or_none(s.scalar(stmt)))
+
+    def status_counts(self, run_id: int) -> dict[str, int]:
+        """How many individuals of a run have each status (every status present, maybe 0)."""
+        stmt = (
+            select(Individual.status, func.count())
+            .where(Individual.run_id == run_id)
+            .group_by(Individual.status)
+        )
+
+        def read(session: Session) -> dict[str, int]:
+            counts = dict.fromkeys(INDIVIDUAL_STATUSES, 0)
+            counts.update(session.execute(stmt).all())
+            return counts
+
+        return self._transaction("status_counts", read)
+
+    # ------------------------------------------------------------------ baselines / stats
+
+    def add_baselines(self, rows: list[dict]) -> list[int]:
+        """Insert baseline results all-or-nothing; ids in order."""
+
+        values = [
+            _complete(Baseline, _fields(Baseline, row, f"baseline row {i}"))
+            for i, row in enumerate(rows)
+        ]
+        stmt = insert(Baseline).returning(Baseline.id, sort_by_parameter_order=True)
+        if not values:
+            return []
+        return self._transaction(
+            "add_baselines",
+            lambda s: list(s.scalars(stmt, values, execution_options=BULK)),
+            write=True,
+        )
+
+    def baselines(self, run_id: int | None = None, task: str | None = None) -> list[dict]:
+        """Baseline results by id, optionally only those of one run and/or one task."""
+        stmt = select(Baseline).order_by(Baseline.id)
+        if run_id is not None:
+            stmt = stmt.where(Baseline.run_id == run_id)
+        if task is not None:
+            stmt = stmt.where(Baseline.task == task)
+        return self._transaction("baselines", lambda s: [_row(b) for b in s.scalars(stmt)])
+
+    def put_timestep_stats(self, run_id: int, row: dict) -> None:
+        """Insert or replace the stats of ``row["timestep"]`` (a resumed run rewrites them)."""
+        values = {**_fields(TimestepStat, row, "timestep stats"), "run_id": run_id}
+        values.pop("id", None)
+        if "timestep" not in values:
+            raise StoreError("timestep stats need a 'timestep'")
+        where = (TimestepStat.run_id == run_id, TimestepStat.timestep == values["timestep"])
+
+        def write(session: Session) -> None:
+            if session.scalar(select(TimestepStat.id).where(*where)) is None:
+                session.execute(insert(TimestepStat), [values])
+            else:
+                session.execute(update(TimestepStat).where(*where).values(values))
+
+        self._transaction("put_timestep_stats", write, write=True)
+
+    def timestep_stats(self, run_id: int) -> list[dict]:
+        """A run's per-timestep stats, by timestep."""
+        stmt = (
+            select(TimestepStat)
+            .where(TimestepStat.run_id == run_id)
+            .order_by(TimestepStat.timestep)
+        )
+        return self._transaction("timestep_stats", lambda s: [_row(t) for t in s.scalars(stmt)])
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _on_sqlite_begin(conn: Connection) -> None:
+    """Emit BEGIN ourselves; writers take the write lock at once, so a busy database
+    makes them wait (busy_timeout) instead of failing halfway through."""
+    immediate = conn.get_execution_options().get("nos_write", False)
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+def _parse_url(url: str, label: str) -> URL:
+    try:
+        return make_url(url)
+    except ArgumentError as exc:
+        raise StoreError(f"bad database URL {label!r}: {_one_line(exc)}") from exc
+
+
+def _one_line(exc: BaseException) -> str:
+    """The first line of the driver's message (SQLAlchemy appends SQL and links)."""
+    orig = getattr(exc, "orig", None) or exc
+    lines = [line.strip() for line in str(orig).splitlines() if line.strip()]
+    return lines[0] if lines else type(orig).__name__
+
+
+def _check_choice(what: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise StoreError(f"unknown {what} {value!r}; expected one of {', '.join(allowed)}")
+
+
+def _columns(model: type[Base]) -> set[str]:
+    return {attr.key for attr in inspect(model).column_attrs}
+
+
+def _fields(model: type[Base], row: dict, what: str) -> dict[str, Any]:
+    """The row as column values; an unknown key is an error, never silently dropped."""
+    unknown = set(row) - _columns(model)
+    if unknown:
+        raise StoreError(f"{what}: unknown field(s) {', '.join(sorted(unknown))}")
+    return dict(row)
+
+
+def _complete(model: type[Base], values: dict[str, Any]) -> dict[str, Any]:
+    """Fill absent columns (NULL or their scalar default) so every row of a batch has the
+    same keys and the batch stays one INSERT statement. Callable defaults (timestamps)
+    are left to SQLAlchemy, which fills them per row."""
+    values = dict(values)
+    for column in model.__table__.columns:
+        if column.key in values or column.primary_key:
+            continue
+        if column.default is None:
+            values[column.key] = None
+        elif column.default.is_scalar:
+            values[column.key] = column.default.arg
+    return values
+
+
+def _individual_values(row: dict, what: str) -> tuple[dict[str, Any], str | None, list[dict]]:
+    """Split an add_individuals row into (column values, parent_slot, evaluations)."""
+    row = dict(row)
+    evaluations = row.pop("evaluations", None) or []
+    parent_slot = row.pop("parent_slot", None)
+    values = _fields(Individual, row, what)
+    missing = [k for k in ("run_id", "slot", "genome", "status") if values.get(k) is None]
+    if missing:
+        raise StoreError(f"{what}: missing {', '.join(missing)}")
+    _check_choice(f"status in {what}", values["status"], INDIVIDUAL_STATUSES)
+    if parent_slot is not None and values.get("parent_id") is not None:
+        raise StoreError(f"{what}: give parent_id or parent_slot, not both")
+    evaluations = [
+        _complete(Evaluation, _fields(Evaluation, e, f"{what}, evaluation {j}"))
+        for j, e in enumerate(evaluations)
+    ]
+    return _complete(Individual, values), parent_slot, evaluations
+
+
+def _find_run(session: Session, name_or_id: str | int) -> Run | None:
+    if isinstance(name_or_id, int) and not isinstance(name_or_id, bool):
+        return session.get(Run, name_or_id)
+    run = session.scalar(select(Run).where(Run.name == name_or_id))
+    if run is None and str(name_or_id).isdigit():
+        run = session.get(Run, int(name_or_id))
+    return run
+
+
+def _row(obj: Base) -> dict[str, Any]:
+    """All column values of a model instance (JSON parsed, datetimes aware UTC)."""
+    return {attr.key: getattr(obj, attr.key) for attr in inspect(obj).mapper.column_attrs}
+
+
+def _row_or_none(obj: Base | None) -> dict[str, Any] | None:
+    return None if obj is None else _row(obj)
+

@@ -1,0 +1,295 @@
+"""The batched interpreter: many genomes applied at once to parameters stacked on a candidate axis.
+
+Parameters of C candidates live in one tensor theta[C, P]. A step evaluates every candidate's
+update graph without a Python loop over candidates: genomes are right-aligned into MAX_NODES
+slots (the root always in the last slot), and at each slot the candidates are *grouped by
+operation* and by input source. Each group costs one indexed torch call, so the number of torch
+calls per step is bounded by the size of the op and operand vocabularies, not by C.
+
+Schedules (edge decays, lr, noise sigma) are tabulated once per batch as [C, T] tensors; a step
+reads column t. Random operations use the counter-based generator in `rng.py`, keyed by each
+candidate's seed, so a candidate gets the same numbers alone or in any batch.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from search_space import decay as decay_mod
+from search_space.genome import MAX_NODES, MOMENTUM, Genome, LRSchedule, node_index
+from search_space.operands import OPERANDS, update_moments
+from search_space.ops import OPS
+from search_space.schedules import lr_values
+
+from .rng import STREAM_DROPOUT, STREAM_NOISE_OPERAND, STREAM_PERTURBATION, rng_normal, rng_uniform
+
+
+@dataclass(frozen=True)
+class Segments:
+    """How the flat parameter vector splits into tensors (for per-tensor norms and stds)."""
+
+    bounds: tuple[tuple[int, int], ...]
+
+    @property
+    def n_params(self) -> int:
+        return self.bounds[-1][1]
+
+    def ids(self, device: torch.device | str) -> torch.Tensor:
+        out = torch.empty(self.n_params, dtype=torch.long)
+        for i, (a, b) in enumerate(self.bounds):
+            out[a:b] = i
+        return out.to(device)
+
+
+def segment_norm(x: torch.Tensor, seg_ids: torch.Tensor, n_seg: int) -> torch.Tensor:
+    """L2 norm of each row's segments, broadcast back to x's shape."""
+    sq = torch.zeros(x.shape[0], n_seg, dtype=x.dtype, device=x.device).index_add_(1, seg_ids, x * x)
+    return torch.sqrt(sq)[:, seg_ids]
+
+
+def segment_std(x: torch.Tensor, seg_ids: torch.Tensor, n_seg: int) -> torch.Tensor:
+    """Population std (correction 0) of each row's segments, broadcast back to x's shape."""
+    counts = torch.bincount(seg_ids, minlength=n_seg).to(x.dtype)
+    zeros = torch.zeros(x.shape[0], n_seg, dtype=x.dtype, device=x.device)
+    mean = zeros.index_add(1, seg_ids, x) / counts
+    dev = x - mean[:, seg_ids]
+    var = zeros.index_add(1, seg_ids, dev * dev) / counts
+    return torch.sqrt(var)[:, seg_ids]
+
+
+@lru_cache(maxsize=4096)
+def _decay_values(key: str, total_steps: int) -> tuple[float, ...]:
+    return tuple(decay_mod.values(json.loads(key), total_steps))
+
+
+def decay_values(d: decay_mod.Decay | None, total_steps: int) -> tuple[float, ...]:
+    """Memoised `decay.values`: a batch holds many copies of the same few curves."""
+    return _decay_values(json.dumps(d, sort_keys=True), total_steps)
+
+
+@lru_cache(maxsize=4096)
+def _lr_values(schedule: str, key: str, total_steps: int) -> tuple[float, ...]:
+    return tuple(lr_values(LRSchedule(schedule, json.loads(key)), total_steps))
+
+
+def _slot_of(genome: Genome, node: int) -> int:
+    return MAX_NODES - len(genome.nodes) + node
+
+
+def _ref_key(genome: Genome, ref: str) -> str | int:
+    k = node_index(ref)
+    return ref if k is None else _slot_of(genome, k)
+
+
+def gradient_cost(genome: Genome) -> int:
+    """Forward-pass equivalents per training step: forward + backward (3), +1 for if_better."""
+    return 3 + (1 if genome.noise.active and genome.noise.accept == "if_better" else 0)
+
+
+class BatchedOptimizer:
+    """Compiled update rules of C genomes; `direction` and `perturbation` make one step."""
+
+    def __init__(
+        self,
+        genomes: Sequence[Genome],
+        lrs: Sequence[float],
+        total_steps: Sequence[int],
+        seeds: Sequence[int],
+        segments: Segments,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.genomes = list(genomes)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.segments = segments
+        self.seg_ids = segments.ids(self.device)
+        self.index = torch.arange(segments.n_params, device=self.device)
+        self.seeds = torch.tensor(list(seeds), dtype=torch.long, device=self.device)
+        self.t = 0
+        self.state: dict[str, torch.Tensor] = {}  # moments and the momentum buffer, [C, P] each
+        self.node_state: dict[int, torch.Tensor] = {}  # slot -> [C, P] state of stateful ops
+        self._compile_structure()
+        self._compile_tables(list(lrs), list(total_steps))
+
+    @property
+    def C(self) -> int:
+        return len(self.genomes)
+
+    # ------------------------------------------------------------------ compilation
+    def _rows(self, rows: list[int]) -> torch.Tensor:
+        return torch.tensor(rows, dtype=torch.long, device=self.device)
+
+    def _mask(self, flags: list[bool]) -> torch.Tensor:
+        return torch.tensor(flags, dtype=torch.bool, device=self.device)
+
+    def _compile_structure(self) -> None:
+        """Group candidates by op and by input source at every slot (cheap, pure Python)."""
+        C, gs = self.C, self.genomes
+        first = [_slot_of(g, 0) for g in gs]
+        self.operands = sorted(set().union(*(g.operands_used() for g in gs)))
+        self.moments = set().union(*(OPERANDS[o].needs for o in self.operands)) - {"noise"}
+        self.slots: list[tuple | None] = []
+        for s in range(MAX_NODES):
+            members = [c for c in range(C) if first[c] <= s]
+            if not members:
+                self.slots.append(None)
+                continue
+            ops: dict[str, list[int]] = defaultdict(list)
+            sources: list[dict[str | int, list[int]]] = [defaultdict(list), defaultdict(list)]
+            for c in members:
+                node = gs[c].nodes[s - first[c]]
+                ops[node.op].append(c)
+                for j, ref in enumerate(node.inputs):
+                    sources[j][_ref_key(gs[c], ref)].append(c)
+            args = [[(k, self._rows(v), len(v) == C) for k, v in src.items()] for src in sources if src]
+            groups = [(OPS[op], self._rows(rows), len(rows) == C) for op, rows in ops.items()]
+            self.slots.append((groups, args, self._rows([s - f for f in first])))
+        self.update_types = {k: self._mask([g.update == k for g in gs])[:, None] for k in ("plain", "momentum")}
+        self.needs_buffer = any(g.update != "plain" for g in gs)
+        self.any_clip = any(g.clip is not None for g in gs)
+        self.any_noise = any(g.noise.active for g in gs)
+        self.layer_std = self._mask([g.noise.scale == "layer_std" for g in gs])[:, None]
+        self.if_better = self._mask([g.noise.active and g.noise.accept == "if_better" for g in gs])
+        self.any_if_better = bool(self.if_better.any())
+
+    def _table(self, rows: list[Sequence[float]], total_steps: list[int]) -> torch.Tensor:
+        """[C, T_max] tensor; steps past a candidate's own T are 0 (it is frozen then)."""
+        width = max(total_steps)
+        padded = [list(r) + [0.0] * (width - len(r)) for r in rows]
+        return torch.tensor(padded, dtype=self.dtype, device=self.device)
+
+    def _compile_tables(self, lrs: list[float], total_steps: list[int]) -> None:
+        """Tabulate every schedule over the run: lr, noise sigma, and each edge decay."""
+        gs = self.genomes
+        first = [_slot_of(g, 0) for g in gs]
+        self.edge_tables: dict[tuple[int, int], torch.Tensor] = {}
+        for s in range(MAX_NODES):
+            for j in range(2):
+                rows = [
+                    decay_values(g.nodes[s - f].decays[j], T)
+                    if f <= s and len(g.nodes[s - f].inputs) > j and g.nodes[s - f].decays[j] is not None
+                    else None
+                    for g, f, T in zip(gs, first, total_steps)
+                ]
+                if any(r is not None for r in rows):
+                    filled = [r if r is not None else (1.0,) * T for r, T in zip(rows, total_steps)]
+                    self.edge_tables[(s, j)] = self._table(filled, total_steps)
+        lr_rows = [_lr_values(g.lr.schedule, json.dumps(g.lr.decay, sort_keys=True), T) for g, T in zip(gs, total_steps)]
+        scale = torch.tensor([lr * g.sign for g, lr in zip(gs, lrs)], dtype=self.dtype, device=self.device)
+        self.lr_table = self._table(lr_rows, total_steps) * scale[:, None]
+        sig = [decay_values(g.noise.decay, T) if g.noise.active else (0.0,) * T for g, T in zip(gs, total_steps)]
+        sigma0 = torch.tensor([g.noise.sigma for g in gs], dtype=self.dtype, device=self.device)
+        self.sigma_table = self._table(sig, total_steps) * sigma0[:, None]
+        clip = [g.clip if g.clip is not None else float("inf") for g in gs]
+        self.clip = torch.tensor(clip, dtype=self.dtype, device=self.device)
+
+    # ------------------------------------------------------------------ stepping
+    def _operand_values(self, g: torch.Tensor, w: torch.Tensor) -> dict[str | int, torch.Tensor]:
+        s = update_moments(self.state, g, self.t + 1, self.moments)
+        if "noise" in self.operands:
+            stream = torch.full_like(self.seeds, STREAM_NOISE_OPERAND)
+            s["noise"] = 0.01 * rng_normal(self.seeds, self.t, stream, self.index).to(self.dtype)
+        return {name: OPERANDS[name].fn(g, w, s) for name in self.operands}
+
+    def _gather(self, sources, C: int, P: int, values) -> torch.Tensor:
+        if len(sources) == 1 and sources[0][2]:
+            return values[sources[0][0]]
+        out = torch.zeros(C, P, dtype=self.dtype, device=self.device)
+        for key, rows, _ in sources:
+            out.index_copy_(0, rows, values[key].index_select(0, rows))
+        return out
+
+    def _apply(self, op, rows, full: bool, xs: list[torch.Tensor], s: int, node_idx) -> torch.Tensor:
+        sub = xs if full else [x.index_select(0, rows) for x in xs]
+        if op.needs == "state":
+            prev = self.node_state.get(s)
+            if prev is not None and not full:
+                prev = prev.index_select(0, rows)
+            y, new = op.fn(sub[0], prev)
+            if s not in self.node_state:
+                self.node_state[s] = torch.zeros(self.C, xs[0].shape[1], dtype=self.dtype, device=self.device)
+            if full:
+                self.node_state[s] = new
+            else:
+                self.node_state[s].index_copy_(0, rows, new)
+            return y
+        if op.needs == "uniform":
+            stream = STREAM_DROPOUT + (node_idx if full else node_idx.index_select(0, rows))
+            seeds = self.seeds if full else self.seeds.index_select(0, rows)
+            u = rng_uniform(seeds, self.t, stream, self.index).to(self.dtype)
+            return op.call(sub[0], u)
+        if op.needs == "norm":
+            return op.fn(sub[0], segment_norm(sub[0], self.seg_ids, len(self.segments.bounds)))
+        return op.call(*sub)
+
+    def direction(self, theta: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """lr_t * sign * D(u_t): the amount subtracted from theta at this step."""
+        C, P = theta.shape
+        if self.any_clip:
+            norm = grad.norm(dim=1)
+            grad = grad * torch.clamp(self.clip / (norm + 1e-6), max=1.0)[:, None]
+        values: dict[str | int, torch.Tensor] = self._operand_values(grad, theta)
+        for s, slot in enumerate(self.slots):
+            if slot is None:
+                continue
+            groups, args, node_idx = slot
+            xs = []
+            for j, sources in enumerate(args):
+                x = self._gather(sources, C, P, values)
+                table = self.edge_tables.get((s, j))
+                if table is not None:
+                    x = x * table[:, self.t : self.t + 1]
+                xs.append(x)
+            if len(groups) == 1 and groups[0][2]:
+                op, rows, full = groups[0]
+                values[s] = self._apply(op, rows, True, xs[: op.arity], s, node_idx)
+                continue
+            out = torch.zeros(C, P, dtype=self.dtype, device=self.device)
+            for op, rows, full in groups:
+                out.index_copy_(0, rows, self._apply(op, rows, False, xs[: op.arity], s, node_idx))
+            values[s] = out
+        u = values[MAX_NODES - 1]
+        if self.needs_buffer:
+            buf = self.state.get("buf")
+            buf = u.clone() if buf is None else MOMENTUM * buf + u
+            self.state["buf"] = buf
+            u = torch.where(
+                self.update_types["plain"],
+                u,
+                torch.where(self.update_types["momentum"], buf, u + MOMENTUM * buf),  # else Nesterov
+            )
+        return self.lr_table[:, self.t : self.t + 1] * u
+
+    def perturbation(self, theta: torch.Tensor) -> torch.Tensor | None:
+        """The noise rule's delta for this step (None when no candidate has noise)."""
+        if not self.any_noise:
+            return None
+        stream = torch.full_like(self.seeds, STREAM_PERTURBATION)
+        eps = rng_normal(self.seeds, self.t, stream, self.index).to(self.dtype)
+        scale = torch.where(self.layer_std, segment_std(theta, self.seg_ids, len(self.segments.bounds)), 1.0)
+        return self.sigma_table[:, self.t : self.t + 1] * scale * eps
+
+    def advance(self) -> None:
+        self.t += 1
+
+    # ------------------------------------------------------------------ batch surgery
+    def select(self, keep: torch.Tensor) -> BatchedOptimizer:
+        """A new optimizer over the rows `keep` (a long tensor), carrying all state along."""
+        new = object.__new__(BatchedOptimizer)
+        new.__dict__.update(self.__dict__)
+        new.genomes = [self.genomes[i] for i in keep.tolist()]
+        new.seeds = self.seeds[keep]
+        # slots are right-aligned per genome, so a kept candidate's node stays in its slot
+        new.state = {k: v[keep] for k, v in self.state.items()}
+        new.node_state = {s: v[keep] for s, v in self.node_state.items()}
+        new.edge_tables = {k: v[keep] for k, v in self.edge_tables.items()}
+        new.lr_table, new.sigma_table, new.clip = self.lr_table[keep], self.sigma_table[keep], self.clip[keep]
+        new._compile_structure()
+        return new

@@ -1,0 +1,121 @@
+"""Train many candidate optimizers at once on one task.
+
+Every candidate (genome x lr) gets its own copy of the task's initial parameters on the candidate
+axis; one batched forward/backward serves them all. A candidate whose loss turns NaN/inf is marked
+failed and dropped from the batch (it stops costing compute and cannot poison the others).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from search_space.genome import Genome
+
+from .interpreter import BatchedOptimizer, Segments, gradient_cost
+
+
+class Task(Protocol):
+    """What the trainer needs from a task: batched parameters and a batched loss."""
+
+    segments: Segments
+    device: torch.device
+
+    def init_params(self, n: int) -> torch.Tensor: ...
+
+    def loss(self, theta: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class TrainResult:
+    losses: list[float | None]  # final loss per candidate; None when it went non-finite
+    steps: list[int]
+    fpe: list[int]  # compute spent, in forward-pass equivalents
+    seconds: float
+    curves: list[list[float]] | None = None  # loss before each step, per candidate (if asked)
+    failed_at: dict[int, int] = field(default_factory=dict)  # candidate -> step it went non-finite
+
+    @property
+    def ok(self) -> list[bool]:
+        return [x is not None for x in self.losses]
+
+
+def steps_for(genome: Genome, budget_fpe: int) -> int:
+    return max(1, budget_fpe // gradient_cost(genome))
+
+
+def train(
+    task: Task,
+    genomes: Sequence[Genome],
+    lrs: Sequence[float],
+    *,
+    seeds: Sequence[int] | int = 0,
+    steps: int | None = None,
+    budget_fpe: int | None = None,
+    record_curves: bool = False,
+) -> TrainResult:
+    """Train candidate i with genomes[i] at lrs[i]; `steps` fixed, or as many as `budget_fpe` buys."""
+    start = time.perf_counter()
+    C = len(genomes)
+    if steps is None and budget_fpe is None:
+        raise ValueError("give steps or budget_fpe")
+    total = [steps if steps is not None else steps_for(g, budget_fpe) for g in genomes]
+    seed_list = [seeds] * C if isinstance(seeds, int) else list(seeds)
+    opt = BatchedOptimizer(genomes, lrs, total, seed_list, task.segments, task.device)
+    theta = task.init_params(C)
+    rows = torch.arange(C, device=theta.device)  # original index of each live row
+    losses: list[float | None] = [None] * C
+    failed_at: dict[int, int] = {}
+    curves: list[list[float]] | None = [[] for _ in range(C)] if record_curves else None
+
+    dead = torch.zeros(C, dtype=torch.bool, device=theta.device)  # failed rows not yet dropped
+    for t in range(max(total)):
+        theta.requires_grad_(True)
+        loss = task.loss(theta)
+        (grad,) = torch.autograd.grad(torch.where(torch.isfinite(loss), loss, 0.0).sum(), theta)
+        with torch.no_grad():
+            failed = ~(torch.isfinite(loss) & torch.isfinite(grad).all(dim=1)) & ~dead
+            if curves is not None:
+                for r, v in zip(rows.tolist(), loss.tolist()):
+                    curves[r].append(v)
+            if bool(failed.any()):
+                for r in rows[failed].tolist():
+                    failed_at[r] = t
+                dead |= failed
+                # Dropping rows recompiles the batch's grouping; do it once enough have failed.
+                if int(dead.sum()) * 10 >= len(rows):
+                    keep = torch.nonzero(~dead).squeeze(1)
+                    rows, theta, grad, loss, dead = rows[keep], theta[keep], grad[keep], loss[keep], dead[keep]
+                    opt = opt.select(keep)
+                    if rows.numel() == 0:
+                        break
+            grad = torch.where(dead[:, None], 0.0, grad)
+            new = theta.detach() - opt.direction(theta.detach(), grad)
+            delta = opt.perturbation(new)
+            if delta is not None:
+                trial = new + delta
+                if opt.any_if_better:
+                    better = task.loss(trial) < loss
+                    trial = torch.where((better | ~opt.if_better)[:, None], trial, new)
+                new = trial
+            theta = new
+            opt.advance()
+
+    with torch.no_grad():
+        if rows.numel():
+            final = task.loss(theta.detach())
+            for r, v, d in zip(rows.tolist(), final.tolist(), dead.tolist()):
+                losses[r] = v if not d and math.isfinite(v) else None
+    return TrainResult(
+        losses=losses,
+        steps=total,
+        fpe=[T * gradient_cost(g) for T, g in zip(total, genomes)],
+        seconds=time.perf_counter() - start,
+        curves=curves,
+        failed_at=failed_at,
+    )

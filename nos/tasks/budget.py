@@ -1,0 +1,45 @@
+"""Compute budgets, counted in forward-pass equivalents (FPE).
+
+One rollout forward costs 1 FPE and its backward 2 (the usual rule of thumb that a backward
+pass costs about twice the forward), so one gradient step costs 3 FPE. One RandOpt
+perturbation is one forward (score the perturbed weights) = 1 FPE. The default budget, 600 FPE,
+is the 200 post-training steps of our independent sine-task runs (ANCHORS.md section 8).
+
+Hyperparameters that are tuned (Adam's lr, RandOpt's sigma) get the whole budget per value,
+as in the post; the tuning itself is not charged.
+"""
+
+from __future__ import annotations
+
+FORWARD_FPE = 1
+BACKWARD_FPE = 2
+GRADIENT_STEP_FPE = FORWARD_FPE + BACKWARD_FPE  # 3
+RANDOPT_MEMBER_FPE = FORWARD_FPE  # 1
+
+DEFAULT_BUDGET_FPE = 600  # = 200 gradient steps = 600 RandOpt perturbations
+
+
+def _check(budget_fpe: int) -> None:
+    if budget_fpe < 0:
+        raise ValueError(f"budget must be non-negative, got {budget_fpe}")
+
+
+def gradient_steps(budget_fpe: int = DEFAULT_BUDGET_FPE, extra_forwards_per_step: int = 0) -> int:
+    """Gradient steps that fit in the budget; a step costs 3 FPE plus any extra forwards
+    (e.g. an optimizer that evaluates the loss again at a perturbed point)."""
+    _check(budget_fpe)
+    if extra_forwards_per_step < 0:
+        raise ValueError("extra_forwards_per_step must be non-negative")
+    return int(budget_fpe // (GRADIENT_STEP_FPE + extra_forwards_per_step * FORWARD_FPE))
+
+
+def randopt_population(budget_fpe: int = DEFAULT_BUDGET_FPE) -> int:
+    """RandOpt perturbations N that fit in the budget (one forward each)."""
+    _check(budget_fpe)
+    return int(budget_fpe // RANDOPT_MEMBER_FPE)
+
+
+def describe(budget_fpe: int = DEFAULT_BUDGET_FPE) -> str:
+    """One line for table captions."""
+    return (f"budget {budget_fpe} forward-pass equivalents = {gradient_steps(budget_fpe)} "
+            f"gradient steps = {randopt_population(budget_fpe)} RandOpt perturbations")

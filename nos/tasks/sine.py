@@ -1,0 +1,393 @@
+"""The sine-rollout post-training task ("When does RandOpt work?", Ziming Liu, 2026).
+
+Setup (seed post; ANCHORS.md sections 4, 5 and 8):
+
+1. *Pretraining.* An MLP of three linear layers maps the ``k`` most recent values of a
+   sequence to the next one. It is trained with the one-step MSE on sine waves
+   ``amp*sin(4t + phi) + offset`` (amp ~ U(.8, 1.2), phi ~ U(0, 2pi), offset ~ U(-.5, .5);
+   the family of Gan & Isola's 1-D toy) sampled every ``dt = 0.05`` for ``t_max = 1``
+   (20 points), with Adam at lr 1e-3.
+2. *Post-training.* One fresh trajectory of the same family, of length ``horizon / dt``
+   points (horizons 1, 2, 5, 10, 20). The model is seeded with the first ``k`` points and
+   rolled out autoregressively (each prediction fed back); the loss is the MSE of the
+   rollout against the trajectory, over every point except the ``k`` conditioning ones.
+
+The post leaves ``k``, the width, the activation and the pretraining length unpublished; the
+defaults here are those of our own independent implementation (ANCHORS.md section 8):
+``k = 8``, width 64, tanh, 3,000 pretraining steps.
+
+All weights live in one flat vector of ``P`` numbers. The network is evaluated batched over a
+leading *candidate* axis: ``theta`` of shape ``[C, P]`` is ``C`` independent networks, which is
+what population methods (RandOpt, evolved optimizers run on many candidates at once) need.
+Each candidate's computation only touches its own row, so a NaN in one row never leaks into
+another row's loss or gradient.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+# Bump when the pretraining procedure changes in a way the config does not capture, so that
+# stale cached weights are never reused.
+PRETRAIN_VERSION = 1
+
+# Independent random streams, so that e.g. target seed 0 is not the first pretraining draw.
+_STREAM_INIT = 1
+_STREAM_DATA = 2
+_STREAM_TARGET = 3
+
+
+# -----------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass(frozen=True)
+class SineConfig:
+    """Everything that determines the pretrained weights (and hence the task).
+
+    Defaults follow the post (dt, t_max=1 pretraining, 3 linear layers, one-step MSE, Adam
+    1e-3), Gan & Isola's toy data family (ANCHORS.md section 4), and our own implementation
+    for what the post leaves open (k=8, width 64, tanh, 3,000 steps; ANCHORS.md section 8).
+    """
+
+    k: int = 8  # context: number of most recent values fed to the MLP
+    width: int = 64  # hidden width of both hidden layers (k -> width -> width -> 1)
+    activation: str = "tanh"  # "tanh" (ours) or "relu" (Gan & Isola's toy)
+    dt: float = 0.05  # time between two consecutive points
+    freq: float = 4.0  # angular frequency of the sine family
+    amp_range: tuple[float, float] = (0.8, 1.2)
+    phase_range: tuple[float, float] = (0.0, 2.0 * math.pi)
+    offset_range: tuple[float, float] = (-0.5, 0.5)
+    pretrain_t_max: float = 1.0  # length of pretraining sequences in time units (20 points)
+    pretrain_steps: int = 3000
+    pretrain_lr: float = 1e-3
+    pretrain_batch: int = 256  # fresh sequences per step (each gives t_max/dt - k windows)
+
+    def __post_init__(self) -> None:
+        if self.activation not in _ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}")
+        if self.k < 1 or self.width < 1:
+            raise ValueError("k and width must be positive")
+        if n_points(self, self.pretrain_t_max) <= self.k:
+            raise ValueError("pretraining sequences must be longer than the context k")
+
+    def key(self) -> str:
+        """Short stable hash of all fields (and PRETRAIN_VERSION): names the weight cache."""
+        fields = dataclasses.asdict(self)
+        fields["_version"] = PRETRAIN_VERSION
+        blob = json.dumps(fields, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def n_points(config: SineConfig, horizon: float) -> int:
+    """Number of points in a sequence of length ``horizon`` time units: round(horizon/dt)."""
+    return int(round(horizon / config.dt))
+
+
+def _derived_seed(stream: int, seed: int) -> int:
+    """A 63-bit seed for one (stream, seed) pair, via numpy's SeedSequence hashing."""
+    words = np.random.SeedSequence([stream, seed]).generate_state(2, dtype=np.uint32)
+    return int((int(words[0]) << 31) ^ int(words[1]))
+
+
+def _generator(stream: int, seed: int) -> torch.Generator:
+    """A CPU generator (CPU so that draws are identical whatever the compute device)."""
+    return torch.Generator(device="cpu").manual_seed(_derived_seed(stream, seed))
+
+
+# -----------------------------------------------------------------------------
+# Flat parameter layout
+
+
+class Segment(NamedTuple):
+    """One named tensor inside the flat parameter vector: ``theta[..., start:end]``."""
+
+    name: str
+    start: int
+    end: int
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ParamLayout:
+    """Where each weight lives in the flat vector.
+
+    Weights are stored ``[in, out]`` so that a layer is ``x @ W + b`` (batched: ``baddbmm``).
+    Order: w1 [k, width], b1 [width], w2 [width, width], b2 [width], w3 [width, 1], b3 [1].
+    ``layers`` groups the segments into the three linear layers, for per-layer RandOpt (the
+    post's "first / second / third" table) and per-layer noise scaling.
+    """
+
+    segments: tuple[Segment, ...]
+    layers: dict[str, tuple[str, ...]]
+
+    @classmethod
+    def for_config(cls, config: SineConfig) -> ParamLayout:
+        k, h = config.k, config.width
+        shapes = [("w1", (k, h)), ("b1", (h,)), ("w2", (h, h)), ("b2", (h,)),
+                  ("w3", (h, 1)), ("b3", (1,))]
+        segments, start = [], 0
+        for name, shape in shapes:
+            end = start + math.prod(shape)
+            segments.append(Segment(name, start, end, shape))
+            start = end
+        layers = {"first": ("w1", "b1"), "middle": ("w2", "b2"), "last": ("w3", "b3")}
+        return cls(tuple(segments), layers)
+
+    @property
+    def n_params(self) -> int:
+        return self.segments[-1].end
+
+    def segment(self, name: str) -> Segment:
+        for seg in self.segments:
+            if seg.name == name:
+                return seg
+        raise KeyError(name)
+
+    def layer_names(self, layers: str) -> tuple[str, ...]:
+        """Segment names selected by ``layers``: "all", "first", "middle" or "last"."""
+        if layers == "all":
+            return tuple(seg.name for seg in self.segments)
+        if layers not in self.layers:
+            raise ValueError(f"layers must be 'all' or one of {list(self.layers)}, got {layers!r}")
+        return self.layers[layers]
+
+    def mask(self, layers: str = "all", device: torch.device | str = "cpu") -> torch.Tensor:
+        """Boolean [P] mask, True on the parameters of the chosen layer(s)."""
+        mask = torch.zeros(self.n_params, dtype=torch.bool, device=device)
+        for name in self.layer_names(layers):
+            seg = self.segment(name)
+            mask[seg.start : seg.end] = True
+        return mask
+
+    def unflatten(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Views of ``theta`` [C, P] as {name: [C, *shape]} (no copy; keeps autograd)."""
+        C = theta.shape[0]
+        return {s.name: theta[:, s.start : s.end].reshape(C, *s.shape) for s in self.segments}
+
+
+# -----------------------------------------------------------------------------
+# The batched MLP
+
+_ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu}
+
+
+def mlp_forward(params: dict[str, torch.Tensor], x: torch.Tensor, activation: str) -> torch.Tensor:
+    """Apply C networks to their own inputs: x [C, B, k] -> [C, B].
+
+    ``params`` comes from ``ParamLayout.unflatten``; one ``baddbmm`` per layer, so the C
+    candidates are evaluated together with no Python loop over them.
+    """
+    act = _ACTIVATIONS[activation]
+    h = act(torch.baddbmm(params["b1"].unsqueeze(1), x, params["w1"]))
+    h = act(torch.baddbmm(params["b2"].unsqueeze(1), h, params["w2"]))
+    return torch.baddbmm(params["b3"].unsqueeze(1), h, params["w3"]).squeeze(-1)
+
+
+def init_theta(config: SineConfig, generator: torch.Generator) -> torch.Tensor:
+    """Flat [P] float32 initial weights, as torch.nn.Linear initialises them.
+
+    nn.Linear uses kaiming_uniform(a=sqrt(5)) for the weight and U(-1/sqrt(fan_in), ..) for the
+    bias, i.e. both U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+    """
+    layout = ParamLayout.for_config(config)
+    theta = torch.empty(layout.n_params)
+    for seg in layout.segments:
+        fan_in = config.k if seg.name in ("w1", "b1") else config.width
+        bound = 1.0 / math.sqrt(fan_in)
+        n = seg.end - seg.start
+        theta[seg.start : seg.end] = (torch.rand(n, generator=generator) * 2 - 1) * bound
+    return theta
+
+
+# -----------------------------------------------------------------------------
+# Data: the sine family
+
+
+def sample_sine_params(config: SineConfig, generator: torch.Generator, n: int) -> torch.Tensor:
+    """[n, 3] draws of (amp, phase, offset) from the configured uniform ranges."""
+    u = torch.rand(n, 3, generator=generator, dtype=torch.float64)
+    lo = torch.tensor([config.amp_range[0], config.phase_range[0], config.offset_range[0]],
+                      dtype=torch.float64)
+    hi = torch.tensor([config.amp_range[1], config.phase_range[1], config.offset_range[1]],
+                      dtype=torch.float64)
+    return lo + u * (hi - lo)
+
+
+def sine_values(config: SineConfig, params: torch.Tensor, n: int) -> torch.Tensor:
+    """Sequences [S, n] at t = 0, dt, ..., (n-1)dt for params [S, 3] = (amp, phase, offset)."""
+    t = torch.arange(n, dtype=params.dtype, device=params.device) * config.dt
+    amp, phase, offset = params[:, 0:1], params[:, 1:2], params[:, 2:3]
+    return amp * torch.sin(config.freq * t + phase) + offset
+
+
+def one_step_windows(seqs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """All (k values -> next value) pairs of sequences [S, L]: inputs [S*(L-k), k], targets."""
+    win = seqs.unfold(1, k + 1, 1).reshape(-1, k + 1)
+    return win[:, :k], win[:, k]
+
+
+def one_step_loss(config: SineConfig, theta: torch.Tensor, seqs: torch.Tensor) -> torch.Tensor:
+    """Pretraining loss: one-step MSE of every candidate theta [C, P] on seqs [S, L] -> [C]."""
+    layout = ParamLayout.for_config(config)
+    x, y = one_step_windows(seqs.to(theta.dtype), config.k)
+    C = theta.shape[0]
+    pred = mlp_forward(layout.unflatten(theta), x.expand(C, *x.shape), config.activation)
+    return ((pred - y) ** 2).mean(dim=1)
+
+
+def target_trajectory(config: SineConfig, seed: int, horizon: float,
+                      device: torch.device | str = "cpu") -> torch.Tensor:
+    """The post-training trajectory: [round(horizon/dt)] float32 points from t=0.
+
+    One fresh draw of (amp, phase, offset) per ``seed`` (its own random stream, independent
+    of pretraining); a longer horizon extends the same curve.
+    """
+    params = sample_sine_params(config, _generator(_STREAM_TARGET, seed), 1)
+    return sine_values(config, params, n_points(config, horizon))[0].float().to(device)
+
+
+# -----------------------------------------------------------------------------
+# Pretraining (cached)
+
+
+def pretrain_uncached(config: SineConfig, seed: int,
+                      device: torch.device | str = "cpu") -> torch.Tensor:
+    """Train from scratch; returns flat [P] float32 weights on ``device``.
+
+    Init and data come from seeded CPU generators (no global RNG): bit-identical on a given
+    machine; across devices only up to floating-point reduction order.
+    """
+    theta = init_theta(config, _generator(_STREAM_INIT, seed)).to(device).unsqueeze(0)
+    theta.requires_grad_(True)
+    opt = torch.optim.Adam([theta], lr=config.pretrain_lr)
+    L = n_points(config, config.pretrain_t_max)
+    draws = sample_sine_params(config, _generator(_STREAM_DATA, seed),
+                               config.pretrain_steps * config.pretrain_batch)
+    draws = draws.view(config.pretrain_steps, config.pretrain_batch, 3).to(device)
+    for step in range(config.pretrain_steps):
+        seqs = sine_values(config, draws[step], L).float()  # fresh sequences every step
+        loss = one_step_loss(config, theta, seqs)[0]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return theta.detach()[0].clone()
+
+
+def cache_path(config: SineConfig, seed: int, cache_dir: str | os.PathLike = "runs/cache") -> Path:
+    return Path(cache_dir) / f"sine-{config.key()}-seed{seed}.npz"
+
+
+def pretrain_cached(config: SineConfig, seed: int, cache_dir: str | os.PathLike = "runs/cache",
+                    device: torch.device | str = "cpu") -> tuple[torch.Tensor, bool]:
+    """Pretrained weights [P] and whether they were loaded from the cache (False = trained).
+
+    Cache file: ``cache_dir/sine-<config.key()>-seed<seed>.npz`` (numpy.savez, loaded with
+    allow_pickle=False; written to a temporary file then renamed, so readers never see a
+    half-written file).
+    """
+    path = cache_path(config, seed, cache_dir)
+    n_params = ParamLayout.for_config(config).n_params
+    if path.exists():
+        with np.load(path, allow_pickle=False) as f:
+            theta = f["theta"]
+        if theta.shape == (n_params,):
+            return torch.from_numpy(theta.astype(np.float32)).to(device), True
+    theta = pretrain_uncached(config, seed, device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, theta=theta.cpu().numpy(), config=json.dumps(dataclasses.asdict(config)))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return theta, False
+
+
+def pretrain(config: SineConfig, seed: int, cache_dir: str | os.PathLike = "runs/cache",
+             device: torch.device | str = "cpu") -> torch.Tensor:
+    """Pretrained flat weights [P] float32 (trained once per (config, seed), then cached)."""
+    return pretrain_cached(config, seed, cache_dir, device)[0]
+
+
+# -----------------------------------------------------------------------------
+# The post-training task
+
+
+class SineTask:
+    """Post-train the pretrained MLP to roll out one trajectory of ``horizon`` time units.
+
+    ``loss(theta [C, P]) -> [C]`` is the post's post-training loss: MSE of the autoregressive
+    rollout (seeded with the first k target points) against the remaining n - k points.
+    """
+
+    def __init__(self, config: SineConfig, pretrain_seed: int = 0,
+                 target_seed: int = 0, horizon: float = 1.0, device: torch.device | str = "cpu",
+                 cache_dir: str | os.PathLike = "runs/cache") -> None:
+        self.config = config
+        self.pretrain_seed = pretrain_seed
+        self.target_seed = target_seed
+        self.horizon = horizon
+        self.device = torch.device(device)
+        self.layout = ParamLayout.for_config(config)
+        self.theta0 = pretrain(config, pretrain_seed, cache_dir, self.device)
+        self.target = target_trajectory(config, target_seed, horizon, self.device)
+        if self.target.numel() <= config.k:
+            raise ValueError(f"horizon {horizon} gives {self.target.numel()} points <= k={config.k}")
+
+    @property
+    def n_params(self) -> int:
+        return self.layout.n_params
+
+    @property
+    def n_points(self) -> int:
+        """Length n of the target trajectory; the rollout predicts the last n - k of them."""
+        return self.target.numel()
+
+    def init_params(self, C: int) -> torch.Tensor:
+        """[C, P] independent copies of the pretrained weights."""
+        return self.theta0.unsqueeze(0).repeat(C, 1)
+
+    def rollout(self, theta: torch.Tensor) -> torch.Tensor:
+        """Autoregressive predictions [C, n - k] of C candidates theta [C, P].
+
+        Seeded with target[:k]; each prediction is appended to the window and fed back. One
+        batched forward per time step; differentiable w.r.t. theta (backprop through time).
+        """
+        if theta.dim() != 2 or theta.shape[1] != self.n_params:
+            raise ValueError(f"theta must be [C, {self.n_params}], got {tuple(theta.shape)}")
+        k, C = self.config.k, theta.shape[0]
+        params = self.layout.unflatten(theta)
+        window = self.target[:k].to(theta.dtype).expand(C, k)
+        preds = []
+        for _ in range(self.n_points - k):
+            nxt = mlp_forward(params, window.unsqueeze(1), self.config.activation)  # [C, 1]
+            preds.append(nxt)
+            window = torch.cat([window[:, 1:], nxt], dim=1)
+        return torch.cat(preds, dim=1)
+
+    def loss_of_predictions(self, pred: torch.Tensor) -> torch.Tensor:
+        """MSE [C] of predictions [C, n - k] against target[k:]."""
+        return ((pred - self.target[self.config.k :].to(pred.dtype)) ** 2).mean(dim=1)
+
+    def loss(self, theta: torch.Tensor) -> torch.Tensor:
+        """Post-training loss [C] of candidates theta [C, P]."""
+        return self.loss_of_predictions(self.rollout(theta))
+
+    def __repr__(self) -> str:
+        return (f"SineTask(horizon={self.horizon}, n_points={self.n_points}, "
+                f"pretrain_seed={self.pretrain_seed}, target_seed={self.target_seed}, "
+                f"P={self.n_params}, config={self.config.key()})")
