@@ -10,6 +10,7 @@ bounded number of times; every failure reaches the caller as a one-line StoreErr
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,6 +30,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import StaticPool
 
 from db.models import (
     APP,
@@ -60,19 +62,26 @@ class StoreError(Exception):
     """A database problem, described in one line a user can act on."""
 
 
-def resolve_url(db: str) -> str:
+def resolve_url(db: str | os.PathLike[str]) -> str:
     """A plain path becomes an absolute SQLite URL; anything with ``://`` is a URL already."""
+    db = os.fspath(db)
     if "://" in db:
         return db
     return f"sqlite:///{Path(db).expanduser().resolve()}"
 
 
 class Store:
-    """Read and write nos runs, individuals, evaluations, baselines and timestep stats."""
+    """Read and write nos runs, individuals, evaluations, baselines and timestep stats.
+
+    ``db`` is a path (SQLite) or any SQLAlchemy URL. ``create=False`` only opens an
+    existing nos database. A transient failure is retried up to ``retries`` more times,
+    waiting ``retry_wait`` seconds, doubled each time; SQLite writers first wait up to
+    ``busy_timeout`` seconds for the lock.
+    """
 
     def __init__(
         self,
-        db: str,
+        db: str | os.PathLike[str],
         *,
         create: bool = True,
         retries: int = 5,
@@ -85,22 +94,23 @@ class Store:
         self._busy_timeout = busy_timeout
         self._wal = False  # switched on once the file is known to be ours
 
-        url = _parse_url(self.url, db)
-        self._label = db if url.get_backend_name() == "sqlite" else url.render_as_string()
+        url = _parse_url(self.url)
+        self._label = os.fspath(db) if url.get_backend_name() == "sqlite" else url.render_as_string()
         self._sqlite = url.get_backend_name() == "sqlite"
-        if self._sqlite:
+        self._memory = self._sqlite and (url.database or ":memory:") == ":memory:"
+        if self._sqlite and not self._memory:
             self._check_sqlite_file(url, create)
         self._engine = self._make_engine(url)
         self._sessions = sessionmaker(self._engine, expire_on_commit=False)
         try:
             self._retry("open", lambda: self._prepare(create))
+            if self._sqlite and not self._memory:  # the file is ours: WAL (_on_sqlite_connect)
+                self._wal = True
+                self._engine.dispose()
+                self._retry("enable WAL", lambda: self._engine.connect().close())
         except BaseException:
             self._engine.dispose()
             raise
-        if self._sqlite:  # the file is ours now: switch it to WAL (see _on_sqlite_connect)
-            self._wal = True
-            self._engine.dispose()
-            self._retry("enable WAL", lambda: self._engine.connect().close())
 
     # ------------------------------------------------------------------ plumbing
 
@@ -126,13 +136,16 @@ class Store:
     def _check_sqlite_file(self, url: URL, create: bool) -> None:
         """Refuse, before SQLite touches it, a missing file (create=False) or a non-database."""
         database = url.database or ""
-        if database in ("", ":memory:") or database.startswith("file:"):
+        if database.startswith("file:"):  # an SQLite URI: the caller knows what they do
             return
         path = Path(database)
         if not path.exists():
             if not create:
                 raise StoreError(f"{self._label} does not exist (opened with create=False)")
-            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreError(f"cannot create {self._label}: {exc.strerror or exc}") from exc
             return
         try:
             with path.open("rb") as fh:
@@ -144,11 +157,14 @@ class Store:
 
     def _make_engine(self, url: URL) -> Engine:
         kwargs: dict[str, Any] = {}
-        if not self._sqlite:
-            kwargs["pool_pre_ping"] = True
-            if url.get_driver_name() in ("psycopg", "psycopg2") and "connect_timeout" not in url.query:
-                kwargs["connect_args"] = {"connect_timeout": 10}
+        if self._memory:  # one shared connection, or every checkout gets an empty database
+            kwargs = {"poolclass": StaticPool, "connect_args": {"check_same_thread": False}}
         try:
+            if not self._sqlite:
+                kwargs["pool_pre_ping"] = True
+                driver = url.get_driver_name()
+                if driver in ("psycopg", "psycopg2") and "connect_timeout" not in url.query:
+                    kwargs["connect_args"] = {"connect_timeout": 10}
             engine = create_engine(url, **kwargs)
         except ImportError as exc:
             raise StoreError(
@@ -339,6 +355,7 @@ class Store:
             ids: list[int] = []
             by_slot: dict[tuple[int, str], int] = {}  # ids of this batch's rows, once inserted
             pending: list[dict] = []
+            pending_slots: set[tuple[int, str]] = set()
 
             def insert_pending() -> None:
                 if not pending:
@@ -352,11 +369,12 @@ class Store:
                 by_slot.update(((r, slot), i) for r, slot, i in result)
                 ids.extend(by_slot[(v["run_id"], v["slot"])] for v in pending)
                 pending.clear()
+                pending_slots.clear()
 
             for i, (values, parent_slot, _) in enumerate(prepared):
                 if parent_slot is not None:
                     key = (values["run_id"], parent_slot)
-                    if any((v["run_id"], v["slot"]) == key for v in pending):
+                    if key in pending_slots:
                         insert_pending()
                     parent_id = by_slot.get(key) or session.scalar(
                         select(Individual.id).where(
@@ -370,6 +388,7 @@ class Store:
                         )
                     values = {**values, "parent_id": parent_id}
                 pending.append(values)
+                pending_slots.add((values["run_id"], values["slot"]))
             insert_pending()
 
             evaluations = [
@@ -471,14 +490,13 @@ class Store:
 
     def add_baselines(self, rows: list[dict]) -> list[int]:
         """Insert baseline results all-or-nothing; ids in order."""
-
         values = [
             _complete(Baseline, _fields(Baseline, row, f"baseline row {i}"))
             for i, row in enumerate(rows)
         ]
-        stmt = insert(Baseline).returning(Baseline.id, sort_by_parameter_order=True)
         if not values:
             return []
+        stmt = insert(Baseline).returning(Baseline.id, sort_by_parameter_order=True)
         return self._transaction(
             "add_baselines",
             lambda s: list(s.scalars(stmt, values, execution_options=BULK)),
@@ -530,11 +548,11 @@ def _on_sqlite_begin(conn: Connection) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
-def _parse_url(url: str, label: str) -> URL:
+def _parse_url(url: str) -> URL:
     try:
         return make_url(url)
     except ArgumentError as exc:
-        raise StoreError(f"bad database URL {label!r}: {_one_line(exc)}") from exc
+        raise StoreError(f"bad database URL {url!r}: {_one_line(exc)}") from exc
 
 
 def _one_line(exc: BaseException) -> str:

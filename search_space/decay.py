@@ -88,7 +88,7 @@ CURVES: tuple[str, ...] = tuple(CURVE_SYMPY)
 DECAY_OPS: dict[str, tuple[int, Callable[..., float], Callable[..., sp.Expr]]] = {
     "one_minus": (1, lambda a: 1.0 - a, lambda a: 1 - a),
     "sqrt": (1, lambda a: math.sqrt(max(a, 0.0)), lambda a: sp.sqrt(a)),
-    "square": (1, lambda a: a * a, lambda a: a**2),
+    "square": (1, lambda a: a**2, lambda a: a**2),
     "mul": (2, lambda a, b: a * b, lambda a, b: a * b),
     "min": (2, min, sp.Min),
     "max": (2, max, sp.Max),
@@ -96,6 +96,30 @@ DECAY_OPS: dict[str, tuple[int, Callable[..., float], Callable[..., sp.Expr]]] =
     "add": (2, lambda a, b: a + b, lambda a, b: a + b),
     "sub": (2, lambda a, b: a - b, lambda a, b: a - b),
 }
+
+
+#: Python source of each decay operation, for exported files ({a}, {b}: the arguments' code).
+DECAY_OP_CODE: dict[str, str] = {
+    "one_minus": "(1.0 - {a})",
+    "sqrt": "math.sqrt(max({a}, 0.0))",
+    "square": "({a}) ** 2",
+    "mul": "({a} * {b})",
+    "min": "min({a}, {b})",
+    "max": "max({a}, {b})",
+    "mean": "(0.5 * ({a} + {b}))",
+    "add": "({a} + {b})",
+    "sub": "({a} - {b})",
+}
+
+
+def to_code(d: Decay | None, tau: str = "tau") -> str:
+    """Python source computing the decay at progress `tau` (uses `decay_curve` and math)."""
+    if d is None:
+        return "1.0"
+    if isinstance(d, str):
+        return f"decay_curve({d!r}, {tau})"
+    args = [to_code(a, tau) for a in d["args"]]
+    return DECAY_OP_CODE[d["op"]].format(a=args[0], b=args[1] if len(args) > 1 else "")
 
 
 class DecayError(ValueError):

@@ -32,7 +32,12 @@ def update_moments(state, g, t, needed):
     """
     s = {}
     # (state key, beta, power of g, bias-corrected?)
-    moments = (("m", 0.9, 1, True), ("v", 0.999, 2, True), ("y", 0.999, 3, True), ("m99", 0.99, 1, False))
+    moments = (
+        ("m", 0.9, 1, True),
+        ("v", 0.999, 2, True),
+        ("y", 0.999, 3, True),
+        ("m99", 0.99, 1, False),
+    )
     for key, beta, power, corrected in moments:
         if key not in needed:
             continue
@@ -57,7 +62,7 @@ class Operand:
     @property
     def symbol(self) -> sp.Expr:
         """Constants are sympy numbers, so `g * one` folds to `g` and `g * zero` to 0."""
-        return _CONSTANTS.get(self.name) or sp.Symbol(self.name)
+        return _CONSTANTS[self.name] if self.name in _CONSTANTS else sp.Symbol(self.name)
 
 
 def opd_g(g, w, s):

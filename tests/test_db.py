@@ -7,6 +7,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import threading
 import uuid
 from pathlib import Path
 
@@ -64,6 +65,14 @@ def test_create_and_reopen_keeps_data(path: Path) -> None:
     with Store(str(path), create=False) as s:
         assert s.get_run("keep")["config"] == CONFIG
         assert s.get_individual(iid)["evaluations"][0]["loss"] == 0.5
+
+
+def test_path_objects_and_in_memory(path: Path) -> None:
+    with Store(path) as s:
+        assert s.url == f"sqlite:///{path}"
+    with Store("sqlite://") as s:  # one shared in-memory database for the Store's lifetime
+        rid = s.create_run("mem", {}, seed=0)
+        assert s.get_run(rid)["name"] == "mem"
 
 
 def test_sqlite_settings(store: Store, path: Path) -> None:
@@ -202,6 +211,32 @@ def test_json_is_canonical_text(store: Store, path: Path) -> None:
     assert raw == json.dumps({"a": {"x": 0.5, "y": 1}, "b": [1, 2]}, sort_keys=True)
 
 
+def test_concurrent_writers(path: Path) -> None:
+    """Several Stores on one file (as parallel workers would be) all get their writes in."""
+    Store(path).close()
+    errors: list[BaseException] = []
+
+    def work(k: int) -> None:
+        try:
+            with Store(path) as s:
+                rid = s.create_run(f"w{k}", {}, seed=k)
+                for b in range(10):
+                    s.add_individuals([individual(rid, f"{b}:{i}", evaluations=[evaluation()])
+                                       for i in range(5)])
+                    s.put_timestep_stats(rid, {"timestep": b, "candidates": 5})
+        except BaseException as exc:  # surfaced below, in the test thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    with Store(path) as s:
+        assert sorted(r["n_individuals"] for r in s.list_runs()) == [50] * 4
+
+
 # ---------------------------------------------------------------------- individuals
 
 
@@ -245,6 +280,13 @@ def test_bad_rows_are_refused(store: Store, run_id: int, bad: dict, message: str
     with pytest.raises(StoreError, match=message):
         store.add_individuals([individual(run_id, "init:0"), individual(run_id, "init:1", **bad)])
     assert store.individuals(run_id) == []
+
+
+def test_non_json_genome_is_refused(store: Store, run_id: int) -> None:
+    with pytest.raises(StoreError, match="set is not JSON data"):
+        store.add_individuals([individual(run_id, "init:0", genome={"ops": {1, 2}})])
+    (iid,) = store.add_individuals([individual(run_id, "init:0", genome='{"b": 1, "a": [2]}')])
+    assert store.get_individual(iid)["genome"] == {"a": [2], "b": 1}  # JSON text is parsed
 
 
 def test_duplicate_slot_rejected(store: Store, run_id: int) -> None:

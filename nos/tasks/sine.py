@@ -38,6 +38,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from nos.engine.interpreter import Segments
+
 # Bump when the pretraining procedure changes in a way the config does not capture, so that
 # stale cached weights are never reused.
 PRETRAIN_VERSION = 1
@@ -351,6 +353,11 @@ class SineTask:
     @property
     def n_params(self) -> int:
         return self.layout.n_params
+
+    @property
+    def segments(self) -> Segments:
+        """Per-tensor bounds of the flat vector, as the interpreter wants them."""
+        return Segments(tuple((seg.start, seg.end) for seg in self.layout.segments))
 
     @property
     def n_points(self) -> int:
