@@ -252,7 +252,7 @@ class BatchedOptimizer:
                 values[s] = self._apply(op, rows, True, xs[: op.arity], s, node_idx)
                 continue
             out = torch.zeros(C, P, dtype=self.dtype, device=self.device)
-            for op, rows, full in groups:
+            for op, rows, _ in groups:
                 out.index_copy_(0, rows, self._apply(op, rows, False, xs[: op.arity], s, node_idx))
             values[s] = out
         u = values[MAX_NODES - 1]
