@@ -188,6 +188,8 @@ class Individual(Base):
     expression: Mapped[str | None] = mapped_column(Text)
     latex: Mapped[str | None] = mapped_column(Text)
     genome_hash: Mapped[str | None] = mapped_column(String(128), index=True)
+    # hash before the integrity check flipped the update's sign (same candidate, other spelling)
+    unflipped_hash: Mapped[str | None] = mapped_column(String(128), index=True)
     status: Mapped[str] = mapped_column(String(32))
     fitness: Mapped[float | None]
     lr: Mapped[float | None]

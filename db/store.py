@@ -402,6 +402,22 @@ class Store:
 
         return self._transaction("add_individuals", write, write=True)
 
+    def add_evaluations(self, by_individual: dict[int, list[dict]]) -> int:
+        """Attach more evaluations to stored individuals, all-or-nothing; returns the count."""
+        values = [
+            {**_complete(Evaluation, _fields(Evaluation, e, f"evaluation of {ind_id}")), "individual_id": ind_id}
+            for ind_id, evals in by_individual.items()
+            for e in evals
+        ]
+        if not values:
+            return 0
+
+        def write(session: Session) -> int:
+            session.execute(insert(Evaluation), values, execution_options=BULK)
+            return len(values)
+
+        return self._transaction("add_evaluations", write, write=True)
+
     def individuals(self, run_id: int) -> list[dict]:
         """All individuals of a run, by id, without evaluations."""
         stmt = select(Individual).where(Individual.run_id == run_id).order_by(Individual.id)

@@ -39,6 +39,7 @@ class TrainResult:
     seconds: float
     curves: list[list[float]] | None = None  # loss before each step, per candidate (if asked)
     failed_at: dict[int, int] = field(default_factory=dict)  # candidate -> step it went non-finite
+    params: torch.Tensor | None = None  # [C, P] final parameters (NaN rows for failed candidates)
 
     @property
     def ok(self) -> list[bool]:
@@ -106,8 +107,10 @@ def train(
             theta = new
             opt.advance()
 
+    params = torch.full((C, task.segments.n_params), float("nan"), device=theta.device)
     with torch.no_grad():
         if rows.numel():
+            params[rows] = theta.detach()
             final = task.loss(theta.detach())
             for r, v, d in zip(rows.tolist(), final.tolist(), dead.tolist()):
                 losses[r] = v if not d and math.isfinite(v) else None
@@ -118,4 +121,5 @@ def train(
         seconds=time.perf_counter() - start,
         curves=curves,
         failed_at=failed_at,
+        params=params,
     )

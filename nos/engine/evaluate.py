@@ -1,0 +1,235 @@
+"""Evaluate optimizers on the sine-rollout post-training task.
+
+- `SineEvaluator.grid`: many genomes x an lr grid trained in one batch per horizon.
+- `fitness`: the search objective. Each horizon's loss is divided by tuned Adam's loss at that
+  horizon (so horizons weigh alike), the ratios averaged; the candidate's lr is the grid point with
+  the best mean ratio (NOS picks each candidate's lr from a sweep too). Lower is better; Adam
+  itself scores about 1.
+- `heldout_comparison`: the funnel's final table -- candidates beside tuned Adam, Adam with
+  gradient clipping and tuned RandOpt on pretraining seeds and targets the search never saw, every
+  method with the same budget and its lr / sigma tuned per horizon on the mean over seeds.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from search_space.builtins import builtin
+from search_space.genome import Genome
+
+from ..tasks.budget import DEFAULT_BUDGET_FPE, randopt_population
+from ..tasks.randopt import DEFAULT_SIGMAS, DEFAULT_TOP_K, randopt
+from ..tasks.sine import SineConfig, SineTask
+from .trainer import train
+
+HORIZONS = (1.0, 2.0, 5.0, 10.0, 20.0)
+LR_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)  # ANCHORS section 8 tuned Adam on {1e-4 ... 1e-2}
+SEARCH_LRS = (1e-4, 1e-3, 1e-2)
+HELDOUT_SEEDS = (1001, 1002, 1003)
+MAX_ROWS = 2048  # candidates x lrs trained in one batch; more are split into chunks
+
+
+@dataclass(frozen=True)
+class SearchSetup:
+    """Everything that defines the search objective (stored with a run's config)."""
+
+    horizons: tuple[float, ...] = (2.0, 5.0)
+    lrs: tuple[float, ...] = SEARCH_LRS
+    budget_fpe: int = DEFAULT_BUDGET_FPE
+    pretrain_seed: int = 0
+    target_seed: int = 0
+    sine: SineConfig = field(default_factory=SineConfig)
+    cache_dir: str = "runs/cache"
+
+
+@dataclass
+class GridResult:
+    losses: list[list[float | None]]  # [genome][lr]
+    steps: list[int]  # per genome
+    seconds: float
+
+
+@dataclass
+class Fitness:
+    fitness: float | None  # None: no lr gave a finite loss at every horizon
+    lr: float | None
+    losses: dict[float, float | None]  # horizon -> loss at the chosen lr
+    evaluations: list[dict]  # one row per (horizon, lr), for the database
+
+
+def _finite(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
+
+
+class SineEvaluator:
+    """Trains batches of candidates on the search tasks (one SineTask per horizon, cached)."""
+
+    def __init__(self, setup: SearchSetup, device: torch.device | str = "cpu") -> None:
+        self.setup = setup
+        self.device = torch.device(device)
+        self._tasks: dict[tuple[int, int, float], SineTask] = {}
+
+    def task(self, horizon: float, pretrain_seed: int | None = None, target_seed: int | None = None) -> SineTask:
+        ps = self.setup.pretrain_seed if pretrain_seed is None else pretrain_seed
+        ts = self.setup.target_seed if target_seed is None else target_seed
+        key = (ps, ts, horizon)
+        if key not in self._tasks:
+            self._tasks[key] = SineTask(self.setup.sine, ps, ts, horizon, self.device, self.setup.cache_dir)
+        return self._tasks[key]
+
+    def grid(self, genomes: Sequence[Genome], lrs: Sequence[float], task: SineTask, seed: int = 0) -> GridResult:
+        """Train every genome at every lr on `task` within the budget; losses [genome][lr]."""
+        start = time.perf_counter()
+        rows = [(g, lr) for g in genomes for lr in lrs]
+        losses: list[float | None] = []
+        steps: list[int] = []
+        for i in range(0, len(rows), MAX_ROWS):
+            chunk = rows[i : i + MAX_ROWS]
+            res = train(task, [g for g, _ in chunk], [lr for _, lr in chunk], seeds=seed, budget_fpe=self.setup.budget_fpe)
+            losses += res.losses
+            steps += res.steps
+        n = len(lrs)
+        return GridResult(
+            losses=[[_finite(x) for x in losses[j * n : (j + 1) * n]] for j in range(len(genomes))],
+            steps=[steps[j * n] for j in range(len(genomes))],
+            seconds=time.perf_counter() - start,
+        )
+
+    def adam_reference(self) -> dict[float, tuple[float, float]]:
+        """Tuned Adam on the search task: horizon -> (best loss, its lr), over the full LR_GRID."""
+        out = {}
+        for h in self.setup.horizons:
+            res = self.grid([builtin("adam")], LR_GRID, self.task(h))
+            best = min((x, lr) for x, lr in zip(res.losses[0], LR_GRID) if x is not None)
+            out[h] = best
+        return out
+
+    def fitness(self, genomes: Sequence[Genome], adam: dict[float, tuple[float, float]]) -> list[Fitness]:
+        """Score genomes against tuned Adam (lower is better; ~1 means Adam-like)."""
+        lrs = self.setup.lrs
+        per_h: dict[float, GridResult] = {h: self.grid(genomes, lrs, self.task(h)) for h in self.setup.horizons}
+        out = []
+        for j in range(len(genomes)):
+            evaluations = []
+            for h, res in per_h.items():
+                each = res.seconds / max(1, len(genomes) * len(lrs))
+                for lr, loss in zip(lrs, res.losses[j]):
+                    evaluations.append(
+                        {"task": "sine", "horizon": h, "lr": lr, "seed": self.setup.pretrain_seed, "loss": loss,
+                         "steps": res.steps[j], "seconds": each}
+                    )
+            best: tuple[float, float] | None = None
+            for i, lr in enumerate(lrs):
+                ls = [per_h[h].losses[j][i] for h in self.setup.horizons]
+                if any(x is None for x in ls):
+                    continue
+                score = statistics.fmean(x / adam[h][0] for x, h in zip(ls, self.setup.horizons))
+                if best is None or score < best[0]:
+                    best = (score, lr)
+            if best is None:
+                out.append(Fitness(None, None, {}, evaluations))
+            else:
+                i = lrs.index(best[1])
+                out.append(Fitness(best[0], best[1], {h: per_h[h].losses[j][i] for h in self.setup.horizons}, evaluations))
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the held-out comparison (the funnel's last stage, and `python -m nos.baselines`)
+
+
+@dataclass
+class MethodResult:
+    name: str
+    horizon: float
+    losses: list[float | None]  # per held-out seed, at the chosen hyperparameter
+    hparam: float | None  # lr or sigma chosen on the mean over seeds
+
+    @property
+    def mean(self) -> float | None:
+        xs = [x for x in self.losses if x is not None]
+        return statistics.fmean(xs) if len(xs) == len(self.losses) and xs else None
+
+    @property
+    def std(self) -> float | None:
+        xs = [x for x in self.losses if x is not None]
+        return statistics.pstdev(xs) if len(xs) == len(self.losses) and xs else None
+
+
+def _pick(per_seed: list[list[float | None]], options: Sequence[float]) -> tuple[list[float | None], float | None]:
+    """Choose the option with the best mean over seeds; per_seed[seed][option]."""
+    best: tuple[float, int] | None = None
+    for i in range(len(options)):
+        xs = [s[i] for s in per_seed]
+        if any(x is None for x in xs):
+            continue
+        m = statistics.fmean(xs)  # type: ignore[arg-type]
+        if best is None or m < best[0]:
+            best = (m, i)
+    if best is None:
+        return [None] * len(per_seed), None
+    return [s[best[1]] for s in per_seed], options[best[1]]
+
+
+def heldout_comparison(
+    evaluator: SineEvaluator,
+    candidates: dict[str, Genome],
+    *,
+    horizons: Sequence[float] = HORIZONS,
+    seeds: Sequence[int] = HELDOUT_SEEDS,
+    lrs: Sequence[float] = LR_GRID,
+    sigmas: Sequence[float] = DEFAULT_SIGMAS,
+    randopt_layers: Sequence[str] = ("all",),
+    include_adam: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, dict[float, MethodResult]]:
+    """method -> horizon -> result, on held-out (pretraining seed, target seed) pairs.
+
+    Methods: "before" (no fine-tuning), "adam", "adam_clip", "randopt_<layers>", and each
+    candidate by name. Every method gets `evaluator.setup.budget_fpe`; lr / sigma chosen per horizon.
+    """
+    methods = dict(candidates)
+    if include_adam:
+        methods = {"adam": builtin("adam"), "adam_clip": builtin("adam_clip"), **methods}
+    names = list(methods)
+    out: dict[str, dict[float, MethodResult]] = {}
+    budget_n = randopt_population(evaluator.setup.budget_fpe)
+    for h in horizons:
+        grad_losses: dict[str, list[list[float | None]]] = {n: [] for n in names}
+        ro_losses: dict[str, list[list[float | None]]] = {layers: [] for layers in randopt_layers}
+        before: list[float | None] = []
+        for s in seeds:
+            if progress:
+                progress(f"held-out horizon {h:g}, seed {s}")
+            task = evaluator.task(h, pretrain_seed=s, target_seed=s)
+            with torch.no_grad():
+                before.append(_finite(float(task.loss(task.theta0[None])[0])))
+            res = evaluator.grid([methods[n] for n in names], lrs, task, seed=s)
+            for n, row in zip(names, res.losses):
+                grad_losses[n].append(row)
+            for layers in randopt_layers:
+                ro = randopt(task, budget_n, sigmas, DEFAULT_TOP_K, layers=layers, seed=s)
+                ro_losses[layers].append([_finite(ro.ensemble_losses[sig]) for sig in sigmas])
+        out.setdefault("before", {})[h] = MethodResult("before", h, before, None)
+        for layers, per_seed in ro_losses.items():
+            chosen, sig = _pick(per_seed, sigmas)
+            out.setdefault(f"randopt_{layers}", {})[h] = MethodResult(f"randopt_{layers}", h, chosen, sig)
+        for n in names:
+            chosen, lr = _pick(grad_losses[n], lrs)
+            out.setdefault(n, {})[h] = MethodResult(n, h, chosen, lr)
+    return out
+
+
+def wins(results: dict[str, dict[float, MethodResult]], name: str, rivals: Sequence[str]) -> dict[float, bool]:
+    """Per horizon: does `name`'s mean loss beat every rival's?"""
+    out = {}
+    for h, r in results[name].items():
+        rival_means = [results[x][h].mean for x in rivals if x in results]
+        out[h] = r.mean is not None and all(m is None or r.mean < m for m in rival_means)
+    return out

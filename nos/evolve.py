@@ -1,0 +1,254 @@
+"""`python -m nos.evolve`: search for optimizers that beat Adam and RandOpt on the sine rollout.
+
+    python -m nos.evolve                       # a small search: a few minutes on a 2-core CPU
+    python -m nos.evolve --preset paper        # NOS's scale: 500 initial, 50 particles, 5 x 7
+    python -m nos.evolve --resume NAME         # continue a run that was stopped or killed
+
+Every candidate goes into the database (default runs/nos.sqlite) with its parent, so the
+lineage of any optimizer can be queried (`python -m nos.query`) and exported (`python -m nos.export`).
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from datetime import datetime
+
+from tqdm import tqdm
+
+from db.store import Store
+
+from .cli import (
+    DEFAULT_DB,
+    ArgumentParser,
+    UsageError,
+    add_device,
+    add_format,
+    nonneg_int,
+    positive_int,
+    print_json,
+    resolve_device,
+    run_command,
+)
+from .engine.evaluate import MethodResult, wins
+from .ga.particle import ParticleSearch, Progress, SearchConfig
+from .report_table import comparison_json, comparison_table
+from .tasks.budget import describe
+
+PRESETS = {
+    "default": {},
+    "paper": {"initial": 500, "particles": 50, "timesteps": 5, "mutations": 7},
+}
+RIVALS = ("adam", "adam_clip", "randopt_all")
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(",") if x)
+
+
+def _parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m nos.evolve", description=__doc__.split("\n")[0])
+    d = SearchConfig()
+    p.add_argument("--preset", choices=list(PRESETS), default="default", help="paper: NOS's scale")
+    p.add_argument("--initial", type=positive_int, help=f"random genomes in the initial population ({d.initial})")
+    p.add_argument("--particles", type=positive_int, help=f"independent particles ({d.particles})")
+    p.add_argument("--timesteps", type=nonneg_int, help=f"timesteps per particle ({d.timesteps})")
+    p.add_argument("--mutations", type=positive_int, help=f"children per particle per timestep ({d.mutations})")
+    p.add_argument("--max-tries", type=positive_int, help=f"tries per child slot ({d.max_tries})")
+    p.add_argument("--seed", type=int, default=0, help="the run's seed: same seed and config, same lineage")
+    p.add_argument("--seed-builtins", action="store_true", help="add the classic optimizers to the initial population")
+    p.add_argument("--elitism", action="store_true", help="keep a particle where it is unless a child is better")
+    p.add_argument("--horizons", help=f"search horizons t_max, comma-separated ({','.join(f'{h:g}' for h in d.horizons)})")
+    p.add_argument("--budget", type=positive_int, help=f"forward-pass equivalents per training run ({d.budget_fpe})")
+    p.add_argument("--funnel", type=nonneg_int, help=f"best candidates re-evaluated on held-out seeds ({d.funnel}); 0 skips")
+    p.add_argument("--sine-pretrain-steps", type=positive_int, help="pretraining steps of the sine MLP (3000)")
+    p.add_argument("--sine-width", type=positive_int, help="hidden width of the sine MLP (64)")
+    p.add_argument("--cache-dir", default="runs/cache", help="pretrained-weight cache (runs/cache)")
+    p.add_argument("--db", default=DEFAULT_DB, help=f"database path or SQLAlchemy URL ({DEFAULT_DB})")
+    p.add_argument("--name", help="run name (default: run-<date>-<time>)")
+    p.add_argument("--resume", metavar="NAME", help="continue the named run from the database")
+    add_device(p)
+    add_format(p)
+    return p
+
+
+def _config(args) -> SearchConfig:
+    cfg = SearchConfig(**PRESETS[args.preset])
+    for arg, attr in (("initial", "initial"), ("particles", "particles"), ("timesteps", "timesteps"),
+                      ("mutations", "mutations"), ("max_tries", "max_tries"), ("budget", "budget_fpe"),
+                      ("funnel", "funnel")):
+        if getattr(args, arg) is not None:
+            setattr(cfg, attr, getattr(args, arg))
+    cfg.seed, cfg.seed_builtins, cfg.elitism, cfg.cache_dir = args.seed, args.seed_builtins, args.elitism, args.cache_dir
+    if args.horizons:
+        try:
+            cfg.horizons = _floats(args.horizons)
+        except ValueError:
+            raise UsageError(f"--horizons: expected comma-separated numbers, got {args.horizons!r}") from None
+        if not cfg.horizons or any(h <= 0 for h in cfg.horizons):
+            raise UsageError("--horizons: need positive values")
+    if args.sine_pretrain_steps:
+        cfg.sine["pretrain_steps"] = args.sine_pretrain_steps
+    if args.sine_width:
+        cfg.sine["width"] = args.sine_width
+    return cfg
+
+
+class Bar:
+    """tqdm progress: candidates judged, pass rate, duplicates, best fitness (on stderr)."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.bar = tqdm(total=0, desc="candidates", unit="cand", file=sys.stderr, disable=not enabled or None)
+        self.counts = {"evaluated": 0, "duplicate": 0, "judged": 0}
+        self.best: float | None = None
+        self.final_slots: set[str] = set()
+
+    def planned(self, n: int) -> None:
+        self.bar.total += n
+        self.bar.refresh()
+
+    def judged(self, rows: list[dict]) -> None:
+        for r in rows:
+            self.counts["judged"] += 1
+            if r["status"] == "evaluated":
+                self.counts["evaluated"] += 1
+                if self.best is None or r["fitness"] < self.best:
+                    self.best = r["fitness"]
+            if r["status"] == "duplicate":
+                self.counts["duplicate"] += 1
+            if r["status"] == "evaluated" or r.get("attempt", 0) == 0:
+                self.bar.update(1)  # one planned slot done (retries don't add to the plan)
+        j = max(1, self.counts["judged"] - self.counts["duplicate"])
+        self.bar.set_postfix(
+            passed=f"{100 * self.counts['evaluated'] / j:.0f}%",
+            dups=self.counts["duplicate"],
+            best="-" if self.best is None else f"{self.best:.3g}",
+        )
+
+    def message(self, msg: str) -> None:
+        self.bar.set_description(msg)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _funnel_rows(run_id: int, results: dict[str, dict[float, MethodResult]], best: list[dict], cfg: SearchConfig):
+    """Evaluations of the hall of fame and baseline rows of the rivals, for the database."""
+    evaluations: dict[int, list[dict]] = {}
+    baselines = []
+    for name, per_h in results.items():
+        for h, r in per_h.items():
+            for s, loss in zip(cfg.heldout_seeds, r.losses):
+                if name.startswith("#"):
+                    evaluations.setdefault(int(name[1:]), []).append(
+                        {"task": "sine_heldout", "horizon": h, "lr": r.hparam, "seed": s, "loss": loss,
+                         "steps": cfg.total_steps, "seconds": 0.0}
+                    )
+                else:
+                    baselines.append({"run_id": run_id, "method": name, "task": "sine_heldout", "horizon": h,
+                                      "seed": s, "loss": loss, "hparam": r.hparam, "budget": cfg.budget_fpe})
+    return evaluations, baselines
+
+
+def _best_heldout(results: dict[str, dict[float, MethodResult]]) -> str | None:
+    """The funnel candidate with the best mean ratio to tuned Adam over the held-out horizons."""
+    scores = {}
+    for name, per_h in results.items():
+        if not name.startswith("#"):
+            continue
+        ratios = [r.mean / results["adam"][h].mean for h, r in per_h.items()
+                  if r.mean is not None and results["adam"][h].mean]
+        if len(ratios) == len(per_h):
+            scores[name] = statistics.fmean(ratios)
+    return min(scores, key=scores.get) if scores else None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    device = resolve_device(args.device)
+    store = Store(args.db)
+    try:
+        if args.resume:
+            run = store.get_run(args.resume)
+            if run is None:
+                raise UsageError(f"no run named {args.resume!r} in {store.url}")
+            if run["status"] == "finished":
+                raise UsageError(f"run {args.resume!r} already finished")
+            cfg = SearchConfig.from_json(run["config"])
+            run_id, name = run["id"], run["name"]
+            store.set_run_status(run_id, "running")
+        else:
+            cfg = _config(args)
+            name = args.name or datetime.now().strftime("run-%Y%m%d-%H%M%S")
+            if store.get_run(name) is not None:
+                raise UsageError(f"a run named {name!r} exists; continue it with --resume {name}")
+            run_id = store.create_run(name, cfg.to_json(), cfg.seed)
+        print(f"run {name!r} (id {run_id}) -> {store.url}", file=sys.stderr)
+        return _search(store, run_id, name, cfg, device, args.format)
+    finally:
+        store.close()
+
+
+def _search(store: Store, run_id: int, name: str, cfg: SearchConfig, device, fmt: str) -> int:
+    bar = Bar()
+    search = ParticleSearch(store, run_id, cfg, device, Progress(bar.planned, bar.judged, bar.message))
+    start = time.perf_counter()
+    try:
+        best = search.run()
+        results = None
+        if cfg.funnel and best:
+            bar.message("held-out funnel")
+            results = search.funnel(best, progress=bar.message)
+            evaluations, baselines = _funnel_rows(run_id, results, best, cfg)
+            store.add_evaluations(evaluations)
+            store.add_baselines(baselines)
+    except KeyboardInterrupt:
+        bar.close()
+        store.set_run_status(run_id, "interrupted")
+        print(f"\ninterrupted: continue with  python -m nos.evolve --resume {name}", file=sys.stderr)
+        return 130
+    except BaseException:
+        bar.close()
+        store.set_run_status(run_id, "failed")
+        raise
+    bar.close()
+    store.set_run_status(run_id, "finished")
+    seconds = time.perf_counter() - start
+    counts = store.status_counts(run_id)
+    total = sum(counts.values())
+    summary = {
+        "run": name, "run_id": run_id, "seconds": seconds, "candidates": total, "status_counts": counts,
+        "integrity_pass_rate": (counts["evaluated"] + counts["error"]) / max(1, total - counts["duplicate"] - counts["invalid"]),
+        "duplicate_rate": counts["duplicate"] / max(1, total),
+        "best_search": best[:1],
+    }
+    if results is not None:
+        champion = _best_heldout(results)
+        summary["champion"] = champion
+        summary["heldout"] = comparison_json(results)
+        if champion:
+            summary["wins"] = {f"{h:g}": w for h, w in wins(results, champion, RIVALS).items()}
+    if fmt == "json":
+        print_json({**summary, "best_search": [{k: r.get(k) for k in ("id", "fitness", "lr", "expression")} for r in best]})
+        return 0
+    print(f"\nrun {name!r}: {total} candidates in {seconds:.0f} s; " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    print(f"integrity pass rate {100 * summary['integrity_pass_rate']:.0f}%, duplicate rate {100 * summary['duplicate_rate']:.0f}%")
+    if best:
+        print(f"best in search: #{best[0]['id']} fitness {best[0]['fitness']:.4g} (lr {best[0]['lr']:g}): {best[0]['expression']}")
+    if results is not None:
+        champion = summary.get("champion")
+        shown = {k: v for k, v in results.items() if not k.startswith("#") or k == champion}
+        print("\nheld-out comparison (" + describe(cfg.budget_fpe) + f"; seeds {', '.join(map(str, cfg.heldout_seeds))})")
+        print(comparison_table(shown))
+        if champion:
+            won = [f"{h:g}" for h, w in wins(results, champion, RIVALS).items() if w]
+            verdict = f"wins at t_max = {', '.join(won)}" if won else "wins at no horizon"
+            print(f"\n{champion} vs Adam, Adam + clip and RandOpt: {verdict}")
+            print(f"export it:  python -m nos.export {champion[1:]} -o runs/{name}-{champion[1:]}.py")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_command(main))
