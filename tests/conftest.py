@@ -19,16 +19,16 @@ from nos.engine.interpreter import Segments
 
 
 class MLPTask:
-    """Linear(4, 8) - Tanh - Linear(8, 1) regressing sin(sum(x)) on 32 seeded points."""
+    """Linear(4, 8) - Tanh - Linear(8, 1) regressing scale * sin(sum(x)) on 32 seeded points."""
 
-    def __init__(self, seed: int = 0, device: str = "cpu") -> None:
+    def __init__(self, seed: int = 0, device: str = "cpu", target_scale: float = 1.0) -> None:
         self.device = torch.device(device)
         gen = torch.Generator().manual_seed(seed)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             self.model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
         self.x = torch.randn(32, 4, generator=gen)
-        self.y = torch.sin(self.x.sum(dim=1, keepdim=True))
+        self.y = target_scale * torch.sin(self.x.sum(dim=1, keepdim=True))
         self.names = [n for n, _ in self.model.named_parameters()]
         self.shapes = [p.shape for p in self.model.parameters()]
         bounds, start = [], 0
@@ -73,6 +73,9 @@ class MLPTask:
     # -- the same network as a plain module (for exported optimizers / torch.optim)
     def fresh_model(self, dtype: torch.dtype = torch.float32) -> nn.Module:
         return copy.deepcopy(self.model).to(dtype)
+
+    def data(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x.to(dtype), self.y.to(dtype)
 
     @staticmethod
     def flat(model: nn.Module) -> torch.Tensor:

@@ -155,6 +155,8 @@ class BatchedOptimizer:
         self.needs_buffer = any(g.update != "plain" for g in gs)
         self.any_clip = any(g.clip is not None for g in gs)
         self.any_noise = any(g.noise.active for g in gs)
+        self.perturbed_rows = self._rows([c for c, g in enumerate(gs) if g.noise.active])
+        self.noise_rows = self._rows([c for c, g in enumerate(gs) if "noise" in g.operands_used()])
         self.layer_std = self._mask([g.noise.scale == "layer_std" for g in gs])[:, None]
         self.if_better = self._mask([g.noise.active and g.noise.accept == "if_better" for g in gs])
         self.any_if_better = bool(self.if_better.any())
@@ -194,8 +196,7 @@ class BatchedOptimizer:
     def _operand_values(self, g: torch.Tensor, w: torch.Tensor) -> dict[str | int, torch.Tensor]:
         s = update_moments(self.state, g, self.t + 1, self.moments)
         if "noise" in self.operands:
-            stream = torch.full_like(self.seeds, STREAM_NOISE_OPERAND)
-            s["noise"] = 0.01 * rng_normal(self.seeds, self.t, stream, self.index).to(self.dtype)
+            s["noise"] = self._normal_rows(self.noise_rows, STREAM_NOISE_OPERAND, 0.01)
         return {name: OPERANDS[name].fn(g, w, s) for name in self.operands}
 
     def _gather(self, sources, C: int, P: int, values) -> torch.Tensor:
@@ -271,10 +272,16 @@ class BatchedOptimizer:
         """The noise rule's delta for this step (None when no candidate has noise)."""
         if not self.any_noise:
             return None
-        stream = torch.full_like(self.seeds, STREAM_PERTURBATION)
-        eps = rng_normal(self.seeds, self.t, stream, self.index).to(self.dtype)
+        eps = self._normal_rows(self.perturbed_rows, STREAM_PERTURBATION, 1.0)
         scale = torch.where(self.layer_std, segment_std(theta, self.seg_ids, len(self.segments.bounds)), 1.0)
         return self.sigma_table[:, self.t : self.t + 1] * scale * eps
+
+    def _normal_rows(self, rows: torch.Tensor, stream: int, std: float) -> torch.Tensor:
+        """std * N(0, 1) for the given rows (zeros elsewhere): hashing costs, so only where used."""
+        out = torch.zeros(self.C, self.segments.n_params, dtype=self.dtype, device=self.device)
+        seeds = self.seeds[rows]
+        z = rng_normal(seeds, self.t, torch.full_like(seeds, stream), self.index).to(self.dtype)
+        return out.index_copy_(0, rows, std * z)
 
     def advance(self) -> None:
         self.t += 1

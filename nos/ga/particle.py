@@ -261,7 +261,7 @@ class ParticleSearch:
         except Exception:
             # isolate the culprit(s): evaluate one at a time
             fits = []
-            for row, g in passed:
+            for _, g in passed:
                 try:
                     fits.append(self.evaluator.fitness([g], self.adam_reference())[0])
                 except Exception as e:  # noqa: BLE001 -- record any failure of a candidate and go on

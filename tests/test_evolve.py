@@ -1,0 +1,159 @@
+"""The particle GA end to end: real searches in subprocesses writing real SQLite files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from db.store import Store
+from nos.ga.particle import ParticleSearch, SearchConfig
+from search_space.genome import from_json
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "--initial", "10", "--particles", "2", "--timesteps", "2", "--mutations", "3", "--funnel", "0",
+    "--horizons", "1", "--budget", "90", "--sine-pretrain-steps", "150", "--sine-width", "16",
+    "--device", "cpu",
+]
+
+
+def evolve(tmp: Path, *args: str, db: str = "nos.sqlite", check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "nos.evolve", "--db", str(tmp / db), "--cache-dir", str(tmp.parent / "cache"), *args]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    if check:
+        assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+def lineage_key(db: Path, name: str) -> list[tuple]:
+    with Store(str(db), create=False) as store:
+        run = store.get_run(name)
+        assert run is not None
+        return [
+            (r["slot"], r["genome_hash"], r["status"], None if r["fitness"] is None else round(r["fitness"], 9),
+             r["lr"], r["mutation_kind"])
+            for r in sorted(store.individuals(run["id"]), key=lambda r: r["slot"])
+        ]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("evolve")
+    evolve(tmp, *TINY, "--name", "ref", "--seed", "3")
+    return tmp / "nos.sqlite"
+
+
+def test_lineage_is_complete_and_counts_match_config(finished_run: Path) -> None:
+    with Store(str(finished_run), create=False) as store:
+        run = store.get_run("ref")
+        assert run["status"] == "finished"
+        rows = store.individuals(run["id"])
+        by_id = {r["id"]: r for r in rows}
+        initial = [r for r in rows if r["timestep"] == 0]
+        assert len(initial) == 10 and all(r["parent_id"] is None for r in initial)
+        children = [r for r in rows if r["timestep"] > 0]
+        for r in children:
+            parent = by_id[r["parent_id"]]  # in the same run
+            assert parent["run_id"] == run["id"]
+            # walk back to an initial genome
+            chain = store.lineage(r["id"])
+            assert chain[0]["id"] == r["id"] and chain[-1]["parent_id"] is None and chain[-1]["timestep"] == 0
+        for t in (1, 2):
+            first_tries = [r for r in children if r["timestep"] == t and r["attempt"] == 0]
+            assert sorted((r["particle"], r["mutation"]) for r in first_tries) == [(p, m) for p in range(2) for m in range(3)]
+        stats = store.timestep_stats(run["id"])
+        assert [s["timestep"] for s in stats] == [0, 1, 2]
+        assert sum(s["candidates"] for s in stats) == len(rows)
+        # every evaluated candidate carries its search evaluations (3 lrs x 1 horizon)
+        for r in rows:
+            ind = store.get_individual(r["id"])
+            if r["status"] == "evaluated":
+                assert r["fitness"] is not None and r["lr"] in (1e-4, 1e-3, 1e-2)
+                assert len([e for e in ind["evaluations"] if e["task"] == "sine"]) == 3
+            if r["status"] == "duplicate":
+                assert not ind["evaluations"], "a duplicate must not be evaluated again"
+                original = by_id[r["duplicate_of"]]
+                assert r["genome_hash"] in (original["genome_hash"], original["unflipped_hash"])
+
+
+def test_same_seed_same_lineage_and_sigkill_resume(tmp_path: Path, finished_run: Path) -> None:
+    """A run SIGKILLed mid-way and resumed ends exactly like the uninterrupted run."""
+    db = tmp_path / "killed.sqlite"
+    cmd = [sys.executable, "-m", "nos.evolve", "--db", str(db), "--cache-dir", str(tmp_path.parent / "cache"),
+           *TINY, "--name", "ref", "--seed", "3"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    killed_at = 0
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+        if db.exists():
+            try:
+                with Store(str(db), create=False) as store:
+                    run = store.get_run("ref")
+                    killed_at = len(store.individuals(run["id"])) if run else 0
+            except Exception:  # noqa: BLE001 -- the file may be mid-creation
+                continue
+            if killed_at >= 10:  # the initial population is in; children are being judged
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    with Store(str(db), create=False) as store:
+        assert store.get_run("ref")["status"] == "running"
+        assert store.status_counts(store.get_run("ref")["id"]) != {}
+    res = evolve(tmp_path, "--resume", "ref", "--format", "json", db="killed.sqlite")
+    assert json.loads(res.stdout)["run"] == "ref"
+    assert lineage_key(db, "ref") == lineage_key(finished_run, "ref")
+    with Store(str(db), create=False) as store:
+        assert store.get_run("ref")["status"] == "finished"
+
+
+def test_existing_name_and_unknown_resume_are_clear_errors(tmp_path: Path, finished_run: Path) -> None:
+    res = evolve(finished_run.parent, *TINY, "--name", "ref", check=False)
+    assert res.returncode == 2 and "--resume ref" in res.stderr and "Traceback" not in res.stderr
+    res = evolve(tmp_path, "--resume", "nope", check=False)
+    assert res.returncode == 2 and "nope" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    res = evolve(tmp_path, "--particles", "0", check=False)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_candidates_that_raise_or_diverge_are_recorded_and_the_run_goes_on(tmp_path: Path) -> None:
+    cfg = SearchConfig(horizons=(1.0,), budget_fpe=60, sine={"pretrain_steps": 100, "width": 8},
+                       cache_dir=str(tmp_path / "cache"))
+    with Store(str(tmp_path / "x.sqlite")) as store:
+        run_id = store.create_run("faults", cfg.to_json(), 0)
+        search = ParticleSearch(store, run_id, cfg, "cpu")
+        diverge = from_json({"nodes": [{"op": "exp", "in": ["g"]}, {"op": "exp", "in": ["n0"]},
+                                       {"op": "mul", "in": ["n1", "two"]}, {"op": "pow_abs", "in": ["n2", "n2"]}],
+                             "lr": {"schedule": "constant"}})
+        adam = from_json({"nodes": [{"op": "sqrt_abs", "in": ["v"]}, {"op": "div", "in": ["m", "n0"]}]})
+        real_fitness = search.evaluator.fitness
+
+        def flaky_fitness(genomes, adam_ref):
+            # fault injection: evaluating the `sign` genome raises, as a buggy op would
+            if any(g.nodes[-1].op == "sign" for g in genomes):
+                raise RuntimeError("boom")
+            return real_fitness(genomes, adam_ref)
+
+        search.evaluator.fitness = flaky_fitness
+        raiser = from_json({"nodes": [{"op": "sign", "in": ["m"]}]})
+        search.judge([
+            ("a", lambda rng: (diverge, None), {"timestep": 0}),
+            ("b", lambda rng: (raiser, None), {"timestep": 0}),
+            ("c", lambda rng: (adam, None), {"timestep": 0}),
+            ("d", lambda rng: (adam, None), {"timestep": 0}),
+        ])
+        rows = {r["slot"]: r for r in store.individuals(run_id)}
+        assert rows["b"]["status"] == "error" and "boom" in rows["b"]["error"]
+        assert rows["c"]["status"] == "evaluated" and rows["c"]["fitness"] == pytest.approx(1.0, rel=0.5)
+        assert rows["d"]["status"] == "duplicate" and rows["d"]["duplicate_of"] == rows["c"]["id"]
+        assert rows["a"]["status"] in ("error", "rejected_integrity")
+        if rows["a"]["status"] == "error":
+            assert "non-finite" in rows["a"]["error"]
