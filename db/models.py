@@ -218,7 +218,7 @@ class Evaluation(Base):
     )
     task: Mapped[str] = mapped_column(String(64))
     horizon: Mapped[float]
-    lr: Mapped[float]
+    lr: Mapped[float | None]  # None: no lr of the grid gave a finite loss
     seed: Mapped[int]
     loss: Mapped[float | None]
     steps: Mapped[int]

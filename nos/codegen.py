@@ -113,7 +113,7 @@ def render(
     # ---- the per-parameter update, one line per graph node
     body: list[str] = []
     if moments:
-        body.append(f"s = update_moments(state, g, t + 1, {set(moments)!r})")
+        body.append(f"s = update_moments(state, g, t + 1, {tuple(moments)!r})")
     else:
         body.append("s = {}")
     if "noise" in operands:

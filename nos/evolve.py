@@ -103,7 +103,6 @@ class Bar:
         self.bar = tqdm(total=0, desc="candidates", unit="cand", file=sys.stderr, disable=not enabled or None)
         self.counts = {"evaluated": 0, "duplicate": 0, "judged": 0}
         self.best: float | None = None
-        self.final_slots: set[str] = set()
 
     def planned(self, n: int) -> None:
         self.bar.total += n
@@ -118,8 +117,7 @@ class Bar:
                     self.best = r["fitness"]
             if r["status"] == "duplicate":
                 self.counts["duplicate"] += 1
-            if r["status"] == "evaluated" or r.get("attempt", 0) == 0:
-                self.bar.update(1)  # one planned slot done (retries don't add to the plan)
+        self.bar.update(len(rows))
         j = max(1, self.counts["judged"] - self.counts["duplicate"])
         self.bar.set_postfix(
             passed=f"{100 * self.counts['evaluated'] / j:.0f}%",

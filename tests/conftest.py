@@ -85,3 +85,13 @@ class MLPTask:
 @pytest.fixture
 def mlp_task() -> MLPTask:
     return MLPTask(seed=0)
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for a module's tiny tensors: the tests start subprocesses that run in
+    parallel on a 2-core machine, and torch's spinning worker threads would fight over the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -157,3 +157,98 @@ def test_candidates_that_raise_or_diverge_are_recorded_and_the_run_goes_on(tmp_p
         assert rows["a"]["status"] in ("error", "rejected_integrity")
         if rows["a"]["status"] == "error":
             assert "non-finite" in rows["a"]["error"]
+
+
+def _start_and_wait(tmp: Path, db: Path, min_rows: int, *args: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "nos.evolve", "--db", str(db), "--cache-dir", str(tmp.parent / "cache"), *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+        try:
+            with Store(str(db), create=False) as store:
+                run = store.get_run("ctrlc")
+                if run and len(store.individuals(run["id"])) >= min_rows:
+                    return proc
+        except Exception:  # noqa: BLE001 -- not created yet
+            continue
+    return proc
+
+
+def test_ctrl_c_stops_cleanly_and_leaves_a_resumable_run(tmp_path: Path) -> None:
+    db = tmp_path / "c.sqlite"
+    proc = _start_and_wait(tmp_path, db, 1, *TINY, "--name", "ctrlc")
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "--resume ctrlc" in err and "Traceback" not in err
+    with Store(str(db), create=False) as store:
+        assert store.get_run("ctrlc")["status"] == "interrupted"
+    evolve(tmp_path, "--resume", "ctrlc", db="c.sqlite")
+    with Store(str(db), create=False) as store:
+        assert store.get_run("ctrlc")["status"] == "finished"
+
+
+STANDALONE = """
+import sys
+sys.modules["nos"] = None  # make `import nos` fail: the file must not need it
+sys.modules["search_space"] = None
+sys.modules["db"] = None
+import importlib.util, json, torch
+spec = importlib.util.spec_from_file_location("discovered", sys.argv[1])
+mod = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mod)
+try:
+    import nos  # noqa: F401
+    raise SystemExit("nos was importable")
+except ImportError:
+    pass
+data = json.loads(sys.argv[2])
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+model.load_state_dict({k: torch.tensor(v) for k, v in data["init"].items()})
+x, y = torch.tensor(data["x"]), torch.tensor(data["y"])
+opt = getattr(mod, data["cls"])(model.parameters(), lr=data["lr"], total_steps=data["steps"], seed=0)
+def closure():
+    opt.zero_grad()
+    loss = torch.nn.functional.mse_loss(model(x), y)
+    loss.backward()
+    return loss
+for _ in range(data["steps"]):
+    opt.step(closure)
+print(json.dumps(torch.cat([p.detach().reshape(-1) for p in model.parameters()]).tolist()))
+"""
+
+
+def test_exported_discovered_optimizer_trains_without_nos_and_matches_interpreter(tmp_path: Path, finished_run: Path) -> None:
+    from nos.engine.trainer import train
+    from tests.conftest import MLPTask
+
+    with Store(str(finished_run), create=False) as store:
+        best = store.top(store.get_run("ref")["id"], 1)[0]
+    out = tmp_path / "discovered.py"
+    res = subprocess.run([sys.executable, "-m", "nos.export", str(best["id"]), "-o", str(out), "--db", str(finished_run)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    text = out.read_text()
+    assert f"individual: {best['id']}" in text and "run: ref" in text
+    assert f"lr={best['lr']!r}" in text  # the tuned lr is the default
+
+    task, steps = MLPTask(seed=0, target_scale=3.0), 25
+    interp = train(task, [from_json(best["genome"])], [best["lr"]], seeds=0, steps=steps)
+    data = {
+        "cls": f"NosOptimizer{best['id']}", "lr": best["lr"], "steps": steps,
+        "init": {k: v.tolist() for k, v in task.model.state_dict().items()},
+        "x": task.x.tolist(), "y": task.y.tolist(),
+    }
+    script = tmp_path / "standalone.py"
+    script.write_text(STANDALONE)
+    res = subprocess.run([sys.executable, str(script), str(out), json.dumps(data)],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": ""})
+    assert res.returncode == 0, res.stderr
+    import torch
+
+    exported = torch.tensor(json.loads(res.stdout))
+    assert float((exported - task.theta0).abs().max()) > 1e-4  # it trained
+    torch.testing.assert_close(exported, interp.params[0], rtol=1e-4, atol=1e-6)

@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 from types import ModuleType
 
@@ -25,14 +24,57 @@ from search_space.genome import Genome, from_json
 
 from .conftest import MLPTask
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 REPO = Path(__file__).resolve().parents[1]
 TORCH_BUILTINS = ("adam", "sgd", "momentum", "nesterov")
+
+
+# Imports every exported file where nos cannot be imported, trains 3 steps with each, and reports.
+STANDALONE = """
+import importlib.util, json, sys
+
+for name in ("nos", "search_space", "db"):  # unimportable even if they were installed
+    sys.modules[name] = None
+try:
+    import nos  # noqa: F401
+except ImportError:
+    pass
+else:
+    raise SystemExit("nos is importable")
+import torch
+
+done = []
+for i, (cls_name, path) in enumerate(sorted(json.loads(sys.argv[1]).items())):
+    spec = importlib.util.spec_from_file_location(f"m{i}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 1)
+    opt = getattr(mod, cls_name)(net.parameters())
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+
+    def closure():
+        opt.zero_grad()
+        loss = ((net(x) - y) ** 2).mean()
+        loss.backward()
+        return loss
+
+    before = [p.detach().clone() for p in net.parameters()]
+    for _ in range(3):
+        opt.step(closure)
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+    done.append([cls_name, any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))])
+leaked = [m for m, v in sys.modules.items() if m.split(".")[0] in ("nos", "search_space", "db") and v is not None]
+print(json.dumps({"done": done, "leaked": leaked}))
+"""
 
 
 class Proc:
     """A command started at once and collected when a test needs its result."""
 
     def __init__(self, args: list[str], *, cwd: Path = REPO, env: dict | None = None) -> None:
+        env = {**(os.environ if env is None else env), "OMP_NUM_THREADS": "1"}
         self.popen = subprocess.Popen(
             [sys.executable, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
@@ -51,17 +93,23 @@ class Proc:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def cli(tmp_path_factory):
-    """Start every export command of this module in parallel; tests collect what they need."""
+def cli(tmp_path_factory, exported_builtins):
+    """Start every command of this module in parallel; tests collect what they need."""
     out = tmp_path_factory.mktemp("cli")
-    procs = {
-        f"export {name}": Proc(["-m", "nos.export", "--builtin", name, "-o", str(out / f"{name}.py")])
-        for name in TORCH_BUILTINS
-    }
+    # the exported files, imported by a python where nos cannot be imported (cwd elsewhere,
+    # PYTHONPATH empty, and the nos packages blocked in sys.modules)
+    script = out / "standalone.py"
+    script.write_text(STANDALONE)
+    files = {class_name_for(n): str(p) for n, p in exported_builtins.items()}
+    standalone = Proc([str(script), json.dumps(files)], cwd=out, env={**os.environ, "PYTHONPATH": ""})
+    # one real export through `python -m`; the other builtins go through the same `main` in-process
+    # (each interpreter start costs seconds of importing torch)
+    procs = {"export adam": Proc(["-m", "nos.export", "--builtin", "adam", "-o", str(out / "adam.py")])}
     procs["bad builtin"] = Proc(["-m", "nos.export", "--builtin", "nope", "-o", str(out / "nope.py")])
     procs["missing db"] = Proc(
         ["-m", "nos.export", "99999", "-o", str(out / "x.py"), "--db", str(out / "no_such_dir" / "none.sqlite")]
     )
+    procs["standalone"] = standalone
     yield out, procs
     for p in procs.values():
         p.stop()
@@ -132,13 +180,16 @@ def _train_module(task: MLPTask, make_opt, steps: int, dtype=torch.float64) -> t
             loss.backward()
             return loss
 
-        losses.append(float(opt.step(closure)))
+        losses.append(float(opt.step(closure).detach()))
     return [p.detach().clone() for p in model.parameters()], losses
 
 
 @pytest.mark.parametrize("name", TORCH_BUILTINS)
-def test_exported_builtin_matches_torch_optim(cli, name):
-    mod = load(_exported_by_cli(cli, name))
+def test_exported_builtin_matches_torch_optim(exported_builtins, name):
+    _check_against_torch(load(exported_builtins[name]), name)
+
+
+def _check_against_torch(mod: ModuleType, name: str) -> None:
     cls = getattr(mod, class_name_for(name))
     assert issubclass(cls, torch.optim.Optimizer)
     lr, make_torch = TORCH_OPTIMS[name]
@@ -147,15 +198,15 @@ def test_exported_builtin_matches_torch_optim(cli, name):
     ref, ref_losses = _train_module(task, lambda p: make_torch(p, lr), 100)
     start = [p.detach().double() for p in task.model.parameters()]
     assert max(float((r - s).abs().max()) for r, s in zip(ref, start)) > 1e-2  # it trained
-    assert ref_losses[-1] < 0.5 * ref_losses[0]
+    assert ref_losses[-1] < 0.9 * ref_losses[0]
     for a, b in zip(ours, ref):
         assert float((a - b).norm() / b.norm()) < 1e-5
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-10)
     assert our_losses == pytest.approx(ref_losses, rel=1e-5)
 
 
-def test_exported_adam_defaults_are_torchs(cli):
-    cls = load(_exported_by_cli(cli, "adam")).Adam
+def test_exported_adam_defaults_are_torchs(exported_builtins):
+    cls = load(exported_builtins["adam"]).Adam
     opt = cls([torch.zeros(2, requires_grad=True)])
     assert opt.defaults["lr"] == torch.optim.Adam([torch.zeros(1, requires_grad=True)]).defaults["lr"]
     assert opt.defaults["total_steps"] >= 1 and opt.defaults["seed"] == 0
@@ -202,7 +253,7 @@ FEATURES = {
                        "noise": {"sigma": 0.01, "decay": "cosine_down", "scale": "absolute"}},
     "noise layer_std + clip": {"nodes": [{"op": "sign", "in": ["g"]}], "update": "momentum", "clip": 0.5,
                                "noise": {"sigma": 0.05, "scale": "layer_std"}},
-    "dead node + sign": {"nodes": [{"op": "dropout30", "in": ["v"]}, {"op": "tanh", "in": ["qh_gm"]},
+    "dead node + sign": {"nodes": [{"op": "dropout30", "in": ["qh_gm"]}, {"op": "tanh", "in": ["qh_gm"]},
                                    {"op": "neg", "in": ["n1"]}], "sign": -1, "lr": {"schedule": "linear"}},
     "if_better noise on a gradient rule": {
         "nodes": [{"op": "sub", "in": ["aggmo", "w_1e3"]}],
@@ -292,22 +343,13 @@ def test_exported_file_imports_only_torch_and_math(exported_builtins, name):
         assert "closure" in doc
 
 
-def test_cli_exported_files_are_the_same_as_in_process(cli, exported_builtins):
-    for name in TORCH_BUILTINS:
-        text = _exported_by_cli(cli, name).read_text()
-        _check_file(_exported_by_cli(cli, name), class_name_for(name))
-        # identical up to the order in which a set literal is printed (see the xfail below)
-        norm = text.replace("{'v', 'm'}", "{'m', 'v'}")
-        assert norm == exported_builtins[name].read_text().replace("{'v', 'm'}", "{'m', 'v'}")
-
-
 def test_random_genome_files_import_only_torch_and_math(tmp_path):
     import random
 
     from search_space.mutation import random_genome
 
     rng = random.Random(0)
-    for i in range(25):
+    for i in range(12):
         g = random_genome(rng)
         path = tmp_path / f"r{i}.py"
         path.write_text(render(g, class_name=f"R{i}", lr=0.01, total_steps=10, provenance={"run": "x"}))
@@ -327,14 +369,10 @@ def test_random_genome_files_import_only_torch_and_math(tmp_path):
         assert w.shape == (3, 2)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="codegen.render writes update_moments(..., {set(moments)!r}): a set literal whose printed "
-    "order depends on PYTHONHASHSEED, so exporting the same genome twice can give different files",
-)
 def test_exported_file_text_does_not_depend_on_hash_order(exported_builtins):
-    tree = ast.parse(exported_builtins["adam"].read_text())
-    assert not any(isinstance(n, ast.Set) for n in ast.walk(tree))
+    """A set literal prints in PYTHONHASHSEED order: exporting twice could give different files."""
+    for path in exported_builtins.values():
+        assert not any(isinstance(n, ast.Set) for n in ast.walk(ast.parse(path.read_text()))), path
 
 
 def test_class_names():
@@ -357,7 +395,7 @@ def test_constructor_validates_and_closure_rules(exported_builtins):
     assert torch.equal(w.detach(), torch.ones(2))
     (w**2).sum().backward()
     opt.step()
-    assert float(w[0]) == pytest.approx(1 - 0.1, rel=1e-5)  # Adam's first step is lr * sign(g)
+    assert float(w.detach()[0]) == pytest.approx(1 - 0.1, rel=1e-5)  # Adam's first step is lr * sign(g)
 
     rso = load(exported_builtins["rso"]).Rso
     v = torch.nn.Parameter(torch.randn(10, generator=torch.Generator().manual_seed(0)))
@@ -372,66 +410,69 @@ def test_constructor_validates_and_closure_rules(exported_builtins):
         loss.backward()
         return loss
 
-    losses = [float(opt.step(closure)) for _ in range(20)]
-    assert all(b <= a for a, b in zip(losses, losses[1:]))  # perturbations kept only if better
-    assert losses[-1] < losses[0]
+    losses = [float(opt.step(closure).detach()) for _ in range(20)]
+    # kept only if better (up to round-off: see the xfail test below)
+    assert all(b <= a * (1 + 1e-6) for a, b in zip(losses, losses[1:])), losses
+    assert losses[-1] < 0.9 * losses[0]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="codegen: a rejected perturbation is undone with p.sub_(delta), and (w + d) - d != w in "
+    "floating point; the interpreter keeps the un-perturbed weights exactly (torch.where)",
+)
+def test_rejected_perturbation_restores_the_weights_exactly(exported_builtins):
+    rso = load(exported_builtins["rso"]).Rso
+    v = torch.nn.Parameter(torch.randn(100, generator=torch.Generator().manual_seed(0)))
+    v0 = v.detach().clone()
+    opt = rso([v])
+
+    def closure():  # minimal at v0: every perturbation is rejected
+        opt.zero_grad()
+        loss = ((v - v0) ** 2).sum()
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        opt.step(closure)
+    assert torch.equal(v.detach(), v0)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=RuntimeError,
+    reason="codegen clip block: torch.stack([]) when no parameter has a gradient yet; torch.optim "
+    "optimizers treat step() without gradients as a no-op",
+)
+def test_clipped_optimizer_steps_without_gradients(exported_builtins):
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = load(exported_builtins["adam_clip"]).AdamClip([w])
+    opt.step()
+    assert torch.equal(w.detach(), torch.ones(3))
 
 
 # =============================================================================================
 # standalone: the files work where nos cannot be imported
 
 
-def test_exported_files_import_without_nos(cli, exported_builtins, tmp_path):
-    files = {class_name_for(n): str(p) for n, p in exported_builtins.items()}
-    files["Adam"] = str(_exported_by_cli(cli, "adam"))
-    script = tmp_path / "standalone.py"
-    script.write_text(
-        textwrap.dedent(
-            """
-            import importlib.util, json, sys
-            # make the nos packages unimportable even if they were installed
-            for name in ("nos", "search_space", "db"):
-                sys.modules[name] = None
-            try:
-                import nos  # noqa: F401
-            except ImportError:
-                pass
-            else:
-                raise SystemExit("nos is importable")
-            import torch
-            files = json.loads(sys.argv[1])
-            done = []
-            for i, (cls_name, path) in enumerate(sorted(files.items())):
-                spec = importlib.util.spec_from_file_location(f"m{i}", path)
-                mod = importlib.util.module_from_spec(spec)
-                spec.loader.exec_module(mod)
-                torch.manual_seed(0)
-                net = torch.nn.Linear(3, 1)
-                opt = getattr(mod, cls_name)(net.parameters())
-                x, y = torch.randn(8, 3), torch.randn(8, 1)
-                def closure():
-                    opt.zero_grad()
-                    loss = ((net(x) - y) ** 2).mean()
-                    loss.backward()
-                    return loss
-                for _ in range(3):
-                    opt.step(closure)
-                assert all(torch.isfinite(p).all() for p in net.parameters())
-                done.append(cls_name)
-            leaked = [m for m in sys.modules if m.split(".")[0] in ("nos", "search_space", "db")
-                      and sys.modules[m] is not None]
-            print(json.dumps({"done": done, "leaked": leaked}))
-            """
-        )
-    )
-    env = {**os.environ, "PYTHONPATH": ""}
-    proc = subprocess.run(
-        [sys.executable, str(script), json.dumps(files)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads(proc.stdout)
-    assert sorted(report["done"]) == sorted(files) and report["leaked"] == []
+def test_cli_export_adam(cli, exported_builtins):
+    path = _exported_by_cli(cli, "adam")
+    _check_file(path, "Adam")
+    # the command's file (another process, another hash seed) is byte for byte the in-process one
+    assert path.read_text() == exported_builtins["adam"].read_text()
+    _check_against_torch(load(path), "adam")
+
+
+def test_exported_files_import_without_nos(cli, exported_builtins):
+    _, procs = cli
+    rc, stdout, stderr = procs["standalone"].result()
+    assert rc == 0, stderr
+    report = json.loads(stdout)
+    assert report["leaked"] == []
+    changed = dict(report["done"])
+    assert sorted(changed) == sorted(class_name_for(n) for n in exported_builtins)
+    # every optimizer moved the weights (rso may rightly reject all of its 3 perturbations)
+    assert all(v for k, v in changed.items() if k != "Rso"), changed
 
 
 # =============================================================================================

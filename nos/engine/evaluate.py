@@ -25,8 +25,8 @@ from search_space.genome import Genome
 
 from ..tasks.budget import DEFAULT_BUDGET_FPE, randopt_population
 from ..tasks.randopt import DEFAULT_SIGMAS, DEFAULT_TOP_K, randopt
-from ..tasks.sine import SineConfig, SineTask
-from .trainer import train
+from ..tasks.sine import SineConfig, SineTask, StackedSineTask
+from .trainer import steps_for, train
 
 HORIZONS = (1.0, 2.0, 5.0, 10.0, 20.0)
 LR_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)  # ANCHORS section 8 tuned Adam on {1e-4 ... 1e-2}
@@ -100,6 +100,32 @@ class SineEvaluator:
             steps=[steps[j * n] for j in range(len(genomes))],
             seconds=time.perf_counter() - start,
         )
+
+    def grid_seeds(self, genomes: Sequence[Genome], lrs: Sequence[float], tasks: Sequence[SineTask]) -> list[GridResult]:
+        """`grid` on several tasks of one horizon at once (seeds stacked on the candidate axis).
+
+        Returns one GridResult per task. Each task's rows use its own target seed for random ops.
+        """
+        start = time.perf_counter()
+        combos = [(t, g, lr) for t in range(len(tasks)) for g in genomes for lr in lrs]
+        losses: list[float | None] = []
+        for i in range(0, len(combos), MAX_ROWS):
+            chunk = combos[i : i + MAX_ROWS]
+            stack = StackedSineTask(list(tasks), torch.tensor([t for t, _, _ in chunk]))
+            res = train(stack, [g for _, g, _ in chunk], [lr for _, _, lr in chunk],
+                        seeds=[tasks[t].target_seed for t, _, _ in chunk], budget_fpe=self.setup.budget_fpe)
+            losses += res.losses
+        seconds = time.perf_counter() - start
+        n, per_task = len(lrs), len(genomes) * len(lrs)
+        steps = [steps_for(g, self.setup.budget_fpe) for g in genomes]
+        return [
+            GridResult(
+                losses=[[_finite(x) for x in losses[t * per_task + j * n : t * per_task + (j + 1) * n]] for j in range(len(genomes))],
+                steps=steps,
+                seconds=seconds / len(tasks),
+            )
+            for t in range(len(tasks))
+        ]
 
     def adam_reference(self) -> dict[float, tuple[float, float]]:
         """Tuned Adam on the search task: horizon -> (best loss, its lr), over the full LR_GRID."""
@@ -203,16 +229,15 @@ def heldout_comparison(
     for h in horizons:
         grad_losses: dict[str, list[list[float | None]]] = {n: [] for n in names}
         ro_losses: dict[str, list[list[float | None]]] = {layers: [] for layers in randopt_layers}
-        before: list[float | None] = []
-        for s in seeds:
-            if progress:
-                progress(f"held-out horizon {h:g}, seed {s}")
-            task = evaluator.task(h, pretrain_seed=s, target_seed=s)
-            with torch.no_grad():
-                before.append(_finite(float(task.loss(task.theta0[None])[0])))
-            res = evaluator.grid([methods[n] for n in names], lrs, task, seed=s)
+        if progress:
+            progress(f"held-out horizon {h:g}")
+        tasks = [evaluator.task(h, pretrain_seed=s, target_seed=s) for s in seeds]
+        with torch.no_grad():
+            before = [_finite(float(t.loss(t.theta0[None])[0])) for t in tasks]
+        for res in evaluator.grid_seeds([methods[n] for n in names], lrs, tasks):
             for n, row in zip(names, res.losses):
                 grad_losses[n].append(row)
+        for task, s in zip(tasks, seeds):
             for layers in randopt_layers:
                 ro = randopt(task, budget_n, sigmas, DEFAULT_TOP_K, layers=layers, seed=s)
                 ro_losses[layers].append([_finite(ro.ensemble_losses[sig]) for sig in sigmas])

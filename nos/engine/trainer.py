@@ -93,6 +93,8 @@ def train(
                     keep = torch.nonzero(~dead).squeeze(1)
                     rows, theta, grad, loss, dead = rows[keep], theta[keep], grad[keep], loss[keep], dead[keep]
                     opt = opt.select(keep)
+                    if hasattr(task, "select"):  # tasks with per-row data follow the rows
+                        task = task.select(keep)
                     if rows.numel() == 0:
                         break
             grad = torch.where(dead[:, None], 0.0, grad)

@@ -165,6 +165,7 @@ class ParticleSearch:
         """
         todo = [p for p in planned if p[0] not in self.rows]
         if not todo:
+            self.progress.judged([self.rows[slot] for slot, _, _ in planned])
             return
         rows: list[dict] = []
         pending_hash: dict[str, dict] = {}
@@ -201,7 +202,7 @@ class ParticleSearch:
         for row in later:
             row["duplicate_of"] = self.rows[row.pop("dup_slot")]["id"]
         self._store(later)
-        self.progress.judged(rows)
+        self.progress.judged([self.rows[slot] for slot, _, _ in planned])
 
     def _store(self, rows: list[dict]) -> None:
         if not rows:
@@ -304,6 +305,8 @@ class ParticleSearch:
         children: dict[int, list[dict]] = {p: [] for p in range(len(positions))}
         generated: list[dict] = []
         for a in range(cfg.max_tries):
+            if a > 0:
+                self.progress.planned(len(pending))
             planned = []
             for p, m in pending:
                 parent = positions[p]

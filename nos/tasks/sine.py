@@ -197,6 +197,19 @@ def mlp_forward(params: dict[str, torch.Tensor], x: torch.Tensor, activation: st
     return torch.baddbmm(params["b3"].unsqueeze(1), h, params["w3"]).squeeze(-1)
 
 
+def rollout(config: SineConfig, layout: ParamLayout, theta: torch.Tensor, context: torch.Tensor,
+            steps: int) -> torch.Tensor:
+    """Roll C networks out autoregressively from their own contexts [C, k]: -> [C, steps]."""
+    params = layout.unflatten(theta)
+    window = context
+    preds = []
+    for _ in range(steps):
+        nxt = mlp_forward(params, window.unsqueeze(1), config.activation)  # [C, 1]
+        preds.append(nxt)
+        window = torch.cat([window[:, 1:], nxt], dim=1)
+    return torch.cat(preds, dim=1)
+
+
 def init_theta(config: SineConfig, generator: torch.Generator) -> torch.Tensor:
     """Flat [P] float32 initial weights, as torch.nn.Linear initialises them.
 
@@ -377,14 +390,8 @@ class SineTask:
         if theta.dim() != 2 or theta.shape[1] != self.n_params:
             raise ValueError(f"theta must be [C, {self.n_params}], got {tuple(theta.shape)}")
         k, C = self.config.k, theta.shape[0]
-        params = self.layout.unflatten(theta)
-        window = self.target[:k].to(theta.dtype).expand(C, k)
-        preds = []
-        for _ in range(self.n_points - k):
-            nxt = mlp_forward(params, window.unsqueeze(1), self.config.activation)  # [C, 1]
-            preds.append(nxt)
-            window = torch.cat([window[:, 1:], nxt], dim=1)
-        return torch.cat(preds, dim=1)
+        context = self.target[:k].to(theta.dtype).expand(C, k)
+        return rollout(self.config, self.layout, theta, context, self.n_points - k)
 
     def loss_of_predictions(self, pred: torch.Tensor) -> torch.Tensor:
         """MSE [C] of predictions [C, n - k] against target[k:]."""
@@ -398,3 +405,41 @@ class SineTask:
         return (f"SineTask(horizon={self.horizon}, n_points={self.n_points}, "
                 f"pretrain_seed={self.pretrain_seed}, target_seed={self.target_seed}, "
                 f"P={self.n_params}, config={self.config.key()})")
+
+
+class StackedSineTask:
+    """Several SineTasks of one horizon (e.g. held-out seeds) trained in one batch.
+
+    Row i of theta belongs to task ``row_task[i]``: it starts from that task's pretrained weights
+    and is scored on that task's target. Stacking seeds on the candidate axis makes one batched
+    step serve them all (the rollout is sequential, so fewer, wider steps are much faster).
+    """
+
+    def __init__(self, tasks: list[SineTask], row_task: torch.Tensor) -> None:
+        first = tasks[0]
+        if any(t.n_points != first.n_points or t.config != first.config for t in tasks):
+            raise ValueError("stacked tasks must share the config and the horizon")
+        self.tasks = tasks
+        self.config, self.layout, self.device = first.config, first.layout, first.device
+        self.segments = first.segments
+        self.row_task = row_task.to(self.device)
+        self.theta0 = torch.stack([t.theta0 for t in tasks])
+        self.targets = torch.stack([t.target for t in tasks])
+
+    def init_params(self, C: int) -> torch.Tensor:
+        if C != len(self.row_task):
+            raise ValueError(f"this stack has {len(self.row_task)} rows, not {C}")
+        return self.theta0[self.row_task].clone()
+
+    def select(self, keep: torch.Tensor) -> StackedSineTask:
+        """The same stack restricted to rows ``keep`` (the trainer drops failed rows)."""
+        return StackedSineTask(self.tasks, self.row_task[keep])
+
+    def rollout(self, theta: torch.Tensor) -> torch.Tensor:
+        k = self.config.k
+        context = self.targets[self.row_task, :k].to(theta.dtype)
+        return rollout(self.config, self.layout, theta, context, self.targets.shape[1] - k)
+
+    def loss(self, theta: torch.Tensor) -> torch.Tensor:
+        pred = self.rollout(theta)
+        return ((pred - self.targets[self.row_task, self.config.k :].to(pred.dtype)) ** 2).mean(dim=1)

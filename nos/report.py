@@ -1,0 +1,651 @@
+"""`python -m nos.report RUN`: plots and a markdown summary of one search.
+
+    python -m nos.report demo                  # writes runs/demo/{summary.md, *.png}
+    python -m nos.report 3 --out /tmp/rep      # run by id, into another folder
+
+Files: fitness.png (each particle's fitness over timesteps), lineage.png (the best individual's
+ancestry with the siblings of every step), and, when the run has held-out (funnel) results,
+rollouts.png (target vs rollouts after fine-tuning with the best optimizer, Adam and RandOpt, on
+the first held-out seed) and losses.png (held-out loss per horizon, mean +- std over seeds);
+summary.md links them all. Reading only; the rollouts retrain on the run's own task settings.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+import sys
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+
+from db.store import Store  # noqa: E402
+from search_space.builtins import builtin  # noqa: E402
+from search_space.genome import from_json  # noqa: E402
+
+from .cli import (  # noqa: E402
+    DEFAULT_DB,
+    ArgumentParser,
+    UsageError,
+    add_device,
+    add_format,
+    print_json,
+    resolve_device,
+    run_command,
+)
+from .engine.evaluate import MethodResult, SineEvaluator  # noqa: E402
+from .engine.trainer import train  # noqa: E402
+from .evolve import _best_heldout  # noqa: E402
+from .ga.particle import SearchConfig  # noqa: E402
+from .report_table import METHOD_LABELS  # noqa: E402
+from .tasks.budget import describe, randopt_population  # noqa: E402
+from .tasks.randopt import DEFAULT_TOP_K, randopt  # noqa: E402
+
+STATUS_COLORS = {
+    "evaluated": "#2ca02c",
+    "rejected_integrity": "#ff7f0e",
+    "invalid": "#7f7f7f",
+    "error": "#d62728",
+    "duplicate": "#9467bd",
+}
+HELDOUT = "sine_heldout"
+RIVALS = ("adam", "adam_clip", "randopt_all")
+METHOD_STYLE = {  # color, linestyle of each method in rollouts.png / losses.png
+    "best": ("#d62728", "-"),
+    "adam": ("#1f77b4", "-"),
+    "adam_clip": ("#17becf", "-"),
+    "randopt_all": ("#2ca02c", "-"),
+    "before": ("#7f7f7f", ":"),
+}
+
+
+@dataclass
+class RunData:
+    """Everything the report reads from the database about one run."""
+
+    run: dict
+    config: SearchConfig
+    individuals: list[dict]
+    counts: dict[str, int]
+    stats: list[dict]
+    results: dict[str, dict[float, MethodResult]] = field(default_factory=dict)  # held-out, by method
+    champion: dict | None = None  # the best individual (funnel champion, else best fitness)
+
+    @property
+    def by_id(self) -> dict[int, dict]:
+        return {r["id"]: r for r in self.individuals}
+
+
+# ---------------------------------------------------------------------- reading
+
+
+def load(store: Store, name_or_id: str) -> RunData:
+    """Read a run, its individuals, stats and held-out results; UsageError for an unknown run."""
+    run = store.get_run(name_or_id)
+    if run is None:
+        raise UsageError(f"no run named {name_or_id!r} (nor with that id) in {store.url}")
+    cfg = SearchConfig.from_json(run["config"] or {})
+    data = RunData(run, cfg, store.individuals(run["id"]), store.status_counts(run["id"]),
+                   store.timestep_stats(run["id"]))
+    data.results = heldout_results(store, run["id"], cfg)
+    best: dict | None = None
+    if data.results:
+        name = _best_heldout(data.results) if "adam" in data.results else None
+        if name is not None:
+            best = data.by_id.get(int(name[1:]))
+    if best is None:
+        top = store.top(run["id"], 1)
+        best = top[0] if top else None
+    data.champion = best
+    return data
+
+
+def heldout_results(store: Store, run_id: int, cfg: SearchConfig) -> dict[str, dict[float, MethodResult]]:
+    """The funnel's table rebuilt from the database: method ("adam", ..., "#<id>") -> horizon -> result."""
+    seeds = list(cfg.heldout_seeds)
+
+    def ordered(rows: list[dict]) -> list[float | None]:
+        rows = sorted(rows, key=lambda r: seeds.index(r["seed"]) if r["seed"] in seeds else len(seeds) + r["seed"])
+        return [r["loss"] for r in rows]
+
+    grouped: dict[tuple[str, float], list[dict]] = defaultdict(list)
+    for b in store.baselines(run_id, task=HELDOUT):
+        grouped[(b["method"], b["horizon"])].append(b)
+    # The funnel re-evaluates the hall of fame: the best distinct evaluated candidates.
+    for ind in store.top(run_id, max(2 * cfg.funnel, cfg.funnel + 5)):
+        full = store.get_individual(ind["id"]) or {}
+        for e in full.get("evaluations", []):
+            if e["task"] == HELDOUT:
+                grouped[(f"#{ind['id']}", e["horizon"])].append({**e, "hparam": e["lr"]})
+    results: dict[str, dict[float, MethodResult]] = {}
+    for (method, h), rows in grouped.items():
+        results.setdefault(method, {})[h] = MethodResult(method, h, ordered(rows), rows[0]["hparam"])
+    for per_h in results.values():  # horizons in increasing order
+        items = sorted(per_h.items())
+        per_h.clear()
+        per_h.update(items)
+    return results
+
+
+def particle_paths(data: RunData) -> dict[int, list[dict]]:
+    """Each particle's position at timesteps 0, 1, ...: its initial individual, then at each
+    timestep the best evaluated child (or the parent, when no child was evaluated or elitism kept it).
+    Where the next timestep has children, their parent is the position (the database's word)."""
+    by_id = data.by_id
+    kids: dict[tuple[int, int], list[dict]] = defaultdict(list)
+    for r in data.individuals:
+        if r["timestep"] >= 1 and r["particle"] is not None:
+            kids[(r["timestep"], r["particle"])].append(r)
+    initial = sorted((r for r in data.individuals if r["timestep"] == 0 and r["status"] == "evaluated"),
+                     key=lambda r: (r["fitness"], r["id"]))
+    n_particles = max([p + 1 for _, p in kids] or [min(data.config.particles, len(initial))])
+    last_t = max([t for t, _ in kids] or [0])
+    paths: dict[int, list[dict]] = {}
+    for p in range(n_particles):
+        first = kids.get((1, p))
+        start = by_id.get(first[0]["parent_id"]) if first else (initial[p] if p < len(initial) else None)
+        if start is None:
+            continue
+        path = [start]
+        for t in range(1, last_t + 1):
+            if not kids.get((t, p)):
+                break
+            nxt = kids.get((t + 1, p))
+            if nxt and nxt[0]["parent_id"] in by_id:
+                path.append(by_id[nxt[0]["parent_id"]])
+                continue
+            parent = path[-1]
+            done = sorted((r for r in kids[(t, p)] if r["status"] == "evaluated" and r["fitness"] is not None),
+                          key=lambda r: (r["fitness"], r["id"]))
+            keep = not done or (data.config.elitism and parent["fitness"] is not None
+                                and done[0]["fitness"] >= parent["fitness"])
+            path.append(parent if keep else done[0])
+        paths[p] = path
+    return paths
+
+
+# ---------------------------------------------------------------------- plots
+
+
+def _particle_colors(n: int) -> list[Any]:
+    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20" if n <= 20 else "viridis")
+    return [cmap(i if n <= 20 else i / max(1, n - 1)) for i in range(n)]
+
+
+def plot_fitness(data: RunData, path: Path) -> None:
+    """fitness.png: each particle's position per timestep, every evaluated child faintly.
+
+    Far outliers (a candidate 1e30 times worse than Adam) would flatten everything else: points
+    above a cap set by the particles and the bulk of the population are drawn on the cap as ^."""
+    paths = particle_paths(data)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colors = _particle_colors(max(1, len(paths)))
+    evaluated = [r for r in data.individuals if r["status"] == "evaluated" and r["fitness"] is not None]
+    values = [r["fitness"] for r in evaluated]
+    path_values = [r["fitness"] for pts in paths.values() for r in pts if r["fitness"] is not None]
+    cap = math.inf
+    if values:
+        bulk = statistics.quantiles(values, n=4)[2] if len(values) > 1 else values[0]
+        cap = 4 * max(path_values + [bulk, 1.0])
+    n_out = 0
+
+    def scatter(xs: list[float], ys: list[float], **kw: Any) -> None:
+        nonlocal n_out
+        inside = [(x, y) for x, y in zip(xs, ys) if y <= cap]
+        above = [x for x, y in zip(xs, ys) if y > cap]
+        n_out += len(above)
+        if inside:
+            ax.scatter(*zip(*inside), s=12, lw=0, **kw)
+        if above:
+            ax.scatter(above, [cap] * len(above), s=18, marker="^", lw=0, clip_on=False,
+                       **{k: v for k, v in kw.items() if k != "label"})
+
+    init = [r["fitness"] for r in evaluated if r["timestep"] == 0]
+    if init:
+        scatter([0.0] * len(init), init, color="0.55", alpha=0.4, label="initial population")
+    for p, pts in paths.items():
+        c = colors[p % len(colors)]
+        kids = [r for r in evaluated if r["particle"] == p and r["timestep"] >= 1]
+        jitter = 0.12 * ((p % 7) - 3) / 3
+        scatter([r["timestep"] + jitter for r in kids], [r["fitness"] for r in kids], color=c, alpha=0.35)
+        xs = [t for t, r in enumerate(pts) if r["fitness"] is not None]
+        ys = [min(pts[t]["fitness"], cap) for t in xs]
+        ax.plot(xs, ys, "-o", color=c, ms=5, lw=1.8, label=f"particle {p} (from #{pts[0]['id']})")
+    ax.axhline(1.0, color="k", ls="--", lw=1, label="tuned Adam = 1")
+    shown = [v for v in values if v <= cap] + [1.0]
+    if min(shown) > 0 and max(shown) / min(shown) > 20:
+        ax.set_yscale("log")
+    if math.isfinite(cap):
+        low = min(shown)
+        ax.set_ylim(low / 1.5 if ax.get_yscale() == "log" else low - 0.05 * (cap - low),
+                    cap * 1.5 if ax.get_yscale() == "log" else cap * 1.05)
+    if n_out:
+        ax.text(0.99, 0.99, f"^ {n_out} candidate(s) above {cap:.3g}, drawn at the top", transform=ax.transAxes,
+                ha="right", va="top", fontsize=7, color="0.3")
+    if not values:
+        ax.text(0.5, 0.5, "no evaluated candidates yet", transform=ax.transAxes, ha="center", va="center")
+    last = max([len(p) - 1 for p in paths.values()] or [0])
+    ax.set_xticks(range(last + 1))
+    ax.set_xlim(-0.5, last + 0.5)
+    ax.set_xlabel("timestep")
+    ax.set_ylabel("fitness = mean loss / tuned Adam's (lower is better)")
+    ax.set_title(f"run {data.run['name']!r}: particle positions (lines) and evaluated children (dots)",
+                 fontsize=10)
+    if len(paths) <= 12:
+        ax.legend(fontsize=8, loc="lower left")
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _by_fitness(r: dict) -> tuple[bool, float, int]:
+    return (r["fitness"] is None, r["fitness"] or 0.0, r["id"])
+
+
+def _spread(rows: list[dict], center_taken: bool) -> list[tuple[float, dict]]:
+    """Places rows at y = 0 (unless taken), then alternately above and below: nearest first."""
+    ys = ([] if center_taken else [0.0]) + [float(d) for n in range(1, len(rows) + 1) for d in (n, -n)]
+    return list(zip(ys, rows))
+
+
+def plot_lineage(data: RunData, store: Store, path: Path) -> None:
+    """lineage.png: the best individual's chain back to its initial genome (bold, along the middle),
+    each ancestor's other children (the chain's siblings) and the best's own children, as boxes
+    colored by status and labelled with id and fitness; chain edges name the mutation."""
+    chain: list[dict] = []
+    if data.champion is not None:
+        chain = list(reversed(store.lineage(data.champion["id"])))  # initial ... best
+    children: dict[int, list[dict]] = defaultdict(list)
+    for r in data.individuals:
+        if r["parent_id"] is not None:
+            children[r["parent_id"]].append(r)
+    levels: list[list[tuple[float, dict]]] = []  # per level: (y, row); the chain at y = 0
+    for i in range(len(chain) + 1):
+        if i == 0:
+            levels.append([(0.0, chain[0])] if chain else [])
+            continue
+        parent = chain[i - 1]
+        if i < len(chain):
+            others = sorted((r for r in children[parent["id"]] if r["id"] != chain[i]["id"]), key=_by_fitness)
+            levels.append([(0.0, chain[i]), *_spread(others, center_taken=True)])
+        elif children[parent["id"]]:
+            levels.append(_spread(sorted(children[parent["id"]], key=_by_fitness), center_taken=False))
+    span = max([abs(y) for lvl in levels for y, _ in lvl] or [0.0])
+    fig_h = min(30.0, max(3.5, 0.45 * (2 * span + 1) + 1.8))
+    fig_w = min(30.0, max(6.0, 2.2 * len(levels) + 1.5))
+    fig, ax = plt.subplots(figsize=(fig_w, fig_h))
+    ax.axis("off")
+    if not chain:
+        ax.text(0.5, 0.5, "no evaluated individual: no lineage to draw", ha="center", va="center",
+                transform=ax.transAxes)
+    chain_ids = {r["id"] for r in chain}
+    for i, placed in enumerate(levels):
+        for y, r in placed:
+            on_chain = r["id"] in chain_ids
+            if i > 0:
+                beyond = i >= len(chain)  # the best's own children
+                ax.plot([i - 1, i], [0.0, y], color="k" if on_chain else "0.7", lw=2.0 if on_chain else 0.7,
+                        ls=":" if beyond else "-", zorder=1)
+                if on_chain and r.get("mutation_kind"):
+                    ax.text(i - 0.5, 0.1, r["mutation_kind"], ha="center", va="bottom", fontsize=7,
+                            color="0.2", zorder=3)
+            fit = "-" if r["fitness"] is None else f"{r['fitness']:.3g}"
+            ax.text(i, y, f"#{r['id']}\n{fit}", ha="center", va="center", fontsize=8 if on_chain else 7,
+                    fontweight="bold" if on_chain else "normal", zorder=2,
+                    bbox={"boxstyle": "round,pad=0.3", "fc": STATUS_COLORS.get(r["status"], "w"),
+                          "ec": "k" if on_chain else "none", "lw": 1.8 if on_chain else 0,
+                          "alpha": 0.9 if on_chain else 0.55})
+    ax.set_xlim(-0.6, max(0, len(levels) - 1) + 0.6)
+    ax.set_ylim(-span - 0.9, span + 0.9)
+    for i in range(len(levels)):
+        label = ("initial" if i == 0 else f"timestep {chain[i]['timestep']}" if i < len(chain)
+                 else "children of the best")
+        ax.text(i, span + 0.65, label, ha="center", va="bottom", fontsize=8, color="0.3")
+    handles = [Patch(fc=c, alpha=0.7, label=s) for s, c in STATUS_COLORS.items()]
+    handles.append(Line2D([], [], color="k", lw=2, label="lineage of the best"))
+    ax.legend(handles=handles, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=6, frameon=False)
+    title = "lineage" if not chain else (
+        f"lineage of #{chain[-1]['id']} (best; fitness = loss / tuned Adam's) with the other children "
+        "of its ancestors")
+    ax.set_title(f"run {data.run['name']!r}: {title}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+@dataclass
+class Rollouts:
+    """One held-out horizon's target and each method's rollout (None: diverged or not run)."""
+
+    horizon: float
+    seed: int
+    k: int
+    dt: float
+    target: torch.Tensor  # [n] on the CPU
+    curves: dict[str, tuple[str, torch.Tensor | None, float | None]]  # key -> (label, [n - k], MSE)
+
+
+def rollouts(data: RunData, evaluator: SineEvaluator, horizon: float, seed: int) -> Rollouts:
+    """Fine-tune as the funnel did (same task, seed, budget, chosen lr / sigma) and roll out:
+    the best individual, tuned Adam, RandOpt on all layers, and the pretrained net as it is."""
+    cfg, best = data.config, data.champion
+    assert best is not None
+    name = f"#{best['id']}"
+    task = evaluator.task(horizon, pretrain_seed=seed, target_seed=seed)
+    gradient = [("best", f"{name} (lr {_hp(data, name, horizon)})", from_json(best["genome"]), name),
+                ("adam", f"Adam (lr {_hp(data, 'adam', horizon)})", builtin("adam"), "adam")]
+    runnable = [(key, g, _hparam(data, method, horizon)) for key, _, g, method in gradient]
+    runnable = [(key, g, lr) for key, g, lr in runnable if lr is not None]
+    preds: dict[str, torch.Tensor | None] = {}
+    if runnable:
+        res = train(task, [g for _, g, _ in runnable], [lr for *_, lr in runnable], seeds=seed,
+                    budget_fpe=cfg.budget_fpe)
+        with torch.no_grad():
+            out = task.rollout(res.params)
+        preds.update({key: out[i] for i, (key, _, _) in enumerate(runnable)})
+    sigma = _hparam(data, "randopt_all", horizon)
+    if sigma is not None:
+        preds["randopt_all"] = randopt(task, randopt_population(cfg.budget_fpe), [sigma], DEFAULT_TOP_K,
+                                       layers="all", seed=seed).ensemble_prediction.to(task.device)
+    with torch.no_grad():
+        preds["before"] = task.rollout(task.theta0[None])[0]
+    labels = {key: label for key, label, _, _ in gradient}
+    labels["randopt_all"] = f"RandOpt all layers (sigma {_hp(data, 'randopt_all', horizon)})"
+    labels["before"] = "before fine-tuning"
+    curves: dict[str, tuple[str, torch.Tensor | None, float | None]] = {}
+    for key, label in labels.items():
+        pred = preds.get(key)
+        if pred is None or not bool(torch.isfinite(pred).all()):
+            curves[key] = (label, None, None)
+            continue
+        with torch.no_grad():
+            mse = float(task.loss_of_predictions(pred[None].to(task.target.dtype))[0])
+        curves[key] = (label, pred.detach().cpu(), mse)
+    return Rollouts(horizon, seed, task.config.k, task.config.dt, task.target.cpu(), curves)
+
+
+def rollout_horizons(data: RunData) -> list[float]:
+    """The held-out horizons the run has results for (those of its config, in order)."""
+    have = {h for per_h in data.results.values() for h in per_h}
+    return [h for h in data.config.heldout_horizons if h in have] or sorted(have)
+
+
+def plot_rollouts(data: RunData, path: Path, device: torch.device, horizons: Sequence[float],
+                  progress: bool = True) -> None:
+    """rollouts.png: per held-out horizon, the target and the rollouts after fine-tuning with the
+    best optimizer, tuned Adam, RandOpt (all layers) and before fine-tuning, on the first held-out seed."""
+    cfg = data.config
+    seed = cfg.heldout_seeds[0]
+    evaluator = SineEvaluator(cfg.setup(), device)
+    fig, axes = plt.subplots(len(horizons), 1, figsize=(10, 2.6 * len(horizons) + 0.6), squeeze=False)
+    for ax, h in zip(axes[:, 0], horizons):
+        if progress:
+            print(f"  rollouts at t_max = {h:g} ...", file=sys.stderr)
+        ro = rollouts(data, evaluator, h, seed)
+        k, t = ro.k, torch.arange(ro.target.numel()) * ro.dt
+        ax.axvspan(0.0, float(t[k - 1]), color="0.92", zorder=0)
+        ax.plot(t, ro.target, color="k", lw=2.2, label="target")
+        ax.plot(t[:k], ro.target[:k], "o", color="k", ms=4, label=f"conditioning ({k} points)")
+        for key, (label, pred, mse) in ro.curves.items():
+            color, ls = METHOD_STYLE[key]
+            if pred is None:
+                ax.plot([], [], color=color, ls=ls, label=f"{label}: diverged")
+            else:
+                ax.plot(t[k:], pred, color=color, ls=ls, lw=1.4, label=f"{label}: MSE {mse:.3g}")
+        lo, hi = float(ro.target.min()), float(ro.target.max())
+        pad = 0.6 * (hi - lo) + 0.1
+        ax.set_ylim(lo - pad, hi + pad)
+        ax.set_xlim(0, float(t[-1]) + ro.dt)
+        ax.set_title(f"t_max = {h:g} (held-out seed {seed})", fontsize=10)
+        ax.set_ylabel("x(t)")
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+        ax.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel("t")
+    fig.suptitle(f"run {data.run['name']!r}: rollouts after fine-tuning ({describe(cfg.budget_fpe)})",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_losses(data: RunData, path: Path) -> None:
+    """losses.png: held-out loss per horizon (mean +- std over seeds, log y) per method."""
+    best = f"#{data.champion['id']}" if data.champion else None
+    keys = [(best, "best"), ("adam", "adam"), ("adam_clip", "adam_clip"), ("randopt_all", "randopt_all"),
+            ("before", "before")]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    shown = [(m, s) for m, s in keys if m in data.results]
+    for i, (method, style) in enumerate(shown):
+        color, ls = METHOD_STYLE[style]
+        per_h = data.results[method]
+        pts = [(h, r.mean, r.std or 0.0) for h, r in per_h.items() if r.mean is not None and r.mean > 0]
+        label = f"{method} (best)" if style == "best" else METHOD_LABELS.get(method, method)
+        if not pts:
+            ax.plot([], [], color=color, ls=ls, label=f"{label}: diverged")
+            continue
+        shift = 1 + 0.04 * (i - (len(shown) - 1) / 2)
+        xs = [h * shift for h, _, _ in pts]
+        ys = [m for _, m, _ in pts]
+        lower = [min(s, 0.9 * m) for _, m, s in pts]  # keep the bar above 0 on a log axis
+        ax.errorbar(xs, ys, yerr=[lower, [s for *_, s in pts]], color=color, ls=ls, marker="o", ms=5,
+                    capsize=3, lw=1.5, label=label)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    horizons = sorted({h for per_h in data.results.values() for h in per_h})
+    ax.set_xticks(horizons)
+    ax.set_xticklabels([f"{h:g}" for h in horizons])
+    ax.minorticks_off()
+    ax.set_xlabel("horizon t_max")
+    ax.set_ylabel("held-out rollout MSE")
+    seeds = ", ".join(map(str, data.config.heldout_seeds))
+    ax.set_title(f"run {data.run['name']!r}: held-out loss (mean ± std over seeds {seeds})", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _hparam(data: RunData, method: str, h: float) -> float | None:
+    r = data.results.get(method, {}).get(h)
+    return None if r is None else r.hparam
+
+
+def _hp(data: RunData, method: str, h: float) -> str:
+    v = _hparam(data, method, h)
+    return "-" if v is None else f"{v:g}"
+
+
+# ---------------------------------------------------------------------- summary
+
+
+def _cell(r: MethodResult | None) -> str:
+    if r is None:
+        return "-"
+    if r.mean is None:
+        return "diverged"
+    return f"{r.mean:.3g}" if len(r.losses) == 1 else f"{r.mean:.3g} ± {r.std:.2g}"
+
+
+def heldout_markdown(data: RunData) -> str:
+    """The held-out comparison as a markdown table (the best mean per horizon in bold)."""
+    horizons = sorted({h for per_h in data.results.values() for h in per_h})
+    champion = f"#{data.champion['id']}" if data.champion else None
+    order = ["before", "adam", "adam_clip", "randopt_all"]
+    methods = [m for m in order if m in data.results] + sorted(m for m in data.results if m not in order)
+    best_mean = {}
+    for h in horizons:
+        means = [data.results[m][h].mean for m in methods
+                 if m != "before" and h in data.results[m] and data.results[m][h].mean is not None]
+        best_mean[h] = min(means) if means else None
+    lines = ["| method | " + " | ".join(f"t_max={h:g}" for h in horizons) + " |",
+             "|---|" + "---|" * len(horizons)]
+    for m in methods:
+        label = METHOD_LABELS.get(m, m) + (" **(champion)**" if m == champion else "")
+        cells = []
+        for h in horizons:
+            r = data.results[m].get(h)
+            text = _cell(r)
+            if m != "before" and r is not None and r.mean is not None and r.mean == best_mean[h]:
+                text = f"**{text}**"
+            cells.append(text)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _md_escape(text: str) -> str:
+    return re.sub(r"([|*_`])", r"\\\1", text)
+
+
+def summary_markdown(data: RunData, images: dict[str, str], db_arg: str, skipped: str | None) -> str:
+    """summary.md: the run, its counts, the best individual, the held-out table and the plots."""
+    run, cfg, counts = data.run, data.config, data.counts
+    total = sum(counts.values())
+    judged = total - counts.get("duplicate", 0) - counts.get("invalid", 0)
+    pass_rate = (counts.get("evaluated", 0) + counts.get("error", 0)) / max(1, judged)
+    dup_rate = counts.get("duplicate", 0) / max(1, total)
+    out = [f"# nos run `{run['name']}` (id {run['id']})", ""]
+    out += [f"- status: **{run['status']}**, started {_when(run['started_at'])}, "
+            f"finished {_when(run['finished_at'])}",
+            f"- candidates: {total} — " + ", ".join(f"{k} {v}" for k, v in counts.items()),
+            f"- integrity pass rate: {100 * pass_rate:.1f}% (evaluated + error over candidates that were "
+            "screened, i.e. not duplicates or invalid)",
+            f"- duplicate rate: {100 * dup_rate:.1f}% of all candidates",
+            f"- budget: {describe(cfg.budget_fpe)}", ""]
+    out += ["## Best individual", ""]
+    best = data.champion
+    if best is None:
+        out += ["No evaluated individual yet.", ""]
+    else:
+        how = "funnel champion: best mean held-out loss ratio to tuned Adam" if data.results and \
+            any(m == f"#{best['id']}" for m in data.results) else "best search fitness"
+        out += [f"**#{best['id']}** ({how})", "",
+                f"- fitness: {best['fitness']:.4g} (mean loss / tuned Adam's loss over the search horizons; "
+                "lower is better)" if best["fitness"] is not None else "- fitness: -",
+                f"- lr: {best['lr']:g}" if best["lr"] is not None else "- lr: -",
+                f"- particle {best['particle']}, timestep {best['timestep']}, parent "
+                f"{'#' + str(best['parent_id']) if best['parent_id'] else '- (initial)'}",
+                f"- expression: `{best['expression']}`", ""]
+        if best.get("latex"):
+            out += ["$$", best["latex"], "$$", ""]
+        db = "" if db_arg == DEFAULT_DB else f" --db {db_arg}"
+        out += ["Export it as a PyTorch optimizer:", "", "```",
+                f"python -m nos.export {best['id']}{db} -o runs/{run['name']}-{best['id']}.py", "```", ""]
+    out += ["## Held-out comparison", ""]
+    if data.results:
+        seeds = ", ".join(map(str, cfg.heldout_seeds))
+        out += [f"Held-out loss (rollout MSE), mean ± std over seeds {seeds}; lr / sigma tuned per horizon.",
+                "", heldout_markdown(data), ""]
+    else:
+        out += [skipped or "No held-out results.", ""]
+    if data.stats:
+        out += ["## Timesteps", "", "| timestep | candidates | passed | duplicates | invalid | errors | best | median |",
+                "|---|---|---|---|---|---|---|---|"]
+        for s in data.stats:
+            out.append(f"| {s['timestep']} | {s['candidates']} | {s['passed']} | {s['duplicates']} | "
+                       f"{s['invalid']} | {s['errors']} | {_num(s['best_fitness'])} | {_num(s['median_fitness'])} |")
+        out.append("")
+    out += ["## Plots", ""]
+    for fname, caption in images.items():
+        out += [f"### {caption}", "", f"![{_md_escape(caption)}]({fname})", ""]
+    out += ["## Configuration", "", "```json", json.dumps(run["config"], indent=2, sort_keys=True), "```", ""]
+    return "\n".join(out)
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4g}"
+
+
+def _when(dt: Any) -> str:
+    return "-" if dt is None else dt.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip(".") or "run"
+
+
+# ---------------------------------------------------------------------- command
+
+
+def _parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m nos.report", description=__doc__.split("\n")[0])
+    p.add_argument("run", metavar="RUN", help="run name or id")
+    p.add_argument("--db", default=DEFAULT_DB, help=f"database path or SQLAlchemy URL ({DEFAULT_DB})")
+    p.add_argument("--out", type=Path, help="output folder (default: runs/<RUN>)")
+    p.add_argument("--rollout-horizons", metavar="H,H,...",
+                   help="held-out horizons to draw in rollouts.png (default: all the run has; each one "
+                        "re-trains Adam and the best optimizer, minutes at t_max = 20 on a CPU)")
+    add_device(p)
+    add_format(p)
+    return p
+
+
+def _wanted_horizons(text: str | None, data: RunData) -> list[float]:
+    """The horizons for rollouts.png: --rollout-horizons, checked against the run's results."""
+    have = rollout_horizons(data)
+    if text is None:
+        return have
+    try:
+        wanted = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--rollout-horizons: expected comma-separated numbers, got {text!r}") from None
+    if not wanted or any(h not in have for h in wanted):
+        shown = ", ".join(f"{h:g}" for h in have) or "none"
+        raise UsageError(f"--rollout-horizons: the run has held-out results at t_max = {shown} only")
+    return wanted
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    device = resolve_device(args.device)
+    store = Store(args.db, create=False)
+    try:
+        data = load(store, args.run)
+        heldout = bool(data.results) and data.champion is not None
+        horizons = _wanted_horizons(args.rollout_horizons, data) if heldout else []
+        out = args.out or Path("runs") / _safe_name(data.run["name"])
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"cannot create {out}: {e.strerror or e}") from None
+        images = {"fitness.png": "Fitness over timesteps per particle",
+                  "lineage.png": "Lineage of the best individual"}
+        plot_fitness(data, out / "fitness.png")
+        plot_lineage(data, store, out / "lineage.png")
+    finally:
+        store.close()
+    skipped = None
+    if heldout:
+        print(f"fine-tuning for rollouts.png at t_max = {', '.join(f'{h:g}' for h in horizons)} "
+              f"on {device} ...", file=sys.stderr)
+        plot_rollouts(data, out / "rollouts.png", device, horizons)
+        plot_losses(data, out / "losses.png")
+        images["rollouts.png"] = "Rollouts after fine-tuning (first held-out seed)"
+        images["losses.png"] = "Held-out loss per horizon"
+    else:
+        skipped = ("The run has no held-out (funnel) results, so rollouts.png and losses.png were not made "
+                   "(`python -m nos.evolve --funnel N` with N >= 1 makes them).")
+    (out / "summary.md").write_text(summary_markdown(data, images, args.db, skipped), encoding="utf-8")
+    files = [str(out / f) for f in [*images, "summary.md"]]
+    print(f"report written to {out}", file=sys.stderr)
+    if args.format == "json":
+        print_json({"out": str(out), "files": files})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_command(main))
