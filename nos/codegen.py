@@ -113,11 +113,11 @@ def render(
     # ---- the per-parameter update, one line per graph node
     body: list[str] = []
     if moments:
-        body.append(f"s = update_moments(state, g, t + 1, {tuple(moments)!r})")
+        body.append(f"s = update_moments(state, g, step, {tuple(moments)!r})")
     else:
         body.append("s = {}")
     if "noise" in operands:
-        body.append(f"s['noise'] = 0.01 * rng_normal(seed, t, stream({STREAM_NOISE_OPERAND}), idx).view_as(p)")
+        body.append(f"s['noise'] = 0.01 * rng_normal(seed, step - 1, stream({STREAM_NOISE_OPERAND}), idx).view_as(p)")
     for i in nodes:
         n = genome.nodes[i]
         op = OPS[n.op]
@@ -133,7 +133,7 @@ def render(
         if op.needs == "state":
             body.append(f"n{i}, state['n{i}'] = {fn}(a0, state.get('n{i}'))")
         elif op.needs == "uniform":
-            body.append(f"u = rng_uniform(seed, t, stream({STREAM_DROPOUT + i}), idx).view_as(p)")
+            body.append(f"u = rng_uniform(seed, step - 1, stream({STREAM_DROPOUT + i}), idx).view_as(p)")
             body.append(f"n{i} = {fn}(a0, u, {op.param!r})")
         elif op.needs == "norm":
             body.append(f"n{i} = {fn}(a0, torch.linalg.vector_norm(a0).expand_as(a0))")
@@ -158,8 +158,10 @@ def render(
                 f"""\
                 # global gradient-norm clip over all parameters (as torch.nn.utils.clip_grad_norm_)
                 grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-                total_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x) for x in grads]))
-                clip_coef = min(1.0, {genome.clip!r} / (float(total_norm) + 1e-6))
+                clip_coef = 1.0
+                if grads:
+                    total_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x) for x in grads]))
+                    clip_coef = min(1.0, {genome.clip!r} / (float(total_norm) + 1e-6))
                 """
             ),
             " " * 8,
@@ -170,7 +172,7 @@ def render(
         scale = "p.std(correction=0)" if nz.scale == "layer_std" else "1.0"
         noise_lines = [
             "# the noise rule: a Gaussian perturbation after the update",
-            "deltas = []",
+            "deltas = []  # (parameter, its value before the perturbation)" if if_better else "",
             "for group in self.param_groups:",
             "    seed_t = torch.tensor([group['seed']], dtype=torch.long)",
             "    offset = 0",
@@ -180,23 +182,25 @@ def render(
             "        if p.grad is None:",
             "            continue",
             "        T = group['total_steps']",
-            "        t = min(self.state[p]['step'] - 1, T - 1)",
+            "        step = self.state[p]['step']",
+            "        t = min(step - 1, T - 1)",
             f"        sigma_t = {nz.sigma!r} * ({decay_mod.to_code(nz.decay, 't / T')})",
-            f"        eps = rng_normal(seed_t.to(p.device), t, torch.tensor([{STREAM_PERTURBATION}], device=p.device), idx.to(p.device)).view_as(p)",
+            f"        eps = rng_normal(seed_t.to(p.device), step - 1, torch.tensor([{STREAM_PERTURBATION}], device=p.device), idx.to(p.device)).view_as(p)",
             f"        delta = sigma_t * {scale} * eps",
+            "        deltas.append((p, p.clone()))" if if_better else "",
             "        p.add_(delta)",
-            "        deltas.append((p, delta))",
         ]
         if if_better:
             noise_lines += [
                 "with torch.enable_grad():",
                 "    trial_loss = closure()",
                 "if not float(trial_loss) < float(loss):",
-                "    for p, delta in deltas:",
-                "        p.sub_(delta)",
+                "    for p, before in deltas:",
+                "        p.copy_(before)  # exactly the weights before the perturbation",
                 "else:",
                 "    loss = trial_loss",
             ]
+        noise_lines = [line for line in noise_lines if line]
         noise_block = textwrap.indent("\n".join(noise_lines), " " * 8) + "\n"
 
     closure_check = ""
@@ -280,9 +284,9 @@ class {class_name}(torch.optim.Optimizer):
 {rng_param}                if p.grad is None:
                     continue
                 state = self.state[p]
-                t = state.get("step", 0)
-                state["step"] = t + 1
-                t = min(t, T - 1)
+                step = state.get("step", 0) + 1  # steps taken, this one included
+                state["step"] = step
+                t = min(step - 1, T - 1)  # schedules hold their last value past total_steps
                 tau = t / T
                 lr_t = group["lr"] * {genome.sign} * lr_schedule({genome.lr.schedule!r}, t, T) * ({decay_mod.to_code(genome.lr.decay)})
                 g = p.grad{" * clip_coef" if genome.clip is not None else ""}

@@ -246,7 +246,7 @@ def plot_fitness(data: RunData, path: Path) -> None:
                  fontsize=10)
     if len(paths) <= 12:
         ax.legend(fontsize=8, loc="lower left")
-    ax.grid(alpha=0.3, which="both")
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -317,11 +317,11 @@ def plot_lineage(data: RunData, store: Store, path: Path) -> None:
         ax.text(i, span + 0.65, label, ha="center", va="bottom", fontsize=8, color="0.3")
     handles = [Patch(fc=c, alpha=0.7, label=s) for s, c in STATUS_COLORS.items()]
     handles.append(Line2D([], [], color="k", lw=2, label="lineage of the best"))
-    ax.legend(handles=handles, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=6, frameon=False)
+    ax.legend(handles=handles, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=3, frameon=False)
     title = "lineage" if not chain else (
-        f"lineage of #{chain[-1]['id']} (best; fitness = loss / tuned Adam's) with the other children "
-        "of its ancestors")
-    ax.set_title(f"run {data.run['name']!r}: {title}", fontsize=10)
+        f"lineage of the best, #{chain[-1]['id']}, and the other children of its ancestors\n"
+        "(boxes: id and fitness = loss / tuned Adam's; edges: mutation)")
+    ax.set_title(f"run {data.run['name']!r}: {title}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -525,7 +525,7 @@ def summary_markdown(data: RunData, images: dict[str, str], db_arg: str, skipped
             f"- integrity pass rate: {100 * pass_rate:.1f}% (evaluated + error over candidates that were "
             "screened, i.e. not duplicates or invalid)",
             f"- duplicate rate: {100 * dup_rate:.1f}% of all candidates",
-            f"- budget: {describe(cfg.budget_fpe)}", ""]
+            f"- {describe(cfg.budget_fpe)} per training run", ""]
     out += ["## Best individual", ""]
     best = data.champion
     if best is None:
@@ -537,8 +537,7 @@ def summary_markdown(data: RunData, images: dict[str, str], db_arg: str, skipped
                 f"- fitness: {best['fitness']:.4g} (mean loss / tuned Adam's loss over the search horizons; "
                 "lower is better)" if best["fitness"] is not None else "- fitness: -",
                 f"- lr: {best['lr']:g}" if best["lr"] is not None else "- lr: -",
-                f"- particle {best['particle']}, timestep {best['timestep']}, parent "
-                f"{'#' + str(best['parent_id']) if best['parent_id'] else '- (initial)'}",
+                f"- {_origin(data, best)}",
                 f"- expression: `{best['expression']}`", ""]
         if best.get("latex"):
             out += ["$$", best["latex"], "$$", ""]
@@ -564,6 +563,15 @@ def summary_markdown(data: RunData, images: dict[str, str], db_arg: str, skipped
         out += [f"### {caption}", "", f"![{_md_escape(caption)}]({fname})", ""]
     out += ["## Configuration", "", "```json", json.dumps(run["config"], indent=2, sort_keys=True), "```", ""]
     return "\n".join(out)
+
+
+def _origin(data: RunData, ind: dict) -> str:
+    """Where an individual came from, in words."""
+    if ind["parent_id"] is None:
+        became = [p for p, pts in particle_paths(data).items() if pts and pts[0]["id"] == ind["id"]]
+        return "initial population" + (f" (became particle {became[0]})" if became else "")
+    return (f"timestep {ind['timestep']}, particle {ind['particle']}, mutation "
+            f"{ind.get('mutation_kind') or '-'} of #{ind['parent_id']}")
 
 
 def _num(x: float | None) -> str:
@@ -634,7 +642,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"on {device} ...", file=sys.stderr)
         plot_rollouts(data, out / "rollouts.png", device, horizons)
         plot_losses(data, out / "losses.png")
-        images["rollouts.png"] = "Rollouts after fine-tuning (first held-out seed)"
+        images["rollouts.png"] = (f"Rollouts after fine-tuning (held-out seed {data.config.heldout_seeds[0]}, "
+                                  f"t_max = {', '.join(f'{h:g}' for h in horizons)})")
         images["losses.png"] = "Held-out loss per horizon"
     else:
         skipped = ("The run has no held-out (funnel) results, so rollouts.png and losses.png were not made "

@@ -51,7 +51,7 @@ NOISE_SCALES = ("absolute", "layer_std")
 NOISE_ACCEPT = ("always", "if_better")
 SIGMA_MAX = 1.0
 MAX_JSON_BYTES = 100_000
-_NODE_REF = re.compile(r"^n(\d)$")
+_NODE_REF = re.compile(r"n(\d)")
 
 
 class GenomeError(ValueError):
@@ -145,7 +145,7 @@ class Genome:
 
 
 def node_index(ref: str) -> int | None:
-    m = _NODE_REF.match(ref)
+    m = _NODE_REF.fullmatch(ref)
     return int(m.group(1)) if m else None
 
 
@@ -160,8 +160,12 @@ def _expect(cond: bool, msg: str) -> None:
 
 def _number(x: Any, where: str, lo: float, hi: float) -> float:
     _expect(isinstance(x, (int, float)) and not isinstance(x, bool), f"{where}: expected a number")
-    _expect(math.isfinite(x) and lo <= x <= hi, f"{where}: {x!r} is outside [{lo}, {hi}]")
-    return float(x)
+    try:
+        v = float(x)
+    except OverflowError:
+        raise GenomeError(f"{where}: number too large") from None
+    _expect(math.isfinite(v) and lo <= v <= hi, f"{where}: {v!r} is outside [{lo}, {hi}]")
+    return v
 
 
 def _choice(x: Any, options: tuple[str, ...], where: str) -> str:
@@ -248,6 +252,8 @@ def loads(text: str | bytes) -> Genome:
         obj = json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as e:
         raise GenomeError(f"genome: invalid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except ValueError as e:  # e.g. an integer literal beyond Python's digit limit
+        raise GenomeError(f"genome: invalid JSON ({str(e).splitlines()[0]})") from None
     except RecursionError:
         raise GenomeError("genome: JSON nested too deeply") from None
     return from_json(obj)

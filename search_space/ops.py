@@ -114,7 +114,7 @@ def op_sign(x):
 
 def op_dropout(x, u, p):
     # inverted dropout: keep with probability 1-p and rescale, as tf.nn.dropout does in NOS
-    return torch.where(u >= p, x / (1.0 - p), torch.zeros_like(x))
+    return torch.where(u >= p, torch.clamp(x / (1.0 - p), min=-1e15, max=1e15), torch.zeros_like(x))
 
 
 def op_clip_by_norm(x, norm):
@@ -130,7 +130,7 @@ def op_ema(x, prev):
 
 def op_delta(x, prev):
     # change since the previous step (x itself on the first step)
-    y = x if prev is None else x - prev
+    y = x if prev is None else torch.clamp(x - prev, min=-1e15, max=1e15)
     return y, x
 
 

@@ -32,7 +32,13 @@ def update_expr(g: Genome) -> sp.Expr:
                 k = node_index(ref)
                 x = node(k) if k is not None else OPERANDS[ref].symbol
                 args.append(x * decay_mod.to_sympy(d))
-            memo[i] = OPS[n.op].sym(*args)
+            op = OPS[n.op]
+            if op.needs == "uniform":
+                # each random node draws its own stream (keyed by node index): two dropout nodes
+                # on the same input are different random variables, not one
+                memo[i] = sp.Function(f"{n.op}_n{i}")(*args)
+            else:
+                memo[i] = op.sym(*args)
         return memo[i]
 
     return g.sign * node(g.root)

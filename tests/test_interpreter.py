@@ -158,8 +158,7 @@ def test_segment_norm_and_std_match_torch():
 # =============================================================================================
 # batched == one at a time
 
-# A mix covering every feature; stateful ops sit at distinct slots (genomes are right-aligned)
-# so that this test does not depend on the slot-state bug shown by the xfail test below.
+# A mix covering every feature (stateful ops sharing a slot: see the test further below).
 MIX = {
     "sgd": builtin("sgd"),
     "adam": builtin("adam"),
@@ -242,11 +241,6 @@ def test_mix_really_exercises_its_features():
         assert a != b, n
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="interpreter._apply: a slot's node_state is created by the first stateful group, so a "
-    "second stateful group in the same slot (running_max) gets prev=zeros instead of None at t=0",
-)
 def test_stateful_ops_sharing_a_slot_batched_equals_alone():
     ema = G([{"op": "ema", "in": ["g"]}])
     running_max = G([{"op": "running_max", "in": ["g"]}])
@@ -255,12 +249,6 @@ def test_stateful_ops_sharing_a_slot_batched_equals_alone():
     assert batched == pytest.approx(alone, rel=1e-5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=KeyError,
-    reason="interpreter._compile_structure collects operands from reachable nodes only "
-    "(Genome.operands_used) but direction() evaluates every node: a dead node reading 'v' -> KeyError",
-)
 def test_dead_nodes_with_their_own_operands():
     dead = G([{"op": "sqrt_abs", "in": ["v"]}, {"op": "mul", "in": ["g", "one"]}])
     res = train(SphereTask(), [dead], [0.1], steps=35)

@@ -8,39 +8,45 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from db.models import Individual
 from db.store import Store
+from nos.cli import run_command
+from nos.query import main as query_main
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = "tiny"
 
-# A search small enough for a test (~20 s on a 2-core CPU) that still has a lineage two
-# timesteps deep. No funnel: its held-out horizons run to t_max = 20 (see test_report.py).
+# A search small enough for a test (~40 s on a 2-core CPU, held-out funnel included: budget 60
+# forward-pass equivalents, an 8-wide MLP) that still has a lineage two timesteps deep.
 TINY_EVOLVE = [
-    "--initial", "6", "--particles", "2", "--timesteps", "2", "--mutations", "2", "--funnel", "0",
+    "--initial", "6", "--particles", "2", "--timesteps", "2", "--mutations", "2", "--funnel", "1",
     "--sine-pretrain-steps", "50", "--sine-width", "8", "--horizons", "1", "--budget", "60",
     "--device", "cpu",
 ]
 
 
 def run_module(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """``python -m module args`` from the repository root, output captured as text."""
+    """``python -m module args`` in a real subprocess from the repository root."""
     return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout)
 
 
-def evolve_once(base: Path, name: str, extra: list[str]) -> Path:
-    """Run ``nos.evolve`` into ``base/nos.sqlite`` once per test session (reused if done)."""
-    db = base / "nos.sqlite"
-    done = base / "done"
+def tiny_search(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The database of a real tiny ``nos.evolve`` run, made once per test session (test_report
+    shares it: the run directory is reused when a previous fixture made it)."""
+    base = tmp_path_factory.getbasetemp() / "tiny_search"
+    db, done = base / "nos.sqlite", base / "done"
     if not done.exists():
         base.mkdir(parents=True, exist_ok=True)
-        proc = run_module("nos.evolve", "--db", str(db), "--cache-dir", str(base / "cache"), "--name", name,
-                          *extra)
+        proc = run_module("nos.evolve", "--db", str(db), "--cache-dir", str(base / "cache"), "--name", RUN,
+                          *TINY_EVOLVE)
         assert proc.returncode == 0, proc.stderr[-3000:]
         done.write_text("ok")
     return db
@@ -48,34 +54,63 @@ def evolve_once(base: Path, name: str, extra: list[str]) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real database from a real tiny search (run once per session)."""
-    return evolve_once(tmp_path_factory.getbasetemp() / "tiny_search", RUN, TINY_EVOLVE)
+    return tiny_search(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
-def store(tiny_db: Path) -> Store:
+def store(tiny_db: Path) -> Iterator[Store]:
     s = Store(tiny_db, create=False)
     yield s
     s.close()
 
 
-def query(db: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return run_module("nos.query", *args, "--db", str(db), timeout=120)
+@pytest.fixture(scope="session")
+def ids(store: Store) -> dict[str, int]:
+    """Individuals worth querying: the best, the deepest, one that was not evaluated."""
+    run = store.get_run(RUN)
+    rows = store.individuals(run["id"])
+    rejected = [r for r in rows if r["status"] != "evaluated"]
+    return {
+        "run": run["id"],
+        "best": store.top(run["id"], 1)[0]["id"],
+        "deepest": max(rows, key=lambda r: (r["timestep"], r["id"]))["id"],
+        "rejected": rejected[0]["id"] if rejected else store.top(run["id"], 1)[0]["id"],
+    }
 
 
-def ok(db: Path, *args: str) -> str:
-    proc = query(db, *args)
-    assert proc.returncode == 0, proc.stderr
-    assert "Traceback" not in proc.stderr
-    return proc.stdout
+def in_process(capsys: pytest.CaptureFixture[str], *args: str,
+               main: Callable[[Sequence[str] | None], int] = query_main) -> tuple[int, str, str]:
+    """A command's entry point (``run_command(main, argv)``) in this process: (status, stdout, stderr)."""
+    capsys.readouterr()
+    try:
+        code = run_command(main, list(args))
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
-def as_json(db: Path, *args: str) -> object:
-    return json.loads(ok(db, *args, "--format", "json"))
+class Query:
+    """Runs `nos.query ... --db DB` in process (fast: every format of every subcommand)."""
+
+    def __init__(self, db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        self.db, self.capsys = db, capsys
+
+    def text(self, *args: str, fmt: str = "table") -> str:
+        code, out, err = in_process(self.capsys, *args, "--db", str(self.db), "--format", fmt)
+        assert code == 0, err
+        return out
+
+    def json(self, *args: str) -> Any:
+        return json.loads(self.text(*args, fmt="json"))
+
+    def csv(self, *args: str) -> list[dict[str, str]]:
+        return list(csv.DictReader(io.StringIO(self.text(*args, fmt="csv"))))
 
 
-def as_csv(db: Path, *args: str) -> list[dict[str, str]]:
-    return list(csv.DictReader(io.StringIO(ok(db, *args, "--format", "csv"))))
+@pytest.fixture
+def q(tiny_db: Path, capsys: pytest.CaptureFixture[str]) -> Query:
+    return Query(tiny_db, capsys)
 
 
 def num(text: str) -> float | None:
@@ -85,121 +120,102 @@ def num(text: str) -> float | None:
 # ---------------------------------------------------------------------- the subcommands
 
 
-def test_help() -> None:
-    for args in ([], ["runs"], ["top"], ["show"], ["lineage"], ["stats"]):
-        proc = run_module("nos.query", *args, "--help")
-        assert proc.returncode == 0, proc.stderr
-        assert "usage:" in proc.stdout
-
-
-def test_runs(tiny_db: Path, store: Store) -> None:
+def test_runs(q: Query, store: Store) -> None:
     run = store.get_run(RUN)
     rows = store.individuals(run["id"])
     evaluated = [r["fitness"] for r in rows if r["status"] == "evaluated"]
-    (doc,) = as_json(tiny_db, "runs")
+    (doc,) = q.json("runs")
     assert (doc["id"], doc["name"], doc["status"]) == (run["id"], RUN, "finished")
     assert doc["candidates"] == len(rows) and doc["evaluated"] == len(evaluated)
     assert doc["best_fitness"] == pytest.approx(min(evaluated))
-    assert doc["started_at"] and doc["finished_at"]
-    (row,) = as_csv(tiny_db, "runs")
+    assert doc["started_at"] and doc["finished_at"] and doc["config"]["funnel"] == 1
+    (row,) = q.csv("runs")
     assert row["name"] == RUN and int(row["candidates"]) == len(rows)
     assert num(row["best_fitness"]) == pytest.approx(min(evaluated))
-    table = ok(tiny_db, "runs")
-    assert RUN in table and "best_fitness" in table
+    table = q.text("runs")
+    assert RUN in table and "best_fitness" in table and "finished" in table
 
 
-def test_top(tiny_db: Path, store: Store) -> None:
-    run = store.get_run(RUN)
-    want = store.top(run["id"], 3)
+def test_top(q: Query, store: Store, ids: dict[str, int]) -> None:
+    want = store.top(ids["run"], 3)
     assert len(want) == 3
-    for ref in (RUN, str(run["id"])):
-        doc = as_json(tiny_db, "top", ref, "-n", "3")
+    for ref in (RUN, str(ids["run"])):
+        doc = q.json("top", ref, "-n", "3")
         assert [d["id"] for d in doc] == [w["id"] for w in want]
         assert [d["fitness"] for d in doc] == [w["fitness"] for w in want]
+        assert [d["lr"] for d in doc] == [w["lr"] for w in want]
         assert [d["expression"] for d in doc] == [w["expression"] for w in want]
-    rows = as_csv(tiny_db, "top", RUN, "-n", "3")
+    rows = q.csv("top", RUN, "-n", "3")
     assert list(rows[0]) == ["id", "fitness", "lr", "particle", "timestep", "expression"]
     assert [int(r["id"]) for r in rows] == [w["id"] for w in want]
     assert [num(r["fitness"]) for r in rows] == [pytest.approx(w["fitness"]) for w in want]
     assert [num(r["lr"]) for r in rows] == [pytest.approx(w["lr"]) for w in want]
-    table = ok(tiny_db, "top", RUN, "-n", "3")
-    assert all(str(w["id"]) in table for w in want)
-    # the default n is 10 (or every evaluated individual, if fewer)
-    assert len(as_json(tiny_db, "top", RUN)) == len(store.top(run["id"], 10))
+    table = q.text("top", RUN, "-n", "3")
+    assert all(f"\n{w['id']} " in table for w in want)
+    assert len(q.json("top", RUN)) == len(store.top(ids["run"], 10))  # default n = 10
 
 
-def test_show(tiny_db: Path, store: Store) -> None:
-    run = store.get_run(RUN)
-    best = store.top(run["id"], 1)[0]
-    want = store.get_individual(best["id"])
-    doc = as_json(tiny_db, "show", str(best["id"]))
-    for key in ("id", "run_id", "run_name", "parent_id", "status", "fitness", "lr", "genome", "expression",
-                "latex", "genome_hash", "slot"):
+def test_show(q: Query, store: Store, ids: dict[str, int]) -> None:
+    want = store.get_individual(ids["best"])
+    doc = q.json("show", str(ids["best"]))
+    for key in ("id", "run_id", "run_name", "parent_id", "slot", "status", "fitness", "lr", "genome",
+                "expression", "latex", "genome_hash"):
         assert doc[key] == want[key], key
     assert len(doc["evaluations"]) == len(want["evaluations"]) > 0
-    assert [e["loss"] for e in doc["evaluations"]] == [e["loss"] for e in want["evaluations"]]
-    rows = as_csv(tiny_db, "show", str(best["id"]))
+    assert [(e["task"], e["horizon"], e["lr"], e["seed"], e["loss"]) for e in doc["evaluations"]] == [
+        (e["task"], e["horizon"], e["lr"], e["seed"], e["loss"]) for e in want["evaluations"]]
+    rows = q.csv("show", str(ids["best"]))
     assert [int(r["id"]) for r in rows] == [e["id"] for e in want["evaluations"]]
-    assert {r["task"] for r in rows} == {"sine"}
-    assert all(int(r["individual_id"]) == best["id"] for r in rows)
-    assert [num(r["horizon"]) for r in rows] == [e["horizon"] for e in want["evaluations"]]
-    table = ok(tiny_db, "show", str(best["id"]))
-    assert want["expression"] in table and "genome:" in table and "evaluations (" in table
+    assert all(int(r["individual_id"]) == ids["best"] for r in rows)
+    assert [(r["task"], num(r["horizon"]), num(r["loss"])) for r in rows] == [
+        (e["task"], e["horizon"], pytest.approx(e["loss"])) for e in want["evaluations"]]
+    table = q.text("show", str(ids["best"]))
+    assert want["expression"] in table and want["latex"] in table
     assert json.dumps(want["genome"], indent=2, sort_keys=True) in table
-    # a rejected candidate has no evaluations, and says why
-    rejected = next((r for r in store.individuals(run["id"]) if r["status"] != "evaluated"), None)
-    if rejected is not None:
-        doc = as_json(tiny_db, "show", str(rejected["id"]))
-        assert doc["status"] == rejected["status"] and doc["evaluations"] == []
+    assert f"evaluations ({len(want['evaluations'])})" in table
+    rejected = store.get_individual(ids["rejected"])
+    doc = q.json("show", str(ids["rejected"]))
+    assert doc["status"] == rejected["status"] and len(doc["evaluations"]) == len(rejected["evaluations"])
 
 
-def test_lineage(tiny_db: Path, store: Store) -> None:
-    run = store.get_run(RUN)
-    deepest = max(store.individuals(run["id"]), key=lambda r: (r["timestep"], r["id"]))
-    assert deepest["timestep"] == 2
-    want = store.lineage(deepest["id"])
-    doc = as_json(tiny_db, "lineage", str(deepest["id"]))
+def test_lineage(q: Query, store: Store, ids: dict[str, int]) -> None:
+    want = store.lineage(ids["deepest"])
+    doc = q.json("lineage", str(ids["deepest"]))
     assert [d["id"] for d in doc] == [w["id"] for w in want]
-    assert len(doc) == 3  # timestep 2 -> 1 -> initial
-    assert doc[-1]["parent_id"] is None and doc[-1]["timestep"] == 0
+    assert [d["timestep"] for d in doc] == [2, 1, 0]  # back to the initial genome
+    assert doc[-1]["parent_id"] is None
     for child, parent in zip(doc, doc[1:]):
         assert child["parent_id"] == parent["id"]
-        assert child["timestep"] == parent["timestep"] + 1
         if child["fitness"] is not None and parent["fitness"] is not None:
             assert child["delta"] == pytest.approx(child["fitness"] - parent["fitness"])
+            assert child["ratio"] == pytest.approx(child["fitness"] / parent["fitness"])
     assert doc[-1]["delta"] is None
-    rows = as_csv(tiny_db, "lineage", str(deepest["id"]))
+    rows = q.csv("lineage", str(ids["deepest"]))
     assert [int(r["id"]) for r in rows] == [w["id"] for w in want]
     assert {"id", "timestep", "particle", "mutation_kind", "fitness", "delta", "expression"} <= set(rows[0])
-    assert rows[0]["mutation_kind"] == (want[0]["mutation_kind"] or "")
-    table = ok(tiny_db, "lineage", str(deepest["id"]))
+    assert [r["mutation_kind"] for r in rows] == [w["mutation_kind"] or "" for w in want]
+    table = q.text("lineage", str(ids["deepest"]))
     assert f"back to initial genome #{want[-1]['id']}" in table
 
 
-def test_stats(tiny_db: Path, store: Store) -> None:
-    run = store.get_run(RUN)
-    want = store.timestep_stats(run["id"])
+def test_stats(q: Query, store: Store, ids: dict[str, int]) -> None:
+    want = store.timestep_stats(ids["run"])
     assert [w["timestep"] for w in want] == [0, 1, 2]
-    doc = as_json(tiny_db, "stats", RUN)
     keys = ("timestep", "candidates", "passed", "duplicates", "invalid", "errors", "best_fitness",
             "median_fitness")
+    doc = q.json("stats", RUN)
     assert [{k: d[k] for k in keys} for d in doc] == [{k: w[k] for k in keys} for w in want]
     for d in doc:
         assert d["pass_rate"] == pytest.approx(d["passed"] / d["candidates"])
-    rows = as_csv(tiny_db, "stats", RUN)
+    rows = q.csv("stats", RUN)
     assert [int(r["candidates"]) for r in rows] == [w["candidates"] for w in want]
     assert [int(r["passed"]) for r in rows] == [w["passed"] for w in want]
     assert [num(r["best_fitness"]) for r in rows] == [pytest.approx(w["best_fitness"]) for w in want]
-    # the counts agree with the individuals themselves
-    inds = store.individuals(run["id"])
+    inds = store.individuals(ids["run"])  # the stats agree with the individuals themselves
     for w in want:
         at = [r for r in inds if r["timestep"] == w["timestep"]]
-        assert w["candidates"] == len(at)
-        assert w["passed"] == sum(r["status"] == "evaluated" for r in at)
-    assert "pass_rate" in ok(tiny_db, "stats", RUN)
-
-
-# ---------------------------------------------------------------------- errors
+        assert w["candidates"] == len(at) and w["passed"] == sum(r["status"] == "evaluated" for r in at)
+    assert "pass_rate" in q.text("stats", RUN)
 
 
 @pytest.mark.parametrize(
@@ -210,53 +226,88 @@ def test_stats(tiny_db: Path, store: Store) -> None:
         ["top", "no-such-run"],
         ["stats", "424242"],
         ["show", "abc"],
+        ["lineage", "-3"],
         ["top", RUN, "-n", "0"],
         ["runs", "--format", "xml"],
+        ["runs", "--bogus"],
         ["frobnicate"],
         [],
     ],
 )
-def test_user_errors_are_one_line(tiny_db: Path, args: list[str]) -> None:
-    proc = query(tiny_db, *args)
-    assert proc.returncode == 2
-    assert "Traceback" not in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert proc.stdout == ""
+def test_user_errors_are_one_line(tiny_db: Path, capsys: pytest.CaptureFixture[str], args: list[str]) -> None:
+    code, out, err = in_process(capsys, *args, "--db", str(tiny_db))
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1, err
 
 
-def test_missing_or_foreign_database(tmp_path: Path) -> None:
+def test_help(capsys: pytest.CaptureFixture[str]) -> None:
+    for args in (["runs"], ["top"], ["show"], ["lineage"], ["stats"]):
+        code, out, _ = in_process(capsys, *args, "--help")
+        assert code == 0 and "usage: python -m nos.query " + args[0] in out
+
+
+# ---------------------------------------------------------------------- real commands
+
+
+def test_real_commands(tiny_db: Path, ids: dict[str, int], capsys: pytest.CaptureFixture[str]) -> None:
+    """`python -m nos.query` in subprocesses prints exactly what the entry point prints, and
+    reports user errors in one line with exit status 2 and no traceback."""
+    db = ["--db", str(tiny_db)]
+    good = [  # one per format (each subprocess imports torch: ~4 s of CPU)
+        ["runs", "--format", "json"],
+        ["top", RUN, "-n", "3", "--format", "csv"],
+        ["lineage", str(ids["deepest"])],
+    ]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        help_ = pool.submit(run_module, "nos.query", "--help")
+        bad = pool.submit(run_module, "nos.query", "show", "999999", *db)
+        procs = list(pool.map(lambda a: run_module("nos.query", *a, *db), good))
+    assert help_.result().returncode == 0 and "lineage" in help_.result().stdout
+    for args, proc in zip(good, procs):
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout == in_process(capsys, *args, *db)[1], args
+    assert json.loads(procs[0].stdout)[0]["name"] == RUN
+    assert list(csv.DictReader(io.StringIO(procs[1].stdout)))[0]["id"] == str(store_top_id(tiny_db))
+    bad_proc = bad.result()
+    assert bad_proc.returncode == 2 and bad_proc.stdout == ""
+    assert "Traceback" not in bad_proc.stderr and len(bad_proc.stderr.strip().splitlines()) == 1
+    assert "999999" in bad_proc.stderr
+
+
+def store_top_id(db: Path) -> int:
+    with Store(db, create=False) as s:
+        return s.top(s.get_run(RUN)["id"], 1)[0]["id"]
+
+
+def test_missing_or_foreign_database(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     missing = tmp_path / "nope" / "nos.sqlite"
-    proc = query(missing, "runs")
+    proc = run_module("nos.query", "runs", "--db", str(missing))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "does not exist" in proc.stderr
-    assert not missing.exists() and not missing.parent.exists()  # nothing created
+    assert not missing.parent.exists()  # nothing created
     foreign = tmp_path / "notes.txt"
     foreign.write_text("not a database\n")
-    proc = query(foreign, "runs")
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1
+    code, out, err = in_process(capsys, "runs", "--db", str(foreign))
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
     assert foreign.read_text() == "not a database\n"
-
-
-# ---------------------------------------------------------------------- a database in use
 
 
 class Abort(Exception):
     """Leaves a store.session() block by rolling it back."""
 
 
-def test_reads_while_another_process_writes(tiny_db: Path, store: Store) -> None:
-    """A writer holds the write lock with uncommitted rows: queries still answer at once (WAL)
-    and see only committed data."""
-    run = store.get_run(RUN)
-    before = as_json(tiny_db, "runs")[0]["candidates"]
+def test_reads_while_another_process_writes(tiny_db: Path, store: Store, ids: dict[str, int]) -> None:
+    """This process holds the write lock with uncommitted rows (as nos.evolve does while it
+    writes a chunk): a query in another process still answers at once and sees committed data."""
+    before = len(store.individuals(ids["run"]))
     with pytest.raises(Abort), store.session() as session:
         session.connection(execution_options={"nos_write": True})  # BEGIN IMMEDIATE: the write lock
-        session.add(Individual(run_id=run["id"], slot="test:uncommitted", genome={}, status="invalid"))
+        session.add(Individual(run_id=ids["run"], slot="test:uncommitted", genome={}, status="invalid"))
         session.flush()
         start = time.perf_counter()
-        assert as_json(tiny_db, "runs")[0]["candidates"] == before
-        assert len(as_json(tiny_db, "stats", RUN)) == 3
-        assert time.perf_counter() - start < 30  # no waiting for the lock (busy_timeout is 10 s)
+        proc = run_module("nos.query", "runs", "--format", "json", "--db", str(tiny_db), timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)[0]["candidates"] == before
+        assert time.perf_counter() - start < 30  # no waiting on the lock
         raise Abort  # roll the writer back
-    assert as_json(tiny_db, "runs")[0]["candidates"] == before
+    assert len(store.individuals(ids["run"])) == before

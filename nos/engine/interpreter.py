@@ -133,7 +133,9 @@ class BatchedOptimizer:
         """Group candidates by op and by input source at every slot (cheap, pure Python)."""
         C, gs = self.C, self.genomes
         first = [_slot_of(g, 0) for g in gs]
-        self.operands = sorted(set().union(*(g.operands_used() for g in gs)))
+        # every node is evaluated (dead ones too: slots are computed for all rows), so every
+        # node's operands are needed
+        self.operands = sorted({r for g in gs for n in g.nodes for r in n.inputs if r in OPERANDS})
         self.moments = set().union(*(OPERANDS[o].needs for o in self.operands)) - {"noise"}
         self.slots: list[tuple | None] = []
         for s in range(MAX_NODES):
@@ -210,7 +212,7 @@ class BatchedOptimizer:
     def _apply(self, op, rows, full: bool, xs: list[torch.Tensor], s: int, node_idx) -> torch.Tensor:
         sub = xs if full else [x.index_select(0, rows) for x in xs]
         if op.needs == "state":
-            prev = self.node_state.get(s)
+            prev = None if self.t == 0 else self.node_state.get(s)
             if prev is not None and not full:
                 prev = prev.index_select(0, rows)
             y, new = op.fn(sub[0], prev)
