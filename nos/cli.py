@@ -9,9 +9,10 @@ import json
 import math
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_DB = "runs/nos.sqlite"
 
@@ -56,6 +57,8 @@ def add_device(p: argparse.ArgumentParser) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
+    import torch  # here, not at the top: `nos.query` and friends start faster without it
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():

@@ -63,6 +63,8 @@ def _parser() -> ArgumentParser:
     p.add_argument("--horizons", help=f"search horizons t_max, comma-separated ({','.join(f'{h:g}' for h in d.horizons)})")
     p.add_argument("--budget", type=positive_int, help=f"forward-pass equivalents per training run ({d.budget_fpe})")
     p.add_argument("--funnel", type=nonneg_int, help=f"best candidates re-evaluated on held-out seeds ({d.funnel}); 0 skips")
+    p.add_argument("--heldout-horizons", help="funnel horizons, comma-separated (1,2,5,10,20)")
+    p.add_argument("--heldout-seeds", help="funnel pretraining/target seeds, comma-separated (1001,1002,1003)")
     p.add_argument("--sine-pretrain-steps", type=positive_int, help="pretraining steps of the sine MLP (3000)")
     p.add_argument("--sine-width", type=positive_int, help="hidden width of the sine MLP (64)")
     p.add_argument("--cache-dir", default="runs/cache", help="pretrained-weight cache (runs/cache)")
@@ -89,6 +91,16 @@ def _config(args) -> SearchConfig:
             raise UsageError(f"--horizons: expected comma-separated numbers, got {args.horizons!r}") from None
         if not cfg.horizons or any(h <= 0 for h in cfg.horizons):
             raise UsageError("--horizons: need positive values")
+    for arg, attr, conv in (("heldout_horizons", "heldout_horizons", float), ("heldout_seeds", "heldout_seeds", int)):
+        text = getattr(args, arg)
+        if text:
+            try:
+                values = tuple(conv(x) for x in text.split(",") if x)
+            except ValueError:
+                raise UsageError(f"--{arg.replace('_', '-')}: expected comma-separated numbers, got {text!r}") from None
+            if not values or any(v <= 0 for v in values if conv is float):
+                raise UsageError(f"--{arg.replace('_', '-')}: need at least one (positive) value")
+            setattr(cfg, attr, values)
     if args.sine_pretrain_steps:
         cfg.sine["pretrain_steps"] = args.sine_pretrain_steps
     if args.sine_width:

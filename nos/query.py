@@ -6,8 +6,8 @@
     python -m nos.query lineage ID              # the chain from ID back to its initial genome
     python -m nos.query stats RUN               # per-timestep counts, pass rate, best/median fitness
 
-Every subcommand takes --db and --format table|json|csv. Only reads: safe to run while
-`python -m nos.evolve` is writing the same database.
+Every subcommand takes --db and --format table|json|csv (before or after it). It only reads,
+so it is safe to run while `python -m nos.evolve` is writing the same database.
 """
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ def _add_common(p: argparse.ArgumentParser, default: str | None) -> None:
 
 
 def _parser() -> ArgumentParser:
-    p = ArgumentParser(prog="python -m nos.query", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m nos.query", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_common(p, None)
     # The same options after the subcommand; SUPPRESS keeps the values given before it.
     common = ArgumentParser(add_help=False)

@@ -12,6 +12,7 @@ summary.md links them all. Reading only; the rollouts retrain on the run's own t
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import re
@@ -103,7 +104,10 @@ def load(store: Store, name_or_id: str) -> RunData:
     data.results = heldout_results(store, run["id"], cfg)
     best: dict | None = None
     if data.results:
-        name = _best_heldout(data.results) if "adam" in data.results else None
+        try:  # the funnel's own choice: best mean ratio to tuned Adam over the held-out horizons
+            name = _best_heldout(data.results)
+        except (KeyError, ZeroDivisionError):  # no Adam row at some horizon: fall back to fitness
+            name = None
         if name is not None:
             best = data.by_id.get(int(name[1:]))
     if best is None:
@@ -228,11 +232,10 @@ def plot_fitness(data: RunData, path: Path) -> None:
     shown = [v for v in values if v <= cap] + [1.0]
     if min(shown) > 0 and max(shown) / min(shown) > 20:
         ax.set_yscale("log")
-    if math.isfinite(cap):
+    if n_out:  # leave room for the ^ markers on the cap; otherwise matplotlib's autoscale
+        log = ax.get_yscale() == "log"
         low = min(shown)
-        ax.set_ylim(low / 1.5 if ax.get_yscale() == "log" else low - 0.05 * (cap - low),
-                    cap * 1.5 if ax.get_yscale() == "log" else cap * 1.05)
-    if n_out:
+        ax.set_ylim(low / 1.5 if log else low - 0.05 * (cap - low), cap * 1.5 if log else cap * 1.05)
         ax.text(0.99, 0.99, f"^ {n_out} candidate(s) above {cap:.3g}, drawn at the top", transform=ax.transAxes,
                 ha="right", va="top", fontsize=7, color="0.3")
     if not values:
@@ -245,7 +248,7 @@ def plot_fitness(data: RunData, path: Path) -> None:
     ax.set_title(f"run {data.run['name']!r}: particle positions (lines) and evaluated children (dots)",
                  fontsize=10)
     if len(paths) <= 12:
-        ax.legend(fontsize=8, loc="lower left")
+        ax.legend(fontsize=8, loc="best")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -590,7 +593,8 @@ def _safe_name(name: str) -> str:
 
 
 def _parser() -> ArgumentParser:
-    p = ArgumentParser(prog="python -m nos.report", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m nos.report", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", metavar="RUN", help="run name or id")
     p.add_argument("--db", default=DEFAULT_DB, help=f"database path or SQLAlchemy URL ({DEFAULT_DB})")
     p.add_argument("--out", type=Path, help="output folder (default: runs/<RUN>)")
