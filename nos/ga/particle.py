@@ -117,6 +117,7 @@ class ParticleSearch:
         self.progress = progress or Progress()
         self.evaluator = SineEvaluator(config.setup(), self.device)
         self.rows: dict[str, dict] = {r["slot"]: r for r in store.individuals(run_id)}
+        self.by_id: dict[int, dict] = {r["id"]: r for r in self.rows.values()}
         self.by_hash: dict[str, int] = {}
         for r in sorted(self.rows.values(), key=lambda r: r["id"]):
             if r["status"] in JUDGED and r["genome_hash"]:
@@ -181,7 +182,12 @@ class ParticleSearch:
                 rows.append(row)
                 continue
             row["mutation_kind"] = kind
-            row.update(self._symbolic_columns(genome))
+            try:
+                row.update(self._symbolic_columns(genome))
+            except Exception as e:  # noqa: BLE001 -- a genome sympy cannot handle is recorded, not fatal
+                row.update(genome=genome.to_json(), status="error", error=f"symbolic form: {type(e).__name__}: {e}"[:500])
+                rows.append(row)
+                continue
             h = row["genome_hash"]
             if h in self.by_hash:
                 row.update(status="duplicate", duplicate_of=self.by_hash[h])
@@ -213,14 +219,11 @@ class ParticleSearch:
             self._remember(row)
 
     def rows_by_id(self, ind_id: int | None) -> dict | None:
-        if ind_id is None:
-            return None
-        return next((r for r in self.rows.values() if r.get("id") == ind_id), None)
+        return self.by_id.get(ind_id) if ind_id is not None else None
 
     def _remember(self, row: dict) -> None:
-        if isinstance(row.get("genome"), str):
-            raise TypeError("genome must be stored as parsed JSON")
         self.rows[row["slot"]] = row
+        self.by_id[row["id"]] = row
         if row["status"] in JUDGED and row.get("genome_hash"):
             self.by_hash.setdefault(row["genome_hash"], row["id"])
             if row.get("unflipped_hash"):
