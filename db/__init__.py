@@ -6,12 +6,13 @@ A leaf package: it never imports ``nos`` or ``search_space``.
 from __future__ import annotations
 
 from db.models import INDIVIDUAL_STATUSES, RUN_STATUSES, SCHEMA_VERSION
-from db.store import Store, StoreError, resolve_url
+from db.store import SlotTakenError, Store, StoreError, resolve_url
 
 __all__ = [
     "INDIVIDUAL_STATUSES",
     "RUN_STATUSES",
     "SCHEMA_VERSION",
+    "SlotTakenError",
     "Store",
     "StoreError",
     "resolve_url",

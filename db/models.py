@@ -262,3 +262,23 @@ class TimestepStat(Base):
     best_fitness: Mapped[float | None]
     median_fitness: Mapped[float | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Claim(Base):
+    """Which process is judging which chunk of a run, so cooperating processes split the work.
+
+    Several coordinators may share one run (PostgreSQL). Before judging a chunk a process
+    inserts ``(run_id, key)``; the unique constraint makes exactly one of them the owner.
+    The owner refreshes ``heartbeat`` while it works; a claim whose heartbeat stops moving
+    belongs to a dead process and may be taken over.
+    """
+
+    __tablename__ = "claims"
+    __table_args__ = (UniqueConstraint("run_id", "key", name="uq_claims_run_key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    key: Mapped[str] = mapped_column(String(128))
+    owner: Mapped[str] = mapped_column(String(200))
+    heartbeat: Mapped[int] = mapped_column(default=0)
+    claimed_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -28,7 +28,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
@@ -39,6 +39,7 @@ from db.models import (
     SCHEMA_VERSION,
     Base,
     Baseline,
+    Claim,
     Evaluation,
     Individual,
     Meta,
@@ -60,6 +61,14 @@ BULK = {"render_nulls": True}
 
 class StoreError(Exception):
     """A database problem, described in one line a user can act on."""
+
+
+class SlotTakenError(StoreError):
+    """``add_individuals`` found a slot of the batch already stored (nothing was written).
+
+    With several processes on one run this is not a fault: slots are deterministic, so the
+    other process stored the same candidate first and the caller can read it back.
+    """
 
 
 def resolve_url(db: str | os.PathLike[str]) -> str:
@@ -212,6 +221,12 @@ class Store:
                 f"{SCHEMA_VERSION!r}; refusing to modify it"
             )
         missing = sorted(set(Base.metadata.tables) - tables)
+        if missing == ["claims"]:
+            # Databases written before cooperating processes existed lack only this table;
+            # it is new and empty, so adding it changes nothing already stored.
+            if create:
+                Base.metadata.tables["claims"].create(self._engine, checkfirst=True)
+            missing = []
         if missing:
             raise StoreError(
                 f"{self._label} is a nos database without tables {', '.join(missing)}; "
@@ -400,7 +415,16 @@ class Store:
                 session.execute(insert(Evaluation), evaluations, execution_options=BULK)
             return ids
 
-        return self._transaction("add_individuals", write, write=True)
+        try:
+            return self._transaction("add_individuals", write, write=True)
+        except StoreError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, IntegrityError) and _is_slot_conflict(cause):
+                raise SlotTakenError(
+                    f"{self._label}: add_individuals: a slot of this batch is already stored "
+                    f"({_one_line(cause)})"
+                ) from cause
+            raise
 
     def add_evaluations(self, by_individual: dict[int, list[dict]]) -> int:
         """Attach more evaluations to stored individuals, all-or-nothing; returns the count."""
@@ -427,6 +451,17 @@ class Store:
         """The individual made in ``slot`` (how a resumed run knows what is done)."""
         stmt = select(Individual).where(Individual.run_id == run_id, Individual.slot == slot)
         return self._transaction("individual_by_slot", lambda s: _row_or_none(s.scalar(stmt)))
+
+    def individuals_by_slots(self, run_id: int, slots: list[str]) -> list[dict]:
+        """The individuals stored in any of ``slots`` (by id): what another process judged."""
+        if not slots:
+            return []
+        stmt = (
+            select(Individual)
+            .where(Individual.run_id == run_id, Individual.slot.in_(slots))
+            .order_by(Individual.id)
+        )
+        return self._transaction("individuals_by_slots", lambda s: [_row(i) for i in s.scalars(stmt)])
 
     def get_individual(self, ind_id: int) -> dict | None:
         """One individual with its ``evaluations`` and its ``run_name``."""
@@ -538,11 +573,67 @@ class Store:
 
         def write(session: Session) -> None:
             if session.scalar(select(TimestepStat.id).where(*where)) is None:
-                session.execute(insert(TimestepStat), [values])
-            else:
-                session.execute(update(TimestepStat).where(*where).values(values))
+                try:  # another process may insert the same timestep meanwhile: then update
+                    with session.begin_nested():
+                        session.execute(insert(TimestepStat), [values])
+                    return
+                except IntegrityError:
+                    pass
+            session.execute(update(TimestepStat).where(*where).values(values))
 
         self._transaction("put_timestep_stats", write, write=True)
+
+    # ------------------------------------------------------------------ claims
+
+    def claim(self, run_id: int, key: str, owner: str) -> bool:
+        """Try to become the process that judges ``key`` of the run; True if ``owner`` holds it.
+
+        Exactly one of several concurrent callers wins (unique ``(run_id, key)``); a
+        process asking again for its own claim gets True.
+        """
+
+        def write(session: Session) -> bool:
+            try:
+                with session.begin_nested():
+                    session.execute(insert(Claim), [{"run_id": run_id, "key": key, "owner": owner,
+                                                     "heartbeat": 0, "claimed_at": utcnow()}])
+                return True
+            except IntegrityError:
+                holder = session.scalar(
+                    select(Claim.owner).where(Claim.run_id == run_id, Claim.key == key)
+                )
+                return holder == owner
+
+        return self._transaction("claim", write, write=True)
+
+    def claim_state(self, run_id: int, key: str) -> tuple[str, int] | None:
+        """``(owner, heartbeat)`` of a claim, or None when nobody claimed ``key``."""
+        stmt = select(Claim.owner, Claim.heartbeat).where(Claim.run_id == run_id, Claim.key == key)
+
+        def read(session: Session) -> tuple[str, int] | None:
+            row = session.execute(stmt).first()
+            return None if row is None else (row[0], row[1])
+
+        return self._transaction("claim_state", read)
+
+    def take_over(self, run_id: int, key: str, owner: str, seen: tuple[str, int]) -> bool:
+        """Take a stale claim: succeeds only if it is still exactly as ``seen`` (owner, heartbeat)."""
+        stmt = (
+            update(Claim)
+            .where(Claim.run_id == run_id, Claim.key == key, Claim.owner == seen[0],
+                   Claim.heartbeat == seen[1])
+            .values(owner=owner, heartbeat=0, claimed_at=utcnow())
+        )
+        return self._transaction("take_over", lambda s: s.execute(stmt).rowcount == 1, write=True)
+
+    def heartbeat(self, run_id: int, owner: str) -> None:
+        """Show that ``owner`` is alive: bump the heartbeat of all its claims in the run."""
+        stmt = (
+            update(Claim)
+            .where(Claim.run_id == run_id, Claim.owner == owner)
+            .values(heartbeat=Claim.heartbeat + 1)
+        )
+        self._transaction("heartbeat", lambda s: s.execute(stmt) and None, write=True)
 
     def timestep_stats(self, run_id: int) -> list[dict]:
         """A run's per-timestep stats, by timestep."""
@@ -569,6 +660,12 @@ def _parse_url(url: str) -> URL:
         return make_url(url)
     except ArgumentError as exc:
         raise StoreError(f"bad database URL {url!r}: {_one_line(exc)}") from exc
+
+
+def _is_slot_conflict(exc: IntegrityError) -> bool:
+    """Is this the unique (run_id, slot) of individuals (SQLite or PostgreSQL wording)?"""
+    message = str(exc.orig)
+    return "uq_individuals_run_slot" in message or "individuals.run_id, individuals.slot" in message
 
 
 def _one_line(exc: BaseException) -> str:

@@ -3,6 +3,8 @@
     python -m nos.evolve                       # a small search: a few minutes on a 2-core CPU
     python -m nos.evolve --preset paper        # NOS's scale: 500 initial, 50 particles, 5 x 7
     python -m nos.evolve --resume NAME         # continue a run that was stopped or killed
+    python -m nos.evolve --workers 4           # evaluate on a local Dask cluster of 4 processes
+    python -m nos.evolve --scheduler tcp://HOST:8786 --db postgresql+psycopg://...   # many machines
 
 Every candidate goes into the database (default runs/nos.sqlite) with its parent, so the
 lineage of any optimizer can be queried (`python -m nos.query`) and exported (`python -m nos.export`).
@@ -10,7 +12,7 @@ lineage of any optimizer can be queried (`python -m nos.query`) and exported (`p
 
 from __future__ import annotations
 
-import statistics
+import argparse
 import sys
 import time
 from collections.abc import Sequence
@@ -32,8 +34,8 @@ from .cli import (
     resolve_device,
     run_command,
 )
-from .engine.evaluate import MethodResult, wins
-from .ga.particle import ParticleSearch, Progress, SearchConfig
+from .engine.evaluate import MethodResult, geometric_mean_ratio, wins
+from .ga.particle import Cooperation, ParticleSearch, Progress, SearchConfig
 from .report_table import comparison_json, comparison_table
 from .tasks.budget import describe
 
@@ -71,6 +73,23 @@ def _parser() -> ArgumentParser:
     p.add_argument("--db", default=DEFAULT_DB, help=f"database path or SQLAlchemy URL ({DEFAULT_DB})")
     p.add_argument("--name", help="run name (default: run-<date>-<time>)")
     p.add_argument("--resume", metavar="NAME", help="continue the named run from the database")
+    p.add_argument("--chunk", type=positive_int, help=f"initial candidates judged and stored together ({d.chunk})")
+    p.add_argument("--timestep-chunk", type=nonneg_int,
+                   help="children of a timestep judged together (0 = all of an attempt, the default)")
+    g = p.add_argument_group("scale out (Dask; several processes on one PostgreSQL run)")
+    g.add_argument("--scheduler", metavar="tcp://HOST:PORT", help="evaluate candidates on this Dask cluster")
+    g.add_argument("--workers", type=positive_int, help="evaluate on a local Dask cluster of N worker processes")
+    g.add_argument("--batch-size", type=positive_int, default=16, help="candidates per Dask task (16)")
+    g.add_argument("--timeout", type=float, default=600.0,
+                   help="seconds a Dask task may run; a candidate over it is recorded as error (600)")
+    g.add_argument("--cooperate", action=argparse.BooleanOptionalAction, default=None,
+                   help="share the run with other processes through claims in the database "
+                        "(default: on for server databases such as PostgreSQL, off for SQLite)")
+    g.add_argument("--claim-timeout", type=float, default=60.0,
+                   help="seconds without a heartbeat after which another process's claim is taken over (60)")
+    g.add_argument("--db-retries", type=nonneg_int, default=5,
+                   help="retries of a locked or unreachable database before giving up (5)")
+    g.add_argument("--db-timeout", type=float, default=10.0, help="seconds an SQLite writer waits for the lock (10)")
     add_device(p)
     add_format(p)
     return p
@@ -84,6 +103,10 @@ def _config(args) -> SearchConfig:
         if getattr(args, arg) is not None:
             setattr(cfg, attr, getattr(args, arg))
     cfg.seed, cfg.seed_builtins, cfg.elitism, cfg.cache_dir = args.seed, args.seed_builtins, args.elitism, args.cache_dir
+    if args.chunk:
+        cfg.chunk = args.chunk
+    if args.timestep_chunk is not None:
+        cfg.timestep_chunk = args.timestep_chunk
     if args.horizons:
         try:
             cfg.horizons = _floats(args.horizons)
@@ -163,22 +186,27 @@ def _funnel_rows(run_id: int, results: dict[str, dict[float, MethodResult]], bes
 
 
 def _best_heldout(results: dict[str, dict[float, MethodResult]]) -> str | None:
-    """The funnel candidate with the best mean ratio to tuned Adam over the held-out horizons."""
+    """The funnel candidate with the best geometric-mean ratio to tuned Adam over the horizons."""
     scores = {}
     for name, per_h in results.items():
         if not name.startswith("#"):
             continue
-        ratios = [r.mean / results["adam"][h].mean for h, r in per_h.items()
-                  if r.mean is not None and results["adam"][h].mean]
-        if len(ratios) == len(per_h):
-            scores[name] = statistics.fmean(ratios)
+        pairs = [(r.mean, results["adam"][h].mean) for h, r in per_h.items()]
+        if all(x is not None and a for x, a in pairs):
+            scores[name] = geometric_mean_ratio([x for x, _ in pairs], [a for _, a in pairs])
     return min(scores, key=scores.get) if scores else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    device = resolve_device(args.device)
-    store = Store(args.db)
+    if args.scheduler and args.workers:
+        raise UsageError("--scheduler and --workers: give one (a remote cluster or a local one)")
+    if args.timeout <= 0 or args.claim_timeout <= 0 or args.db_timeout < 0:
+        raise UsageError("--timeout, --claim-timeout: need positive seconds; --db-timeout: non-negative")
+    distributed = bool(args.scheduler or args.workers)
+    # With Dask the workers evaluate on their own devices; this process only screens candidates.
+    device = resolve_device("auto" if distributed and args.device == "cuda" else args.device)
+    store = Store(args.db, retries=args.db_retries, busy_timeout=args.db_timeout)
     try:
         if args.resume:
             run = store.get_run(args.resume)
@@ -196,35 +224,66 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise UsageError(f"a run named {name!r} exists; continue it with --resume {name}")
             run_id = store.create_run(name, cfg.to_json(), cfg.seed)
         print(f"run {name!r} (id {run_id}) -> {store.url}", file=sys.stderr)
-        return _search(store, run_id, name, cfg, device, args.format)
+        cooperate = args.cooperate if args.cooperate is not None else not store.url.startswith("sqlite")
+        coop = Cooperation(stale_s=args.claim_timeout) if cooperate else None
+        client = cluster = None
+        fitness_fn = None
+        if distributed:
+            from .distributed import DaskFitness, connect
+
+            try:
+                client, cluster = connect(args.scheduler, args.workers)
+            except (OSError, RuntimeError) as e:  # unreachable scheduler, Dask missing
+                raise UsageError(f"Dask: {e}") from None
+            print(f"evaluating on Dask: {client.scheduler.address}", file=sys.stderr)
+            fitness_fn = DaskFitness(client, cfg.setup(), args.device, args.batch_size, args.timeout)
+        try:
+            return _search(store, run_id, name, cfg, device, args.format, fitness_fn, coop)
+        finally:
+            if client is not None:
+                client.close()
+            if cluster is not None:
+                cluster.close()
     finally:
         store.close()
 
 
-def _search(store: Store, run_id: int, name: str, cfg: SearchConfig, device, fmt: str) -> int:
+def _search(store: Store, run_id: int, name: str, cfg: SearchConfig, device, fmt: str,
+            fitness_fn=None, coop: Cooperation | None = None) -> int:
     bar = Bar()
-    search = ParticleSearch(store, run_id, cfg, device, Progress(bar.planned, bar.judged, bar.message))
+    search = ParticleSearch(store, run_id, cfg, device, Progress(bar.planned, bar.judged, bar.message),
+                            fitness_fn=fitness_fn, cooperate=coop)
     start = time.perf_counter()
+    funnel_done = True
     try:
         best = search.run()
         results = None
         if cfg.funnel and best:
-            bar.message("held-out funnel")
-            results = search.funnel(best, progress=bar.message)
-            evaluations, baselines = _funnel_rows(run_id, results, best, cfg)
-            store.add_evaluations(evaluations)
-            store.add_baselines(baselines)
+            # Cooperating processes run the funnel once: the claim holder; the others wait for
+            # it to finish the run (or take over if it dies).
+            if coop is None or search.claim_or_wait("funnel", lambda: store.get_run(run_id)["status"] == "finished"):
+                bar.message("held-out funnel")
+                results = search.funnel(best, progress=bar.message)
+                evaluations, baselines = _funnel_rows(run_id, results, best, cfg)
+                store.add_evaluations(evaluations)
+                store.add_baselines(baselines)
+            else:
+                funnel_done = False
     except KeyboardInterrupt:
         bar.close()
+        search.close()
         store.set_run_status(run_id, "interrupted")
         print(f"\ninterrupted: continue with  python -m nos.evolve --resume {name}", file=sys.stderr)
         return 130
     except BaseException:
         bar.close()
+        search.close()
         store.set_run_status(run_id, "failed")
         raise
     bar.close()
-    store.set_run_status(run_id, "finished")
+    search.close()
+    if funnel_done:
+        store.set_run_status(run_id, "finished")
     seconds = time.perf_counter() - start
     counts = store.status_counts(run_id)
     total = sum(counts.values())

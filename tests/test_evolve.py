@@ -75,7 +75,7 @@ def test_lineage_is_complete_and_counts_match_config(finished_run: Path) -> None
         for r in rows:
             ind = store.get_individual(r["id"])
             if r["status"] == "evaluated":
-                assert r["fitness"] is not None and r["lr"] in (1e-4, 1e-3, 1e-2)
+                assert r["fitness"] is not None and r["lr"] in SearchConfig().lrs
                 assert len([e for e in ind["evaluations"] if e["task"] == "sine"]) == 3
             if r["status"] == "duplicate":
                 assert not ind["evaluations"], "a duplicate must not be evaluated again"

@@ -2,9 +2,10 @@
 
 - `SineEvaluator.grid`: many genomes x an lr grid trained in one batch per horizon.
 - `fitness`: the search objective. Each horizon's loss is divided by tuned Adam's loss at that
-  horizon (so horizons weigh alike), the ratios averaged; the candidate's lr is the grid point with
-  the best mean ratio (NOS picks each candidate's lr from a sweep too). Lower is better; Adam
-  itself scores about 1.
+  horizon and the ratios are combined by their geometric mean, so horizons weigh alike whatever
+  their scale (a 10x gain counts the same at t_max = 1 as at t_max = 20); the candidate's lr is
+  the grid point with the best score (NOS picks each candidate's lr from a sweep too). Lower is
+  better; Adam itself scores about 1.
 - `heldout_comparison`: the funnel's final table -- candidates beside tuned Adam, Adam with
   gradient clipping and tuned RandOpt on pretraining seeds and targets the search never saw, every
   method with the same budget and its lr / sigma tuned per horizon on the mean over seeds.
@@ -24,14 +25,17 @@ from search_space.builtins import builtin
 from search_space.genome import Genome
 
 from ..tasks.budget import DEFAULT_BUDGET_FPE, randopt_population
-from ..tasks.randopt import DEFAULT_SIGMAS, DEFAULT_TOP_K, randopt
+from ..tasks.randopt import DEFAULT_TOP_K, randopt
 from ..tasks.sine import SineConfig, SineTask, StackedSineTask
 from .trainer import steps_for, train
 
 HORIZONS = (1.0, 2.0, 5.0, 10.0, 20.0)
-LR_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)  # ANCHORS section 8 tuned Adam on {1e-4 ... 1e-2}
-SEARCH_LRS = (1e-4, 1e-3, 1e-2)
+# ANCHORS section 8 tuned Adam on {1e-4 ... 1e-2}; we go lower because Adam kept picking the grid's low end
+LR_GRID = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+SEARCH_LRS = (3e-5, 3e-4, 3e-3)
 HELDOUT_SEEDS = (1001, 1002, 1003)
+# RandOpt's sigma grid: the post's 0.002 and below (the long horizons picked the grid's low end)
+SIGMAS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02)
 MAX_ROWS = 2048  # candidates x lrs trained in one batch; more are split into chunks
 
 
@@ -39,7 +43,7 @@ MAX_ROWS = 2048  # candidates x lrs trained in one batch; more are split into ch
 class SearchSetup:
     """Everything that defines the search objective (stored with a run's config)."""
 
-    horizons: tuple[float, ...] = (2.0, 5.0)
+    horizons: tuple[float, ...] = (2.0, 10.0)
     lrs: tuple[float, ...] = SEARCH_LRS
     budget_fpe: int = DEFAULT_BUDGET_FPE
     pretrain_seed: int = 0
@@ -65,6 +69,12 @@ class Fitness:
 
 def _finite(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) else None
+
+
+def geometric_mean_ratio(losses: Sequence[float], reference: Sequence[float]) -> float:
+    """exp(mean(log(loss / reference))): 1.0 means "as good as the reference" on average."""
+    tiny = 1e-30  # a loss of exactly 0 is a perfect fit, not a log error
+    return math.exp(statistics.fmean(math.log(max(x, tiny) / max(r, tiny)) for x, r in zip(losses, reference)))
 
 
 class SineEvaluator:
@@ -155,7 +165,7 @@ class SineEvaluator:
                 ls = [per_h[h].losses[j][i] for h in self.setup.horizons]
                 if any(x is None for x in ls):
                     continue
-                score = statistics.fmean(x / adam[h][0] for x, h in zip(ls, self.setup.horizons))
+                score = geometric_mean_ratio(ls, [adam[h][0] for h in self.setup.horizons])
                 if best is None or score < best[0]:
                     best = (score, lr)
             if best is None:
@@ -210,7 +220,7 @@ def heldout_comparison(
     horizons: Sequence[float] = HORIZONS,
     seeds: Sequence[int] = HELDOUT_SEEDS,
     lrs: Sequence[float] = LR_GRID,
-    sigmas: Sequence[float] = DEFAULT_SIGMAS,
+    sigmas: Sequence[float] = SIGMAS,
     randopt_layers: Sequence[str] = ("all",),
     include_adam: bool = True,
     progress: Callable[[str], None] | None = None,

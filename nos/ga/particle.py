@@ -15,12 +15,25 @@ genome comes from `random.Random(f"{seed}:{slot}")` and its parent only. Candida
 fixed chunks, and a chunk's rows are written in one transaction once judged. Resuming replays the
 same loops, reads the slots already in the database instead of recomputing them, and evaluates the
 rest in the same chunks -- so a run killed at any moment ends with the same lineage and fitnesses.
+
+Several processes on one run (`Cooperation`, used with a shared PostgreSQL database): because a
+chunk's rows are a pure function of the seed and of the rows judged before it, processes split the
+chunks through claims in the database. Each first evaluates, speculatively, every chunk it could
+claim; then all walk the chunks in order, storing their own once every earlier chunk is in the
+database (re-deduplicating against them from cached results, so the lineage is exactly the
+single-process one) and reading the others' rows. A slot found already stored is read back instead
+of written (`SlotTakenError`), and a claim whose owner stopped beating is taken over.
 """
 
 from __future__ import annotations
 
+import os
 import random
+import socket
 import statistics
+import threading
+import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -28,7 +41,7 @@ from typing import Any
 import torch
 from deap import base, creator, tools
 
-from db.store import Store
+from db.store import SlotTakenError, Store
 from search_space.builtins import BUILTINS, builtin
 from search_space.genome import Genome, from_json
 from search_space.mutation import MutationError, mutate, random_genome
@@ -38,6 +51,7 @@ from ..engine import integrity
 from ..engine.evaluate import (
     HELDOUT_SEEDS,
     HORIZONS,
+    Fitness,
     SearchSetup,
     SineEvaluator,
     heldout_comparison,
@@ -62,8 +76,9 @@ class SearchConfig:
     seed_builtins: bool = False
     elitism: bool = False
     chunk: int = 64  # initial candidates judged (and written) together
-    horizons: tuple[float, ...] = (2.0, 5.0)
-    lrs: tuple[float, ...] = (1e-4, 1e-3, 1e-2)
+    timestep_chunk: int = 0  # children of one timestep attempt judged together (0: all of them)
+    horizons: tuple[float, ...] = (2.0, 10.0)  # one where Adam shines, one where it struggles
+    lrs: tuple[float, ...] = (3e-5, 3e-4, 3e-3)
     budget_fpe: int = 600
     funnel: int = 3
     heldout_seeds: tuple[int, ...] = HELDOUT_SEEDS
@@ -107,15 +122,51 @@ class Progress:
     message: Callable[[str], None] = lambda msg: None
 
 
+FitnessFn = Callable[[Sequence[Genome], dict[float, tuple[float, float]]], "list[Fitness | Exception]"]
+
+
+def _default_owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+@dataclass
+class Cooperation:
+    """How this process shares a run with others (claims in the run's database).
+
+    `stale_s`: a claim whose heartbeat has not moved for this long belongs to a dead process and
+    is taken over. The owner beats every `heartbeat_s`; others look every `poll_s`.
+    """
+
+    owner: str = field(default_factory=_default_owner)
+    stale_s: float = 60.0
+    poll_s: float = 0.5
+
+    @property
+    def heartbeat_s(self) -> float:
+        return max(0.2, min(5.0, self.stale_s / 4))
+
+
 class ParticleSearch:
     def __init__(self, store: Store, run_id: int, config: SearchConfig, device: torch.device | str,
-                 progress: Progress | None = None) -> None:
+                 progress: Progress | None = None, fitness_fn: FitnessFn | None = None,
+                 cooperate: Cooperation | None = None) -> None:
         self.store = store
         self.run_id = run_id
         self.config = config
         self.device = torch.device(device)
         self.progress = progress or Progress()
         self.evaluator = SineEvaluator(config.setup(), self.device)
+        # where fitness is computed: this process (default) or e.g. a Dask cluster (nos.distributed);
+        # it may return an Exception in place of a candidate's Fitness (recorded as `error`)
+        # (None: looked up at each call, so the evaluator's method can be swapped)
+        self.fitness_fn: FitnessFn | None = fitness_fn
+        self.coop = cooperate
+        # results by slot / hash, so a chunk computed speculatively is not computed twice
+        self._made: dict[str, Any] = {}
+        self._screened: dict[str, Any] = {}
+        self._fits: dict[str, Fitness | Exception] = {}
+        self._stop_beat = threading.Event()
+        self._beat: threading.Thread | None = None
         self.rows: dict[str, dict] = {r["slot"]: r for r in store.individuals(run_id)}
         self.by_id: dict[int, dict] = {r["id"]: r for r in self.rows.values()}
         self.by_hash: dict[str, int] = {}
@@ -139,7 +190,12 @@ class ParticleSearch:
     def adam_reference(self) -> dict[float, tuple[float, float]]:
         """Tuned Adam on the search task (fitness normaliser), stored once per run."""
         if self._adam is None:
-            stored = [b for b in self.store.baselines(self.run_id, task="sine_search") if b["method"] == "adam"]
+            def stored_adam() -> list[dict]:
+                return [b for b in self.store.baselines(self.run_id, task="sine_search") if b["method"] == "adam"]
+
+            stored = stored_adam()
+            if not stored and self.coop is not None and not self.claim_or_wait("adam", lambda: bool(stored_adam())):
+                stored = stored_adam()  # another process tuned it
             if stored:
                 self._adam = {b["horizon"]: (b["loss"], b["hparam"]) for b in stored}
             else:
@@ -164,30 +220,93 @@ class ParticleSearch:
         `planned`: (slot, make(rng) -> (genome, mutation kind), fixed columns such as parent_id).
         Slots already in the database are skipped: this is what makes resume exact.
         """
-        todo = [p for p in planned if p[0] not in self.rows]
-        if not todo:
-            self.progress.judged([self.rows[slot] for slot, _, _ in planned])
-            return
+        self.judge_chunks([planned])
+
+    def judge_chunks(self, chunks: Sequence[Sequence[tuple[str, Callable, dict]]]) -> None:
+        """Judge consecutive chunks; with `cooperate`, split them with the other processes.
+
+        Alone: each chunk in turn. Cooperating: first evaluate every chunk this process can claim
+        (speculatively: earlier chunks may still be unknown), then walk the chunks in order --
+        store our own once all earlier ones are known (deduplication redone, evaluations taken
+        from the cache), read the others' from the database.
+        """
+        if self.coop is not None:
+            for planned in chunks:
+                todo = self._todo(planned)
+                if todo and self.store.claim(self.run_id, self._chunk_key(planned), self.coop.owner):
+                    self._compute(todo)
+        for planned in chunks:
+            self._judge_one(planned)
+
+    @staticmethod
+    def _chunk_key(planned: Sequence[tuple[str, Callable, dict]]) -> str:
+        return f"chunk:{planned[0][0]}"
+
+    def _todo(self, planned: Sequence[tuple[str, Callable, dict]]) -> list[tuple[str, Callable, dict]]:
+        return [p for p in planned if p[0] not in self.rows]
+
+    def _judge_one(self, planned: Sequence[tuple[str, Callable, dict]]) -> None:
+        todo = self._todo(planned)
+        if todo and self.coop is not None:
+            slots = [slot for slot, _, _ in todo]
+            if self.claim_or_wait(self._chunk_key(planned), lambda: self._load_slots(slots)):
+                self._load_slots(slots)  # a dead owner may have stored part of it
+                todo = self._todo(planned)
+            else:
+                todo = []
+        if todo:
+            rows = self._compute(todo)
+            # Duplicates of a candidate judged in this same chunk need its id: store them second.
+            # (If killed in between, resume regenerates them and finds the original in the database.)
+            first = [r for r in rows if "dup_slot" not in r]
+            later = [r for r in rows if "dup_slot" in r]
+            self._store(first)
+            for row in later:
+                row["duplicate_of"] = self.rows[row.pop("dup_slot")]["id"]
+            self._store(later)
+            for slot, _, _ in todo:
+                self._made.pop(slot, None)
+            if self.coop is None:  # alone, nothing is computed twice: keep no cache
+                self._screened.clear()
+                self._fits.clear()
+        self.progress.judged([self.rows[slot] for slot, _, _ in planned])
+
+    def _make(self, slot: str, make: Callable[[random.Random], tuple[Genome, str | None]]) -> Any:
+        """(genome, kind, symbolic columns or the exception) or the MutationError, cached by slot."""
+        if slot not in self._made:
+            try:
+                genome, kind = make(self._rng(slot))
+            except MutationError as e:
+                self._made[slot] = e
+                return e
+            try:
+                sym: Any = self._symbolic_columns(genome)
+            except Exception as e:  # noqa: BLE001 -- a genome sympy cannot handle is recorded, not fatal
+                sym = e
+            self._made[slot] = (genome, kind, sym)
+        return self._made[slot]
+
+    def _compute(self, todo: Sequence[tuple[str, Callable, dict]]) -> list[dict]:
+        """The rows of `todo` given what this process knows now (nothing is stored)."""
         rows: list[dict] = []
         pending_hash: dict[str, dict] = {}
         to_screen: list[tuple[dict, Genome, str]] = []
         for slot, make, fixed in todo:
             row = {"run_id": self.run_id, "slot": slot, **fixed}
-            try:
-                genome, kind = make(self._rng(slot))
-            except MutationError as e:
+            made = self._make(slot, make)
+            if isinstance(made, MutationError):
                 parent = self.rows_by_id(fixed.get("parent_id"))
-                row.update(genome=parent["genome"] if parent else {}, status="invalid", error=str(e),
-                           mutation_kind=str(e).split(":")[0])
+                row.update(genome=parent["genome"] if parent else {}, status="invalid", error=str(made),
+                           mutation_kind=str(made).split(":")[0])
                 rows.append(row)
                 continue
+            genome, kind, sym = made
             row["mutation_kind"] = kind
-            try:
-                row.update(self._symbolic_columns(genome))
-            except Exception as e:  # noqa: BLE001 -- a genome sympy cannot handle is recorded, not fatal
-                row.update(genome=genome.to_json(), status="error", error=f"symbolic form: {type(e).__name__}: {e}"[:500])
+            if isinstance(sym, Exception):
+                row.update(genome=genome.to_json(), status="error", error=f"symbolic form: {type(sym).__name__}: {sym}"[:500])
                 rows.append(row)
                 continue
+            row.update(sym)
             h = row["genome_hash"]
             if h in self.by_hash:
                 row.update(status="duplicate", duplicate_of=self.by_hash[h])
@@ -200,20 +319,75 @@ class ParticleSearch:
                 to_screen.append((row, genome, h))
                 rows.append(row)
         self._screen_and_evaluate(to_screen, pending_hash)
-        # Duplicates of a candidate judged in this same chunk need its id: store them second.
-        # (If killed in between, resume regenerates them and finds the original in the database.)
-        first = [r for r in rows if "dup_slot" not in r]
-        later = [r for r in rows if "dup_slot" in r]
-        self._store(first)
-        for row in later:
-            row["duplicate_of"] = self.rows[row.pop("dup_slot")]["id"]
-        self._store(later)
-        self.progress.judged([self.rows[slot] for slot, _, _ in planned])
+        return rows
+
+    def _load_slots(self, slots: Sequence[str]) -> bool:
+        """Read rows another process stored for `slots`; True once all of them are known."""
+        missing = [s for s in slots if s not in self.rows]
+        if missing:
+            for row in self.store.individuals_by_slots(self.run_id, missing):
+                self._remember(row)
+        return all(s in self.rows for s in slots)
+
+    def claim_or_wait(self, key: str, ready: Callable[[], bool]) -> bool:
+        """True: this process holds the claim on `key` and must do the work. False: `ready()`
+        became true because another process did it. A claim whose heartbeat stands still for
+        `stale_s` (its owner died) is taken over."""
+        assert self.coop is not None
+        self.start_heartbeat()
+        seen: tuple[str, int] | None = None
+        since = time.monotonic()
+        while True:
+            if self.store.claim(self.run_id, key, self.coop.owner):
+                return True
+            if ready():
+                return False
+            state = self.store.claim_state(self.run_id, key)
+            if state != seen:
+                seen, since = state, time.monotonic()
+            elif state is not None and time.monotonic() - since > self.coop.stale_s:
+                if self.store.take_over(self.run_id, key, self.coop.owner, state):
+                    self.progress.message(f"took over {key} from {state[0]} (no heartbeat for {self.coop.stale_s:g} s)")
+                    return True
+            time.sleep(self.coop.poll_s)
+
+    def start_heartbeat(self) -> None:
+        """Keep this process's claims fresh from a background thread (cooperating runs only)."""
+        if self.coop is None or self._beat is not None:
+            return
+        coop = self.coop
+
+        def beat() -> None:
+            while not self._stop_beat.wait(coop.heartbeat_s):
+                try:
+                    self.store.heartbeat(self.run_id, coop.owner)
+                except Exception:  # noqa: BLE001 -- a missed beat only risks a take-over; retry
+                    pass
+
+        self._beat = threading.Thread(target=beat, name="nos-heartbeat", daemon=True)
+        self._beat.start()
+
+    def close(self) -> None:
+        """Stop the heartbeat (a process that stops working must let others take over)."""
+        self._stop_beat.set()
+        if self._beat is not None:
+            self._beat.join(timeout=5)
+            self._beat = None
 
     def _store(self, rows: list[dict]) -> None:
         if not rows:
             return
-        ids = self.store.add_individuals(rows)
+        try:
+            ids = self.store.add_individuals(rows)
+        except SlotTakenError:
+            # Another process on this run stored some of these slots first (same seed, same
+            # rows): read theirs back and store only what is still missing.
+            self._load_slots([r["slot"] for r in rows])
+            rest = [r for r in rows if r["slot"] not in self.rows]
+            if len(rest) == len(rows):
+                raise
+            self._store(rest)
+            return
         for row, i in zip(rows, ids):
             row["id"] = i
             self._remember(row)
@@ -237,7 +411,11 @@ class ParticleSearch:
     def _screen_and_evaluate(self, to_screen: list[tuple[dict, Genome, str]], pending_hash: dict[str, dict]) -> None:
         if not to_screen:
             return
-        results = self.toolbox.screen([g for _, g, _ in to_screen])
+        unscreened = [(g, h) for _, g, h in to_screen if h not in self._screened]
+        if unscreened:
+            for (_, h), res in zip(unscreened, self.toolbox.screen([g for g, _ in unscreened])):
+                self._screened[h] = res
+        results = [self._screened[h] for _, _, h in to_screen]
         passed: list[tuple[dict, Genome]] = []
         for (row, genome, h), res in zip(to_screen, results):
             row["sign"] = -1 if res.sign_flipped else 1
@@ -260,16 +438,22 @@ class ParticleSearch:
             passed.append((row, genome))
         if not passed:
             return
-        try:
-            fits = self.evaluator.fitness([g for _, g in passed], self.adam_reference())
-        except Exception:
-            # isolate the culprit(s): evaluate one at a time
-            fits = []
-            for _, g in passed:
-                try:
-                    fits.append(self.evaluator.fitness([g], self.adam_reference())[0])
-                except Exception as e:  # noqa: BLE001 -- record any failure of a candidate and go on
-                    fits.append(e)
+        new = [(row, g) for row, g in passed if row["genome_hash"] not in self._fits]
+        fitness_fn = self.fitness_fn or self.evaluator.fitness
+        if new:
+            try:
+                fresh: list[Fitness | Exception] = list(fitness_fn([g for _, g in new], self.adam_reference()))
+            except Exception:
+                # isolate the culprit(s): evaluate one at a time
+                fresh = []
+                for _, g in new:
+                    try:
+                        fresh.append(fitness_fn([g], self.adam_reference())[0])
+                    except Exception as e:  # noqa: BLE001 -- record any failure of a candidate and go on
+                        fresh.append(e)
+            for (row, _), fit in zip(new, fresh):
+                self._fits[row["genome_hash"]] = fit
+        fits = [self._fits[row["genome_hash"]] for row, _ in passed]
         for (row, _), fit in zip(passed, fits):
             if isinstance(fit, Exception):
                 row.update(status="error", error=f"{type(fit).__name__}: {fit}"[:500])
@@ -288,8 +472,8 @@ class ParticleSearch:
         self.progress.planned(len(slots))
         self.adam_reference()
         self.progress.message("initial population")
-        for i in range(0, len(slots), cfg.chunk):
-            self.judge([(s, make, {"timestep": 0, "attempt": 0}) for s, make in slots[i : i + cfg.chunk]])
+        self.judge_chunks([[(s, make, {"timestep": 0, "attempt": 0}) for s, make in slots[i : i + cfg.chunk]]
+                           for i in range(0, len(slots), cfg.chunk)])
         initial = [self.rows[s] for s, _ in slots]
         self._log(0, initial)
         evaluated = sorted((r for r in initial if r["status"] == "evaluated"), key=lambda r: (r["fitness"], r["id"]))
@@ -320,7 +504,8 @@ class ParticleSearch:
 
                 fixed = {"parent_id": parent["id"], "particle": p, "timestep": t, "mutation": m, "attempt": a}
                 planned.append((f"t{t}:p{p}:m{m}:a{a}", make, fixed))
-            self.judge(planned)
+            size = cfg.timestep_chunk or len(planned) or 1
+            self.judge_chunks([planned[i : i + size] for i in range(0, len(planned), size)])
             still = []
             for (p, m), (slot, _, _) in zip(pending, planned):
                 row = self.rows[slot]
