@@ -67,10 +67,10 @@ if not hasattr(creator, "NosFitness"):
 
 @dataclass
 class SearchConfig:
-    initial: int = 24
-    particles: int = 4
-    timesteps: int = 3
-    mutations: int = 4
+    initial: int = 16
+    particles: int = 3
+    timesteps: int = 2
+    mutations: int = 3
     max_tries: int = 4
     seed: int = 0
     seed_builtins: bool = False
@@ -80,7 +80,7 @@ class SearchConfig:
     horizons: tuple[float, ...] = (2.0, 10.0)  # one where Adam shines, one where it struggles
     lrs: tuple[float, ...] = (3e-5, 3e-4, 3e-3)
     budget_fpe: int = 600
-    funnel: int = 3
+    funnel: int = 2
     heldout_seeds: tuple[int, ...] = HELDOUT_SEEDS
     heldout_horizons: tuple[float, ...] = HORIZONS
     sine: dict[str, Any] = field(default_factory=dict)  # SineConfig overrides (tests use a small one)
