@@ -20,6 +20,7 @@ from .cli import (
     ArgumentParser,
     add_device,
     add_format,
+    number_list,
     positive_int,
     print_json,
     resolve_device,
@@ -30,13 +31,6 @@ from .report_table import comparison_json, comparison_table
 from .tasks.budget import DEFAULT_BUDGET_FPE, describe
 
 LAYERS = ("all", "first", "middle", "last")
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(x) for x in text.split(",") if x)
-    except ValueError:
-        raise ValueError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def _parser() -> ArgumentParser:
@@ -55,8 +49,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = _parser()
     args = p.parse_args(argv)
     try:
-        horizons = _floats(args.horizons)
-        seeds = tuple(int(x) for x in _floats(args.seeds))
+        horizons = number_list(args.horizons)
+        seeds = number_list(args.seeds, int)
     except ValueError as e:
         p.error(str(e))
     if args.quick:

@@ -66,24 +66,30 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def positive_int(text: str) -> int:
+def _int_at_least(text: str, lo: int, what: str) -> int:
     try:
         v = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        v = lo - 1
+    if v < lo:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
     return v
+
+
+def positive_int(text: str) -> int:
+    return _int_at_least(text, 1, "a positive integer")
 
 
 def nonneg_int(text: str) -> int:
+    return _int_at_least(text, 0, "an integer >= 0")
+
+
+def number_list(text: str, conv: Callable[[str], Any] = float) -> tuple:
+    """`"1,2,5"` -> (1.0, 2.0, 5.0); ValueError with a readable message otherwise."""
     try:
-        v = int(text)
+        return tuple(conv(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return v
+        raise ValueError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def clean_json(x: Any) -> Any:

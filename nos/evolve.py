@@ -29,6 +29,7 @@ from .cli import (
     add_device,
     add_format,
     nonneg_int,
+    number_list,
     positive_int,
     print_json,
     resolve_device,
@@ -44,10 +45,6 @@ PRESETS = {
     "paper": {"initial": 500, "particles": 50, "timesteps": 5, "mutations": 7},
 }
 RIVALS = ("adam", "adam_clip", "randopt_all")
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(x) for x in text.split(",") if x)
 
 
 def _parser() -> ArgumentParser:
@@ -109,18 +106,18 @@ def _config(args) -> SearchConfig:
         cfg.timestep_chunk = args.timestep_chunk
     if args.horizons:
         try:
-            cfg.horizons = _floats(args.horizons)
-        except ValueError:
-            raise UsageError(f"--horizons: expected comma-separated numbers, got {args.horizons!r}") from None
+            cfg.horizons = number_list(args.horizons)
+        except ValueError as e:
+            raise UsageError(f"--horizons: {e}") from None
         if not cfg.horizons or any(h <= 0 for h in cfg.horizons):
             raise UsageError("--horizons: need positive values")
     for arg, attr, conv in (("heldout_horizons", "heldout_horizons", float), ("heldout_seeds", "heldout_seeds", int)):
         text = getattr(args, arg)
         if text:
             try:
-                values = tuple(conv(x) for x in text.split(",") if x)
-            except ValueError:
-                raise UsageError(f"--{arg.replace('_', '-')}: expected comma-separated numbers, got {text!r}") from None
+                values = number_list(text, conv)
+            except ValueError as e:
+                raise UsageError(f"--{arg.replace('_', '-')}: {e}") from None
             if not values or any(v <= 0 for v in values if conv is float):
                 raise UsageError(f"--{arg.replace('_', '-')}: need at least one (positive) value")
             setattr(cfg, attr, values)

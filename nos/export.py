@@ -48,7 +48,7 @@ def export_individual(store: Store, ind_id: int) -> tuple[Genome, str, float, in
         "run": run.get("name"),
         "individual": ind_id,
         "parent": ind.get("parent_id"),
-        "fitness (mean loss / tuned Adam's loss over the search horizons; lower is better)": ind.get("fitness"),
+        "fitness (geometric mean of loss / tuned Adam's loss over the search horizons; lower is better)": ind.get("fitness"),
         "particle / timestep / mutation": f"{ind.get('particle')} / {ind.get('timestep')} / {ind.get('mutation')}",
     }
     return genome, f"NosOptimizer{ind_id}", float(ind["lr"]), total_steps, provenance

@@ -104,7 +104,7 @@ def load(store: Store, name_or_id: str) -> RunData:
     data.results = heldout_results(store, run["id"], cfg)
     best: dict | None = None
     if data.results:
-        try:  # the funnel's own choice: best mean ratio to tuned Adam over the held-out horizons
+        try:  # the funnel's own choice: best geometric-mean ratio to tuned Adam over the held-out horizons
             name = _best_heldout(data.results)
         except (KeyError, ZeroDivisionError):  # no Adam row at some horizon: fall back to fitness
             name = None
@@ -244,7 +244,7 @@ def plot_fitness(data: RunData, path: Path) -> None:
     ax.set_xticks(range(last + 1))
     ax.set_xlim(-0.5, last + 0.5)
     ax.set_xlabel("timestep")
-    ax.set_ylabel("fitness = mean loss / tuned Adam's (lower is better)")
+    ax.set_ylabel("fitness = geo-mean of loss / tuned Adam's (lower is better)")
     ax.set_title(f"run {data.run['name']!r}: particle positions (lines) and evaluated children (dots)",
                  fontsize=10)
     if len(paths) <= 12:
@@ -534,10 +534,10 @@ def summary_markdown(data: RunData, images: dict[str, str], db_arg: str, skipped
     if best is None:
         out += ["No evaluated individual yet.", ""]
     else:
-        how = "funnel champion: best mean held-out loss ratio to tuned Adam" if data.results and \
+        how = "funnel champion: best geometric-mean held-out loss ratio to tuned Adam" if data.results and \
             any(m == f"#{best['id']}" for m in data.results) else "best search fitness"
         out += [f"**#{best['id']}** ({how})", "",
-                f"- fitness: {best['fitness']:.4g} (mean loss / tuned Adam's loss over the search horizons; "
+                f"- fitness: {best['fitness']:.4g} (geometric mean of loss / tuned Adam's loss over the search horizons; "
                 "lower is better)" if best["fitness"] is not None else "- fitness: -",
                 f"- lr: {best['lr']:g}" if best["lr"] is not None else "- lr: -",
                 f"- {_origin(data, best)}",

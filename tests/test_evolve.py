@@ -152,7 +152,9 @@ def test_candidates_that_raise_or_diverge_are_recorded_and_the_run_goes_on(tmp_p
         ])
         rows = {r["slot"]: r for r in store.individuals(run_id)}
         assert rows["b"]["status"] == "error" and "boom" in rows["b"]["error"]
-        assert rows["c"]["status"] == "evaluated" and rows["c"]["fitness"] == pytest.approx(1.0, rel=0.5)
+        # Adam scored against tuned Adam: its search lrs are a subset of the reference's grid, on the
+        # same task and seed, so its ratio cannot beat 1
+        assert rows["c"]["status"] == "evaluated" and rows["c"]["fitness"] >= 1.0 - 1e-9
         assert rows["d"]["status"] == "duplicate" and rows["d"]["duplicate_of"] == rows["c"]["id"]
         assert rows["a"]["status"] in ("error", "rejected_integrity")
         if rows["a"]["status"] == "error":
