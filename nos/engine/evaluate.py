@@ -93,28 +93,15 @@ class SineEvaluator:
             self._tasks[key] = SineTask(self.setup.sine, ps, ts, horizon, self.device, self.setup.cache_dir)
         return self._tasks[key]
 
-    def grid(self, genomes: Sequence[Genome], lrs: Sequence[float], task: SineTask, seed: int = 0) -> GridResult:
+    def grid(self, genomes: Sequence[Genome], lrs: Sequence[float], task: SineTask) -> GridResult:
         """Train every genome at every lr on `task` within the budget; losses [genome][lr]."""
-        start = time.perf_counter()
-        rows = [(g, lr) for g in genomes for lr in lrs]
-        losses: list[float | None] = []
-        steps: list[int] = []
-        for i in range(0, len(rows), MAX_ROWS):
-            chunk = rows[i : i + MAX_ROWS]
-            res = train(task, [g for g, _ in chunk], [lr for _, lr in chunk], seeds=seed, budget_fpe=self.setup.budget_fpe)
-            losses += res.losses
-            steps += res.steps
-        n = len(lrs)
-        return GridResult(
-            losses=[[_finite(x) for x in losses[j * n : (j + 1) * n]] for j in range(len(genomes))],
-            steps=[steps[j * n] for j in range(len(genomes))],
-            seconds=time.perf_counter() - start,
-        )
+        return self.grid_seeds(genomes, lrs, [task])[0]
 
     def grid_seeds(self, genomes: Sequence[Genome], lrs: Sequence[float], tasks: Sequence[SineTask]) -> list[GridResult]:
         """`grid` on several tasks of one horizon at once (seeds stacked on the candidate axis).
 
         Returns one GridResult per task. Each task's rows use its own target seed for random ops.
+        Batches above MAX_ROWS rows are split.
         """
         start = time.perf_counter()
         combos = [(t, g, lr) for t in range(len(tasks)) for g in genomes for lr in lrs]
