@@ -67,8 +67,8 @@ if not hasattr(creator, "NosFitness"):
 
 @dataclass
 class SearchConfig:
-    initial: int = 16
-    particles: int = 3
+    initial: int = 12
+    particles: int = 2
     timesteps: int = 2
     mutations: int = 3
     max_tries: int = 4
@@ -80,7 +80,7 @@ class SearchConfig:
     horizons: tuple[float, ...] = (2.0, 10.0)  # one where Adam shines, one where it struggles
     lrs: tuple[float, ...] = (3e-5, 3e-4, 3e-3)
     budget_fpe: int = 600
-    funnel: int = 2
+    funnel: int = 1
     heldout_seeds: tuple[int, ...] = HELDOUT_SEEDS
     heldout_horizons: tuple[float, ...] = HORIZONS
     sine: dict[str, Any] = field(default_factory=dict)  # SineConfig overrides (tests use a small one)
