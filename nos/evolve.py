@@ -1,6 +1,6 @@
 """`python -m nos.evolve`: search for optimizers that beat Adam and RandOpt on the sine rollout.
 
-    python -m nos.evolve                       # a small search: ~8 minutes on a 2-core CPU
+    python -m nos.evolve                       # a small search: ~7 minutes on a 2-core CPU
     python -m nos.evolve --preset paper        # NOS's scale: 500 initial, 50 particles, 5 x 7
     python -m nos.evolve --resume NAME         # continue a run that was stopped or killed
     python -m nos.evolve --workers 4           # evaluate on a local Dask cluster of 4 processes
