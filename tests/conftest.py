@@ -9,6 +9,10 @@ optimizer and the batched interpreter can be run on literally the same problem.
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -95,3 +99,28 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Proc:
+    """A command started at once and collected when a test needs its result."""
+
+    def __init__(self, args: list[str], *, cwd: Path = REPO, env: dict | None = None) -> None:
+        env = {**(os.environ if env is None else env), "OMP_NUM_THREADS": "1"}
+        self.popen = subprocess.Popen(
+            [sys.executable, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        self._result: tuple[int, str, str] | None = None
+
+    def result(self, timeout: float = 120) -> tuple[int, str, str]:
+        if self._result is None:
+            out, err = self.popen.communicate(timeout=timeout)
+            self._result = (self.popen.returncode, out, err)
+        return self._result
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.communicate()

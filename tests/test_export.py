@@ -7,8 +7,6 @@ import ast
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -22,7 +20,7 @@ from nos.export import main as export_main
 from search_space.builtins import BUILTINS, builtin
 from search_space.genome import Genome, from_json
 
-from .conftest import MLPTask
+from .conftest import MLPTask, Proc
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -68,28 +66,6 @@ for i, (cls_name, path) in enumerate(sorted(json.loads(sys.argv[1]).items())):
 leaked = [m for m, v in sys.modules.items() if m.split(".")[0] in ("nos", "search_space", "db") and v is not None]
 print(json.dumps({"done": done, "leaked": leaked}))
 """
-
-
-class Proc:
-    """A command started at once and collected when a test needs its result."""
-
-    def __init__(self, args: list[str], *, cwd: Path = REPO, env: dict | None = None) -> None:
-        env = {**(os.environ if env is None else env), "OMP_NUM_THREADS": "1"}
-        self.popen = subprocess.Popen(
-            [sys.executable, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        self._result: tuple[int, str, str] | None = None
-
-    def result(self, timeout: float = 120) -> tuple[int, str, str]:
-        if self._result is None:
-            out, err = self.popen.communicate(timeout=timeout)
-            self._result = (self.popen.returncode, out, err)
-        return self._result
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.kill()
-            self.popen.communicate()
 
 
 @pytest.fixture(scope="module", autouse=True)

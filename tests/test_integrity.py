@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +16,8 @@ from search_space.builtins import BUILTINS, builtin
 from search_space.genome import Genome, from_json
 from search_space.mutation import random_genome
 
+from .conftest import Proc
+
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,28 +26,6 @@ F0 = sum((x - b) ** 2 for x, b in zip(X0, SHIFT))  # 7.1525
 
 def G(nodes: list[dict], **rest) -> Genome:
     return from_json({"nodes": nodes, **rest})
-
-
-class Proc:
-    """A command started at once and collected when a test needs its result."""
-
-    def __init__(self, args: list[str]) -> None:
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        self.popen = subprocess.Popen(
-            [sys.executable, *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        self._result: tuple[int, str, str] | None = None
-
-    def result(self, timeout: float = 120) -> tuple[int, str, str]:
-        if self._result is None:
-            out, err = self.popen.communicate(timeout=timeout)
-            self._result = (self.popen.returncode, out, err)
-        return self._result
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.kill()
-            self.popen.communicate()
 
 
 @pytest.fixture(scope="module", autouse=True)
