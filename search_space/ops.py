@@ -291,19 +291,3 @@ def get_op(name: str) -> Op:
         return OPS[name]
     except KeyError:
         raise KeyError(f"unknown operation {name!r}") from None
-
-
-def reference_float(op: Op, *xs: float) -> float:
-    """Evaluate an op on Python floats (used by tests against the sympy form)."""
-    ts = [torch.tensor([x], dtype=torch.float64) for x in xs]
-    if op.needs == "state":
-        out, _ = op.fn(ts[0], None)
-    elif op.needs == "uniform":
-        out = op.call(ts[0], torch.ones_like(ts[0]))
-    elif op.needs == "norm":
-        out = op.fn(ts[0], torch.abs(ts[0]))
-    else:
-        out = op.call(*ts)
-    return float(out[0])
-
-

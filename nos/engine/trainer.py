@@ -75,6 +75,7 @@ def train(
     curves: list[list[float]] | None = [[] for _ in range(C)] if record_curves else None
 
     dead = torch.zeros(C, dtype=torch.bool, device=theta.device)  # failed rows not yet dropped
+    any_dead = False  # kept in Python so the common case costs no extra tensor op per step
     for t in range(max(total)):
         theta.requires_grad_(True)
         loss = task.loss(theta)
@@ -88,16 +89,19 @@ def train(
                 for r in rows[failed].tolist():
                     failed_at[r] = t
                 dead |= failed
+                any_dead = True
                 # Dropping rows recompiles the batch's grouping; do it once enough have failed.
                 if int(dead.sum()) * 10 >= len(rows):
                     keep = torch.nonzero(~dead).squeeze(1)
                     rows, theta, grad, loss, dead = rows[keep], theta[keep], grad[keep], loss[keep], dead[keep]
                     opt = opt.select(keep)
+                    any_dead = False
                     if hasattr(task, "select"):  # tasks with per-row data follow the rows
                         task = task.select(keep)
                     if rows.numel() == 0:
                         break
-            grad = torch.where(dead[:, None], 0.0, grad)
+            if any_dead:
+                grad = torch.where(dead[:, None], 0.0, grad)
             new = theta.detach() - opt.direction(theta.detach(), grad)
             delta = opt.perturbation(new)
             if delta is not None:
