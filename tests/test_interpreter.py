@@ -11,12 +11,12 @@ import torch
 from nos.engine.interpreter import (
     BatchedOptimizer,
     Segments,
-    gradient_cost,
     segment_norm,
     segment_std,
 )
 from nos.engine.rng import rng_normal, rng_uniform
-from nos.engine.trainer import steps_for, train
+from nos.engine.trainer import train
+from nos.tasks.budget import step_cost, steps_for
 from nos.tasks.sphere import SHIFT, X0, SphereTask
 from search_space.builtins import builtin
 from search_space.genome import Genome, from_json
@@ -330,7 +330,7 @@ def test_all_candidates_failing():
 
 def test_budget_gives_each_candidate_its_own_steps():
     sgd, rso = builtin("sgd"), builtin("rso")
-    assert gradient_cost(sgd) == 3 and gradient_cost(rso) == 4
+    assert step_cost(sgd) == 3 and step_cost(rso) == 4
     assert steps_for(sgd, 30) == 10 and steps_for(rso, 30) == 7 and steps_for(sgd, 1) == 1
     res = train(SphereTask(), [sgd, rso], [0.1, 1.0], budget_fpe=30, seeds=[0, 5])
     assert res.steps == [10, 7] and res.fpe == [30, 28]

@@ -24,10 +24,10 @@ import torch
 from search_space.builtins import builtin
 from search_space.genome import Genome
 
-from ..tasks.budget import DEFAULT_BUDGET_FPE, randopt_population
+from ..tasks.budget import DEFAULT_BUDGET_FPE, randopt_population, steps_for
 from ..tasks.randopt import DEFAULT_TOP_K, randopt
 from ..tasks.sine import SineConfig, SineTask, StackedSineTask
-from .trainer import steps_for, train
+from .trainer import train
 
 HORIZONS = (1.0, 2.0, 5.0, 10.0, 20.0)
 # ANCHORS section 8 tuned Adam on {1e-4 ... 1e-2}; we go lower because Adam kept picking the grid's low end

@@ -87,11 +87,6 @@ def _ref_key(genome: Genome, ref: str) -> str | int:
     return ref if k is None else _slot_of(genome, k)
 
 
-def gradient_cost(genome: Genome) -> int:
-    """Forward-pass equivalents per training step: forward + backward (3), +1 for if_better."""
-    return 3 + (1 if genome.noise.active and genome.noise.accept == "if_better" else 0)
-
-
 class BatchedOptimizer:
     """Compiled update rules of C genomes; `direction` and `perturbation` make one step."""
 

@@ -17,7 +17,8 @@ import torch
 
 from search_space.genome import Genome
 
-from .interpreter import BatchedOptimizer, Segments, gradient_cost
+from ..tasks.budget import step_cost, steps_for
+from .interpreter import BatchedOptimizer, Segments
 
 
 class Task(Protocol):
@@ -44,10 +45,6 @@ class TrainResult:
     @property
     def ok(self) -> list[bool]:
         return [x is not None for x in self.losses]
-
-
-def steps_for(genome: Genome, budget_fpe: int) -> int:
-    return max(1, budget_fpe // gradient_cost(genome))
 
 
 def train(
@@ -123,7 +120,7 @@ def train(
     return TrainResult(
         losses=losses,
         steps=total,
-        fpe=[T * gradient_cost(g) for T, g in zip(total, genomes)],
+        fpe=[T * step_cost(g) for T, g in zip(total, genomes)],
         seconds=time.perf_counter() - start,
         curves=curves,
         failed_at=failed_at,

@@ -11,6 +11,8 @@ as in the post; the tuning itself is not charged.
 
 from __future__ import annotations
 
+from search_space.genome import Genome
+
 FORWARD_FPE = 1
 BACKWARD_FPE = 2
 GRADIENT_STEP_FPE = FORWARD_FPE + BACKWARD_FPE  # 3
@@ -43,3 +45,17 @@ def describe(budget_fpe: int = DEFAULT_BUDGET_FPE) -> str:
     """One line for table captions."""
     return (f"budget {budget_fpe} forward-pass equivalents = {gradient_steps(budget_fpe)} "
             f"gradient steps = {randopt_population(budget_fpe)} RandOpt perturbations")
+
+
+def step_cost(genome: Genome) -> int:
+    """FPE per training step of a genome: forward + backward (3), +1 for an `if_better` noise
+    rule (it scores the perturbed point with one more forward)."""
+    extra = 1 if genome.noise.active and genome.noise.accept == "if_better" else 0
+    return GRADIENT_STEP_FPE + extra * FORWARD_FPE
+
+
+def steps_for(genome: Genome, budget_fpe: int = DEFAULT_BUDGET_FPE) -> int:
+    """Training steps a genome gets within the budget (at least 1). This is also the
+    `total_steps` its schedules run over and the one its exported file defaults to."""
+    _check(budget_fpe)
+    return max(1, budget_fpe // step_cost(genome))
