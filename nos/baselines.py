@@ -26,7 +26,8 @@ from .cli import (
     resolve_device,
     run_command,
 )
-from .engine.evaluate import HELDOUT_SEEDS, HORIZONS, SearchSetup, SineEvaluator, heldout_comparison
+from .evaluation.compare import heldout_comparison
+from .evaluation.sine import HELDOUT_SEEDS, HORIZONS, SearchSetup, SineEvaluator
 from .report_table import comparison_json, comparison_table
 from .tasks.budget import DEFAULT_BUDGET_FPE, describe
 

@@ -38,9 +38,9 @@ from .cli import (
     run_command,
 )
 from .engine import integrity
-from .engine.evaluate import SearchSetup, SineEvaluator
 from .engine.trainer import train
-from .tasks.sine import SineConfig, SineTask
+from .evaluation.sine import SearchSetup, SineEvaluator
+from .tasks.sine import DEFAULT_CACHE_DIR, SineConfig, SineTask
 
 
 def _sync(device: torch.device) -> None:
@@ -119,7 +119,7 @@ def _parser() -> ArgumentParser:
     p.add_argument("--horizons", default="1,5", help="rollout horizons t_max (default 1,5)")
     p.add_argument("--steps", type=positive_int, default=10, help="training steps per measurement (10)")
     p.add_argument("--naive", type=positive_int, default=8, help="candidates timed one at a time (8)")
-    p.add_argument("--cache-dir", default="runs/cache")
+    p.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR)
     p.add_argument("--scaling", action=argparse.BooleanOptionalAction, default=None,
                    help="add the Dask row: 32 candidates with 1 and 2 local workers (default: on when Dask is installed)")
     add_device(p)

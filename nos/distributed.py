@@ -1,6 +1,6 @@
 """Candidate evaluation on a Dask cluster: many processes, GPUs or machines evaluate, one decides.
 
-The GA (`nos.ga.particle.ParticleSearch`) stays in one coordinator process: it creates, screens
+The run (`nos.search.run.Run`, driving the GA) stays in one coordinator process: it creates, screens
 and deduplicates candidates and decides which children survive. Only the expensive part -- the
 sine-rollout fitness of the candidates that passed the integrity check -- is shipped to Dask
 workers as batches. Each worker rebuilds the batched `SineEvaluator` for the run's `SearchSetup`
@@ -31,7 +31,7 @@ import torch
 
 from search_space.genome import Genome, from_json
 
-from .engine.evaluate import Fitness, SearchSetup, SineEvaluator
+from .evaluation.sine import Fitness, SearchSetup, SineEvaluator
 from .tasks.sine import SineConfig
 
 # Fault-injection hook for tests, never set in normal use: a worker asked to evaluate a genome

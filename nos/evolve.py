@@ -35,16 +35,11 @@ from .cli import (
     resolve_device,
     run_command,
 )
-from .engine.evaluate import MethodResult, geometric_mean_ratio, wins
-from .ga.particle import Cooperation, ParticleSearch, Progress, SearchConfig
+from .ga.particle import ParticleGA
 from .report_table import comparison_json, comparison_table
+from .search import PRESETS, Cooperation, Progress, Run, RunError, SearchConfig
+from .search.funnel import RIVALS, candidate_id, wins
 from .tasks.budget import describe
-
-PRESETS = {
-    "default": {},
-    "paper": {"initial": 500, "particles": 50, "timesteps": 5, "mutations": 7},
-}
-RIVALS = ("adam", "adam_clip", "randopt_all")
 
 
 def _parser() -> ArgumentParser:
@@ -164,36 +159,6 @@ class Bar:
         self.bar.close()
 
 
-def _funnel_rows(run_id: int, results: dict[str, dict[float, MethodResult]], best: list[dict], cfg: SearchConfig):
-    """Evaluations of the hall of fame and baseline rows of the rivals, for the database."""
-    evaluations: dict[int, list[dict]] = {}
-    baselines = []
-    for name, per_h in results.items():
-        for h, r in per_h.items():
-            for s, loss in zip(cfg.heldout_seeds, r.losses):
-                if name.startswith("#"):
-                    evaluations.setdefault(int(name[1:]), []).append(
-                        {"task": "sine_heldout", "horizon": h, "lr": r.hparam, "seed": s, "loss": loss,
-                         "steps": cfg.total_steps, "seconds": 0.0}
-                    )
-                else:
-                    baselines.append({"run_id": run_id, "method": name, "task": "sine_heldout", "horizon": h,
-                                      "seed": s, "loss": loss, "hparam": r.hparam, "budget": cfg.budget_fpe})
-    return evaluations, baselines
-
-
-def _best_heldout(results: dict[str, dict[float, MethodResult]]) -> str | None:
-    """The funnel candidate with the best geometric-mean ratio to tuned Adam over the horizons."""
-    scores = {}
-    for name, per_h in results.items():
-        if not name.startswith("#"):
-            continue
-        pairs = [(r.mean, results["adam"][h].mean) for h, r in per_h.items()]
-        if all(x is not None and a for x, a in pairs):
-            scores[name] = geometric_mean_ratio([x for x, _ in pairs], [a for _, a in pairs])
-    return min(scores, key=scores.get) if scores else None
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.scheduler and args.workers:
@@ -204,116 +169,96 @@ def main(argv: Sequence[str] | None = None) -> int:
     # With Dask the workers evaluate on their own devices; this process only screens candidates.
     device = resolve_device("auto" if distributed and args.device == "cuda" else args.device)
     store = Store(args.db, retries=args.db_retries, busy_timeout=args.db_timeout)
+    client = cluster = None
     try:
-        if args.resume:
-            run = store.get_run(args.resume)
-            if run is None:
-                raise UsageError(f"no run named {args.resume!r} in {store.url}")
-            if run["status"] == "finished":
-                raise UsageError(f"run {args.resume!r} already finished")
-            cfg = SearchConfig.from_json(run["config"])
-            run_id, name = run["id"], run["name"]
-            store.set_run_status(run_id, "running")
-        else:
-            cfg = _config(args)
-            name = args.name or datetime.now().strftime("run-%Y%m%d-%H%M%S")
-            if store.get_run(name) is not None:
-                raise UsageError(f"a run named {name!r} exists; continue it with --resume {name}")
-            run_id = store.create_run(name, cfg.to_json(), cfg.seed)
-        print(f"run {name!r} (id {run_id}) -> {store.url}", file=sys.stderr)
-        cooperate = args.cooperate if args.cooperate is not None else not store.url.startswith("sqlite")
-        coop = Cooperation(stale_s=args.claim_timeout) if cooperate else None
-        client = cluster = None
-        fitness_fn = None
+        cfg = None if args.resume else _config(args)
         if distributed:
-            from .distributed import DaskFitness, connect
+            from .distributed import connect
 
-            try:
+            try:  # before the run exists: an unreachable cluster leaves nothing behind
                 client, cluster = connect(args.scheduler, args.workers)
             except (OSError, RuntimeError) as e:  # unreachable scheduler, Dask missing
                 raise UsageError(f"Dask: {e}") from None
             print(f"evaluating on Dask: {client.scheduler.address}", file=sys.stderr)
-            fitness_fn = DaskFitness(client, cfg.setup(), args.device, args.batch_size, args.timeout)
+        cooperate = args.cooperate if args.cooperate is not None else not store.url.startswith("sqlite")
+        bar = Bar()
+        kw = {"progress": Progress(bar.planned, bar.judged, bar.message),
+              "cooperate": Cooperation(stale_s=args.claim_timeout) if cooperate else None}
         try:
-            return _search(store, run_id, name, cfg, device, args.format, fitness_fn, coop)
-        finally:
-            if client is not None:
-                client.close()
-            if cluster is not None:
-                cluster.close()
+            if args.resume:
+                run = Run.resume(store, args.resume, device, **kw)
+            else:
+                assert cfg is not None
+                name = args.name or datetime.now().strftime("run-%Y%m%d-%H%M%S")
+                run = Run.create(store, name, cfg, device, **kw)
+        except RunError as e:
+            bar.close()
+            raise UsageError(str(e)) from None
+        if client is not None:
+            from .distributed import DaskFitness
+
+            run.judge.fitness_fn = DaskFitness(client, run.config.setup(), args.device, args.batch_size, args.timeout)
+        print(f"run {run.name!r} (id {run.id}) -> {store.url}", file=sys.stderr)
+        return _search(run, bar, args.format)
     finally:
+        if client is not None:
+            client.close()
+        if cluster is not None:
+            cluster.close()
         store.close()
 
 
-def _search(store: Store, run_id: int, name: str, cfg: SearchConfig, device, fmt: str,
-            fitness_fn=None, coop: Cooperation | None = None) -> int:
-    bar = Bar()
-    search = ParticleSearch(store, run_id, cfg, device, Progress(bar.planned, bar.judged, bar.message),
-                            fitness_fn=fitness_fn, cooperate=coop)
+def _search(run: Run, bar: Bar, fmt: str) -> int:
+    """Run the search and the funnel inside the run's lifecycle, then print the summary."""
     start = time.perf_counter()
-    funnel_done = True
     try:
-        best = search.run()
-        results = None
-        if cfg.funnel and best:
-            # Cooperating processes run the funnel once: the claim holder; the others wait for
-            # it to finish the run (or take over if it dies).
-            if coop is None or search.claim_or_wait("funnel", lambda: store.get_run(run_id)["status"] == "finished"):
-                bar.message("held-out funnel")
-                results = search.funnel(best, progress=bar.message)
-                evaluations, baselines = _funnel_rows(run_id, results, best, cfg)
-                store.add_evaluations(evaluations)
-                store.add_baselines(baselines)
-            else:
-                funnel_done = False
+        with run:
+            best = run.optimize(ParticleGA(run.config))
+            results = run.funnel(best, progress=bar.message)
     except KeyboardInterrupt:
         bar.close()
-        search.close()
-        store.set_run_status(run_id, "interrupted")
-        print(f"\ninterrupted: continue with  python -m nos.evolve --resume {name}", file=sys.stderr)
+        print(f"\ninterrupted: continue with  python -m nos.evolve --resume {run.name}", file=sys.stderr)
         return 130
-    except BaseException:
+    finally:
         bar.close()
-        search.close()
-        store.set_run_status(run_id, "failed")
-        raise
-    bar.close()
-    search.close()
-    if funnel_done:
-        store.set_run_status(run_id, "finished")
     seconds = time.perf_counter() - start
-    counts = store.status_counts(run_id)
-    total = sum(counts.values())
-    summary = {
-        "run": name, "run_id": run_id, "seconds": seconds, "candidates": total, "status_counts": counts,
-        "integrity_pass_rate": (counts["evaluated"] + counts["error"]) / max(1, total - counts["duplicate"] - counts["invalid"]),
-        "duplicate_rate": counts["duplicate"] / max(1, total),
-        "best_search": best[:1],
-    }
+    summary: dict = {"run": run.name, "run_id": run.id, "seconds": seconds, **run.metrics(),
+                     "best_search": [{"id": c.id, "fitness": c.fitness, "lr": c.lr, "expression": c.expression}
+                                     for c in best]}
+    champion = None
     if results is not None:
-        champion = _best_heldout(results)
+        champion = Run.champion(results)
         summary["champion"] = champion
         summary["heldout"] = comparison_json(results)
         if champion:
             summary["wins"] = {f"{h:g}": w for h, w in wins(results, champion, RIVALS).items()}
     if fmt == "json":
-        print_json({**summary, "best_search": [{k: r.get(k) for k in ("id", "fitness", "lr", "expression")} for r in best]})
+        print_json(summary)
         return 0
-    print(f"\nrun {name!r}: {total} candidates in {seconds:.0f} s; " + ", ".join(f"{k} {v}" for k, v in counts.items()))
-    print(f"integrity pass rate {100 * summary['integrity_pass_rate']:.0f}%, duplicate rate {100 * summary['duplicate_rate']:.0f}%")
-    if best:
-        print(f"best in search: #{best[0]['id']} fitness {best[0]['fitness']:.4g} (lr {best[0]['lr']:g}): {best[0]['expression']}")
-    if results is not None:
-        champion = summary.get("champion")
-        shown = {k: v for k, v in results.items() if not k.startswith("#") or k == champion}
-        print("\nheld-out comparison (" + describe(cfg.budget_fpe) + f"; seeds {', '.join(map(str, cfg.heldout_seeds))})")
-        print(comparison_table(shown))
-        if champion:
-            won = [f"{h:g}" for h, w in wins(results, champion, RIVALS).items() if w]
-            verdict = f"wins at t_max = {', '.join(won)}" if won else "wins at no horizon"
-            print(f"\n{champion} vs Adam, Adam + clip and RandOpt: {verdict}")
-            print(f"export it:  python -m nos.export {champion[1:]} -o runs/{name}-{champion[1:]}.py")
+    _print_summary(run, summary, best, results, champion)
     return 0
+
+
+def _print_summary(run: Run, summary: dict, best: list, results: dict | None, champion: str | None) -> None:
+    counts = summary["status_counts"]
+    print(f"\nrun {run.name!r}: {summary['candidates']} candidates in {summary['seconds']:.0f} s; "
+          + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    print(f"integrity pass rate {100 * (summary['integrity_pass_rate'] or 0):.0f}%, "
+          f"duplicate rate {100 * (summary['duplicate_rate'] or 0):.0f}%")
+    if best:
+        b = best[0]
+        print(f"best in search: #{b.id} fitness {b.fitness:.4g} (lr {b.lr:g}): {b.expression}")
+    if results is None:
+        return
+    cfg = run.config
+    shown = {k: v for k, v in results.items() if candidate_id(k) is None or k == champion}
+    print("\nheld-out comparison (" + describe(cfg.budget_fpe) + f"; seeds {', '.join(map(str, cfg.heldout_seeds))})")
+    print(comparison_table(shown))
+    if champion:
+        won = [f"{h:g}" for h, w in wins(results, champion, RIVALS).items() if w]
+        verdict = f"wins at t_max = {', '.join(won)}" if won else "wins at no horizon"
+        print(f"\n{champion} vs Adam, Adam + clip and RandOpt: {verdict}")
+        print(f"export it:  python -m nos.export {candidate_id(champion)} -o runs/{run.name}-{candidate_id(champion)}.py")
 
 
 if __name__ == "__main__":

@@ -47,11 +47,14 @@ from .cli import (  # noqa: E402
     resolve_device,
     run_command,
 )
-from .engine.evaluate import MethodResult, SineEvaluator  # noqa: E402
 from .engine.trainer import train  # noqa: E402
-from .evolve import _best_heldout  # noqa: E402
-from .ga.particle import SearchConfig  # noqa: E402
+from .evaluation.compare import MethodResult  # noqa: E402
+from .evaluation.sine import SineEvaluator  # noqa: E402
 from .report_table import METHOD_LABELS  # noqa: E402
+from .search import SearchConfig  # noqa: E402
+from .search.funnel import candidate_id, candidate_name, stored_results  # noqa: E402
+from .search.funnel import champion as funnel_champion  # noqa: E402
+from .search.metrics import duplicate_rate, integrity_pass_rate  # noqa: E402
 from .tasks.budget import describe, randopt_population  # noqa: E402
 from .tasks.randopt import DEFAULT_TOP_K, randopt  # noqa: E402
 
@@ -62,8 +65,6 @@ STATUS_COLORS = {
     "error": "#d62728",
     "duplicate": "#9467bd",
 }
-HELDOUT = "sine_heldout"
-RIVALS = ("adam", "adam_clip", "randopt_all")
 METHOD_STYLE = {  # color, linestyle of each method in rollouts.png / losses.png
     "best": ("#d62728", "-"),
     "adam": ("#1f77b4", "-"),
@@ -101,47 +102,15 @@ def load(store: Store, name_or_id: str) -> RunData:
     cfg = SearchConfig.from_json(run["config"] or {})
     data = RunData(run, cfg, store.individuals(run["id"]), store.status_counts(run["id"]),
                    store.timestep_stats(run["id"]))
-    data.results = heldout_results(store, run["id"], cfg)
-    best: dict | None = None
-    if data.results:
-        try:  # the funnel's own choice: best geometric-mean ratio to tuned Adam over the held-out horizons
-            name = _best_heldout(data.results)
-        except (KeyError, ZeroDivisionError):  # no Adam row at some horizon: fall back to fitness
-            name = None
-        if name is not None:
-            best = data.by_id.get(int(name[1:]))
+    data.results = stored_results(store, run["id"], cfg)
+    # the funnel's own choice (best geometric-mean ratio to tuned Adam), else the best fitness
+    name = funnel_champion(data.results) if data.results else None
+    best = data.by_id.get(candidate_id(name)) if name is not None else None  # type: ignore[arg-type]
     if best is None:
         top = store.top(run["id"], 1)
         best = top[0] if top else None
     data.champion = best
     return data
-
-
-def heldout_results(store: Store, run_id: int, cfg: SearchConfig) -> dict[str, dict[float, MethodResult]]:
-    """The funnel's table rebuilt from the database: method ("adam", ..., "#<id>") -> horizon -> result."""
-    seeds = list(cfg.heldout_seeds)
-
-    def ordered(rows: list[dict]) -> list[float | None]:
-        rows = sorted(rows, key=lambda r: seeds.index(r["seed"]) if r["seed"] in seeds else len(seeds) + r["seed"])
-        return [r["loss"] for r in rows]
-
-    grouped: dict[tuple[str, float], list[dict]] = defaultdict(list)
-    for b in store.baselines(run_id, task=HELDOUT):
-        grouped[(b["method"], b["horizon"])].append(b)
-    # The funnel re-evaluates the hall of fame: the best distinct evaluated candidates.
-    for ind in store.top(run_id, max(2 * cfg.funnel, cfg.funnel + 5)):
-        full = store.get_individual(ind["id"]) or {}
-        for e in full.get("evaluations", []):
-            if e["task"] == HELDOUT:
-                grouped[(f"#{ind['id']}", e["horizon"])].append({**e, "hparam": e["lr"]})
-    results: dict[str, dict[float, MethodResult]] = {}
-    for (method, h), rows in grouped.items():
-        results.setdefault(method, {})[h] = MethodResult(method, h, ordered(rows), rows[0]["hparam"])
-    for per_h in results.values():  # horizons in increasing order
-        items = sorted(per_h.items())
-        per_h.clear()
-        per_h.update(items)
-    return results
 
 
 def particle_paths(data: RunData) -> dict[int, list[dict]]:
@@ -347,7 +316,7 @@ def rollouts(data: RunData, evaluator: SineEvaluator, horizon: float, seed: int)
     the best individual, tuned Adam, RandOpt on all layers, and the pretrained net as it is."""
     cfg, best = data.config, data.champion
     assert best is not None
-    name = f"#{best['id']}"
+    name = candidate_name(best['id'])
     task = evaluator.task(horizon, pretrain_seed=seed, target_seed=seed)
     gradient = [("best", f"{name} (lr {_hp(data, name, horizon)})", from_json(best["genome"]), name),
                 ("adam", f"Adam (lr {_hp(data, 'adam', horizon)})", builtin("adam"), "adam")]
@@ -427,7 +396,7 @@ def plot_rollouts(data: RunData, path: Path, device: torch.device, horizons: Seq
 
 def plot_losses(data: RunData, path: Path) -> None:
     """losses.png: held-out loss per horizon (mean +- std over seeds, log y) per method."""
-    best = f"#{data.champion['id']}" if data.champion else None
+    best = candidate_name(data.champion['id']) if data.champion else None
     keys = [(best, "best"), ("adam", "adam"), ("adam_clip", "adam_clip"), ("randopt_all", "randopt_all"),
             ("before", "before")]
     fig, ax = plt.subplots(figsize=(8, 5))
@@ -487,7 +456,7 @@ def _cell(r: MethodResult | None) -> str:
 def heldout_markdown(data: RunData) -> str:
     """The held-out comparison as a markdown table (the best mean per horizon in bold)."""
     horizons = sorted({h for per_h in data.results.values() for h in per_h})
-    champion = f"#{data.champion['id']}" if data.champion else None
+    champion = candidate_name(data.champion['id']) if data.champion else None
     order = ["before", "adam", "adam_clip", "randopt_all"]
     methods = [m for m in order if m in data.results] + sorted(m for m in data.results if m not in order)
     best_mean = {}
@@ -518,9 +487,8 @@ def summary_markdown(data: RunData, images: dict[str, str], db_arg: str, skipped
     """summary.md: the run, its counts, the best individual, the held-out table and the plots."""
     run, cfg, counts = data.run, data.config, data.counts
     total = sum(counts.values())
-    judged = total - counts.get("duplicate", 0) - counts.get("invalid", 0)
-    pass_rate = (counts.get("evaluated", 0) + counts.get("error", 0)) / max(1, judged)
-    dup_rate = counts.get("duplicate", 0) / max(1, total)
+    pass_rate = integrity_pass_rate(counts) or 0.0
+    dup_rate = duplicate_rate(counts) or 0.0
     out = [f"# nos run `{run['name']}` (id {run['id']})", ""]
     out += [f"- status: **{run['status']}**, started {_when(run['started_at'])}, "
             f"finished {_when(run['finished_at'])}",
@@ -535,7 +503,7 @@ def summary_markdown(data: RunData, images: dict[str, str], db_arg: str, skipped
         out += ["No evaluated individual yet.", ""]
     else:
         how = "funnel champion: best geometric-mean held-out loss ratio to tuned Adam" if data.results and \
-            any(m == f"#{best['id']}" for m in data.results) else "best search fitness"
+            candidate_name(best['id']) in data.results else "best search fitness"
         out += [f"**#{best['id']}** ({how})", "",
                 f"- fitness: {best['fitness']:.4g} (geometric mean of loss / tuned Adam's loss over the search horizons; "
                 "lower is better)" if best["fitness"] is not None else "- fitness: -",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .cli import format_table
-from .engine.evaluate import MethodResult
+from .evaluation.compare import MethodResult
 
 METHOD_LABELS = {
     "before": "before fine-tuning",

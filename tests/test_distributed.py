@@ -67,7 +67,7 @@ def test_killed_worker_loses_nothing(tmp_path: Path) -> None:
     from distributed import Client, LocalCluster
 
     from nos.distributed import DaskFitness, _executing_keys
-    from nos.engine.evaluate import SearchSetup, SineEvaluator
+    from nos.evaluation.sine import SearchSetup, SineEvaluator
     from nos.tasks.sine import SineConfig
     from search_space.mutation import random_genome
 

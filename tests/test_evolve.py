@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from db.store import Store
-from nos.ga.particle import ParticleSearch, SearchConfig
+from nos.search import Proposal, Run, SearchConfig
 from search_space.genome import from_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,8 +128,8 @@ def test_candidates_that_raise_or_diverge_are_recorded_and_the_run_goes_on(tmp_p
     cfg = SearchConfig(horizons=(1.0,), budget_fpe=60, sine={"pretrain_steps": 100, "width": 8},
                        cache_dir=str(tmp_path / "cache"))
     with Store(str(tmp_path / "x.sqlite")) as store:
-        run_id = store.create_run("faults", cfg.to_json(), 0)
-        search = ParticleSearch(store, run_id, cfg, "cpu")
+        search = Run.create(store, "faults", cfg, "cpu")
+        run_id = search.id
         diverge = from_json({"nodes": [{"op": "exp", "in": ["g"]}, {"op": "exp", "in": ["n0"]},
                                        {"op": "mul", "in": ["n1", "two"]}, {"op": "pow_abs", "in": ["n2", "n2"]}],
                              "lr": {"schedule": "constant"}})
@@ -144,12 +144,12 @@ def test_candidates_that_raise_or_diverge_are_recorded_and_the_run_goes_on(tmp_p
 
         search.evaluator.fitness = flaky_fitness
         raiser = from_json({"nodes": [{"op": "sign", "in": ["m"]}]})
-        search.judge([
-            ("a", lambda rng: (diverge, None), {"timestep": 0}),
-            ("b", lambda rng: (raiser, None), {"timestep": 0}),
-            ("c", lambda rng: (adam, None), {"timestep": 0}),
-            ("d", lambda rng: (adam, None), {"timestep": 0}),
-        ])
+        search.judge.judge_chunks([[
+            Proposal("a", lambda rng: (diverge, None)),
+            Proposal("b", lambda rng: (raiser, None)),
+            Proposal("c", lambda rng: (adam, None)),
+            Proposal("d", lambda rng: (adam, None)),
+        ]])
         rows = {r["slot"]: r for r in store.individuals(run_id)}
         assert rows["b"]["status"] == "error" and "boom" in rows["b"]["error"]
         # Adam scored against tuned Adam: its search lrs are a subset of the reference's grid, on the

@@ -12,8 +12,8 @@ from matplotlib.image import imread
 
 from db.store import Store
 from nos import report
-from nos.engine.evaluate import SineEvaluator
-from nos.evolve import _best_heldout
+from nos.evaluation.sine import SineEvaluator
+from nos.search.funnel import champion
 from tests.test_query import RUN, in_process, run_module, tiny_search
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -61,8 +61,8 @@ def test_summary_agrees_with_database(made: tuple[Path, dict, str], tiny_db: Pat
     with Store(tiny_db, create=False) as store:
         data = report.load(store, RUN)
         counts = store.status_counts(data.run["id"])
-    champion = _best_heldout(data.results)
-    assert champion is not None and data.champion["id"] == int(champion[1:])  # the funnel's champion
+    name = champion(data.results)
+    assert name is not None and data.champion["id"] == int(name[1:])  # the funnel's champion
     best = data.champion
     assert f"# nos run `{RUN}`" in summary
     assert f"**#{best['id']}** (funnel champion" in summary

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
@@ -27,24 +26,8 @@ from search_space.operands import OPERANDS, update_moments
 from search_space.ops import OPS
 from search_space.schedules import lr_values
 
+from ..tasks.segments import Segments
 from .rng import STREAM_DROPOUT, STREAM_NOISE_OPERAND, STREAM_PERTURBATION, rng_normal, rng_uniform
-
-
-@dataclass(frozen=True)
-class Segments:
-    """How the flat parameter vector splits into tensors (for per-tensor norms and stds)."""
-
-    bounds: tuple[tuple[int, int], ...]
-
-    @property
-    def n_params(self) -> int:
-        return self.bounds[-1][1]
-
-    def ids(self, device: torch.device | str) -> torch.Tensor:
-        out = torch.empty(self.n_params, dtype=torch.long)
-        for i, (a, b) in enumerate(self.bounds):
-            out[a:b] = i
-        return out.to(device)
 
 
 def segment_norm(x: torch.Tensor, seg_ids: torch.Tensor, n_seg: int) -> torch.Tensor:

@@ -38,7 +38,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from nos.engine.interpreter import Segments
+from nos.tasks.segments import Segments
 
 # Bump when the pretraining procedure changes in a way the config does not capture, so that
 # stale cached weights are never reused.
@@ -52,6 +52,9 @@ _STREAM_TARGET = 3
 
 # -----------------------------------------------------------------------------
 # Configuration
+
+
+DEFAULT_CACHE_DIR = "runs/cache"  # pretrained weights, keyed by the task configuration and seed
 
 
 @dataclass(frozen=True)
@@ -300,11 +303,11 @@ def pretrain_uncached(config: SineConfig, seed: int,
     return theta.detach()[0].clone()
 
 
-def cache_path(config: SineConfig, seed: int, cache_dir: str | os.PathLike = "runs/cache") -> Path:
+def cache_path(config: SineConfig, seed: int, cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR) -> Path:
     return Path(cache_dir) / f"sine-{config.key()}-seed{seed}.npz"
 
 
-def pretrain_cached(config: SineConfig, seed: int, cache_dir: str | os.PathLike = "runs/cache",
+def pretrain_cached(config: SineConfig, seed: int, cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR,
                     device: torch.device | str = "cpu") -> tuple[torch.Tensor, bool]:
     """Pretrained weights [P] and whether they were loaded from the cache (False = trained).
 
@@ -332,7 +335,7 @@ def pretrain_cached(config: SineConfig, seed: int, cache_dir: str | os.PathLike 
     return theta, False
 
 
-def pretrain(config: SineConfig, seed: int, cache_dir: str | os.PathLike = "runs/cache",
+def pretrain(config: SineConfig, seed: int, cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR,
              device: torch.device | str = "cpu") -> torch.Tensor:
     """Pretrained flat weights [P] float32 (trained once per (config, seed), then cached)."""
     return pretrain_cached(config, seed, cache_dir, device)[0]
@@ -351,7 +354,7 @@ class SineTask:
 
     def __init__(self, config: SineConfig, pretrain_seed: int = 0,
                  target_seed: int = 0, horizon: float = 1.0, device: torch.device | str = "cpu",
-                 cache_dir: str | os.PathLike = "runs/cache") -> None:
+                 cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR) -> None:
         self.config = config
         self.pretrain_seed = pretrain_seed
         self.target_seed = target_seed

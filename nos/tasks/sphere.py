@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from nos.engine.interpreter import Segments
+from nos.tasks.segments import Segments
 
 X0 = (1.1, 0.9, 1.1, 0.9, 1.0)
 SHIFT = (0.5, 1.5, -0.3, -1.2, 0.75)

@@ -1,0 +1,9 @@
+"""A search run: its configuration, the judging of candidates, the funnel and the run object."""
+
+from .config import PRESETS, SearchConfig
+from .judge import Cooperation, Progress
+from .records import Batch, Candidate, Generation, Proposal
+from .run import Run, RunError
+
+__all__ = ["PRESETS", "Batch", "Candidate", "Cooperation", "Generation", "Progress", "Proposal", "Run",
+           "RunError", "SearchConfig"]
