@@ -9,6 +9,32 @@
 - powersign / addsign: Bello et al. (2017), with the linear decay f(t) = 1 - t/T on sign(g)sign(m).
 - rso: no gradient step at all; a Gaussian perturbation scaled by each tensor's std, kept only
   when the loss improves (Tripathi & Singh, 2020, "RSO"; a (1+1)-ES).
+
+NOS's published final optimizers (Morgan & Hougen, 2024; their TensorFlow finalOptimizers.py, as
+ANCHORS section 9 summarises it), re-derived from the equations, with `use_decay` on. Notation:
+m = bias-corrected EMA of g (beta .9), qh = 0.3 g + 0.7 m, tau = t / T, t counted from 0, and
+W(tau) = `warmup_hold_cosine`, their lr_warmup_cosine_decay: linear warm-up from 0 over T/15
+steps, hold 2T/15, cosine to 0 (the fractions of their usage example, 6400 / 12800 of 96000).
+Every one of them is a plain update w <- w - lr W(tau) [E(tau)] u, where E = `nos_evolved_lr0` =
+erfc(erfc(cosine_up)) / (1 - tanh^2(a8)), a8 = 0.5 (1 - cos(pi ((2t mod T) / T))).
+- nos_opt5: u = qh / clip(2, -c, c), c = |exp(m)|; lr W E.
+- nos_opt6: u = qh / |d(tau) exp(1e-4 w)|, d = 1 - tanh^2(cosine_up); lr W E.
+- nos_opt7: u = tanh(a(tau) asinh(qh)), a = max(a6, a10), a6 = 0.5 (1 - cos(2 pi tau)),
+  a10 = (2t mod T) / T; lr W (no evolved decay).
+- nos_adamclip: their AdamClip variant 0, u = clip(m, -s, s), s = sqrt(v99) + 1e-7 with v99 the
+  bias-corrected EMA of g^2, beta .99; lr W.
+Where nos's ops differ from their TensorFlow ones, by design or by a missing constant:
+- division is nos's `div`, x / (y + 1e-8): their plain division has no epsilon. The denominators
+  here are min(2, exp(m)) and d exp(1e-4 w) >= 0.42 exp(1e-4 w), so the relative difference is
+  about 1e-8.
+- nos_adamclip clips to +-sqrt(v99), without their + 1e-7: the search space has no constant
+  1e-7 operand. The two agree to a relative 1e-7 / sqrt(v99), i.e. wherever |g| >> 1e-7.
+- their step 0 has lr 0 (W(0) = 0), as here: the first step only fills the moments.
+Their other final optimizers, not builtins here: Opt8 is Opt7 with an outer asinh instead of tanh,
+and Opt1 / Opt2 (qh plus a softsign term in 1e-5 w shaped by 0.95 v99 -+ 0.05 g^2) can be built
+from v99, `interp`, `neg`, `clip` / `div_sqrt` and `softsign` in 6 / 5 nodes; Opt3 needs a
+0.99 / 0.01 mix of v and g^3 (`interp` is 0.95 / 0.05), Opt4 atan of a Demon-like decay with beta
+0.95 over (t + 1) / T, Opt9-10 a momentum schedule 0.95 -> 0.85 -> 0.95 (nos's is a fixed 0.9).
 """
 
 from __future__ import annotations
@@ -16,6 +42,9 @@ from __future__ import annotations
 from typing import Any
 
 from .genome import Genome, from_json
+
+# NOS's lr for Opt5 / Opt6: the warm-up-hold-cosine base times their evolved decay
+_NOS_EVOLVED_LR = {"op": "mul", "args": ["warmup_hold_cosine", "nos_evolved_lr0"]}
 
 BUILTIN_JSON: dict[str, dict[str, Any]] = {
     "sgd": {"nodes": [{"op": "mul", "in": ["g", "one"]}]},
@@ -45,6 +74,34 @@ BUILTIN_JSON: dict[str, dict[str, Any]] = {
     "rso": {
         "nodes": [{"op": "mul", "in": ["zero", "one"]}],
         "noise": {"sigma": 1.0, "decay": "linear_down", "scale": "layer_std", "accept": "if_better"},
+    },
+    # NOS's published final optimizers (see the module docstring)
+    "nos_opt5": {
+        "nodes": [
+            {"op": "exp", "in": ["m"]},
+            {"op": "clip", "in": ["two", "n0"]},  # clip(2, -|exp(m)|, |exp(m)|)
+            {"op": "div", "in": ["qh_gm", "n1"]},
+        ],
+        "lr": {"schedule": "constant", "decay": _NOS_EVOLVED_LR},
+    },
+    "nos_opt6": {
+        "nodes": [
+            {"op": "exp", "in": ["w_1e4"]},
+            {"op": "abs", "in": ["n0"], "decay": [{"op": "sech2", "args": ["cosine_up"]}]},
+            {"op": "div", "in": ["qh_gm", "n1"]},
+        ],
+        "lr": {"schedule": "constant", "decay": _NOS_EVOLVED_LR},
+    },
+    "nos_opt7": {
+        "nodes": [
+            {"op": "asinh", "in": ["qh_gm"]},
+            {"op": "tanh", "in": ["n0"], "decay": [{"op": "max", "args": ["cyclic_cosine_up1", "linear_restart_up2"]}]},
+        ],
+        "lr": {"schedule": "constant", "decay": "warmup_hold_cosine"},
+    },
+    "nos_adamclip": {
+        "nodes": [{"op": "sqrt_abs", "in": ["v99"]}, {"op": "clip", "in": ["m", "n0"]}],
+        "lr": {"schedule": "constant", "decay": "warmup_hold_cosine"},
     },
 }
 # Note: a single-operand update still needs a node; `mul(g, one)` is g (sympy folds the 1).

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import decay as decay_mod
-from .decay import Decay
+from .decay import Decay, short_repr
 from .operands import OPERANDS
 from .ops import OPS
 
@@ -51,7 +51,7 @@ NOISE_SCALES = ("absolute", "layer_std")
 NOISE_ACCEPT = ("always", "if_better")
 SIGMA_MAX = 1.0
 MAX_JSON_BYTES = 100_000
-_NODE_REF = re.compile(r"n(\d)")
+_NODE_REF = re.compile(r"n([0-9])")  # ASCII only: \d would also match "n٠"
 
 
 class GenomeError(ValueError):
@@ -112,7 +112,7 @@ class Genome:
             if i in seen:
                 continue
             seen.add(i)
-            stack.extend(node_index(r) for r in self.nodes[i].inputs if node_index(r) is not None)
+            stack.extend(k for r in self.nodes[i].inputs if (k := node_index(r)) is not None)
         return sorted(seen)
 
     def operands_used(self) -> set[str]:
@@ -169,7 +169,7 @@ def _number(x: Any, where: str, lo: float, hi: float) -> float:
 
 
 def _choice(x: Any, options: tuple[str, ...], where: str) -> str:
-    _expect(isinstance(x, str) and x in options, f"{where}: {x!r} is not one of {', '.join(options)}")
+    _expect(isinstance(x, str) and x in options, f"{where}: {short_repr(x)} is not one of {', '.join(options)}")
     return x
 
 
@@ -180,13 +180,16 @@ def _decay(x: Any, where: str) -> Decay | None:
         decay_mod.validate_decay(x, where=where)
     except decay_mod.DecayError as e:
         raise GenomeError(str(e)) from None
+    _expect(decay_mod.is_valid(x), f"{where}: {decay_mod.describe(x)} leaves [0, 1]")
     return x
 
 
 def _keys(obj: Any, allowed: set[str], required: set[str], where: str) -> dict[str, Any]:
     _expect(isinstance(obj, dict), f"{where}: expected an object")
     unknown = set(obj) - allowed
-    _expect(not unknown, f"{where}: unknown key(s) {', '.join(sorted(map(str, unknown)))}")
+    shown = sorted(short_repr(k) for k in unknown)
+    more = f" (+{len(shown) - 5} more)" if len(shown) > 5 else ""
+    _expect(not unknown, f"{where}: unknown key(s) {', '.join(shown[:5])}{more}")
     missing = required - set(obj)
     _expect(not missing, f"{where}: missing key(s) {', '.join(sorted(missing))}")
     return obj
@@ -196,14 +199,14 @@ def from_json(obj: Any) -> Genome:
     """Build a genome from parsed JSON, validating names, structure and numbers."""
     obj = _keys(obj, {"nodes", "update", "sign", "clip", "lr", "noise"}, {"nodes"}, "genome")
     raw_nodes = obj["nodes"]
-    _expect(isinstance(raw_nodes, list) and raw_nodes, "genome.nodes: expected a non-empty list")
+    _expect(isinstance(raw_nodes, list) and bool(raw_nodes), "genome.nodes: expected a non-empty list")
     _expect(len(raw_nodes) <= MAX_NODES, f"genome.nodes: at most {MAX_NODES} nodes")
     nodes = []
     for i, rn in enumerate(raw_nodes):
         where = f"genome.nodes[{i}]"
         rn = _keys(rn, {"op", "in", "decay"}, {"op", "in"}, where)
         op = rn["op"]
-        _expect(isinstance(op, str) and op in OPS, f"{where}.op: unknown operation {op!r}")
+        _expect(isinstance(op, str) and op in OPS, f"{where}.op: unknown operation {short_repr(op)}")
         arity = OPS[op].arity
         ins = rn["in"]
         _expect(isinstance(ins, list) and len(ins) == arity, f"{where}.in: {op} takes {arity} input(s)")
@@ -211,9 +214,9 @@ def from_json(obj: Any) -> Genome:
             _expect(isinstance(ref, str), f"{where}.in[{j}]: expected a name")
             k = node_index(ref)
             if k is None:
-                _expect(ref in OPERANDS, f"{where}.in[{j}]: unknown operand {ref!r}")
+                _expect(ref in OPERANDS, f"{where}.in[{j}]: unknown operand {short_repr(ref)}")
             else:
-                _expect(k < i, f"{where}.in[{j}]: {ref!r} is not an earlier node (graph must be acyclic)")
+                _expect(k < i, f"{where}.in[{j}]: {short_repr(ref)} is not an earlier node (graph must be acyclic)")
         decays = rn.get("decay", [None] * arity)
         _expect(isinstance(decays, list) and len(decays) == arity, f"{where}.decay: expected {arity} entries")
         nodes.append(
@@ -286,7 +289,7 @@ def check_valid(g: Genome) -> None:
     for i, n in enumerate(g.nodes):
         for j, ref in enumerate(n.inputs):
             k = node_index(ref)
-            _expect(ref in OPERANDS or (k is not None and k < i), f"genome.nodes[{i}].in[{j}]: bad reference {ref!r}")
+            _expect(ref in OPERANDS or (k is not None and k < i), f"genome.nodes[{i}].in[{j}]: bad reference {short_repr(ref)}")
         for j, d in enumerate(n.decays):
             _expect(d is None or decay_mod.is_valid(d), f"genome.nodes[{i}].decay[{j}]: leaves [0, 1]")
     for where, d in (("lr.decay", g.lr.decay), ("noise.decay", g.noise.decay)):

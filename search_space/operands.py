@@ -7,7 +7,8 @@ noise operand (Bello et al., 2017: eps ~ N(0, 0.01^2)), the constant 0 (so a noi
 is expressible) and Lion's interpolation 0.1 g + 0.9 m_{t-1} (Chen et al., 2023).
 
 Deviation from NOS: the EMA of g^2 uses beta 0.999 (Adam's default, Kingma & Ba 2015) rather
-than 0.99, so `m / (sqrt(v) + eps)` *is* torch.optim.Adam.
+than 0.99, so `m / (sqrt(v) + eps)` *is* torch.optim.Adam. NOS's own beta-0.99 EMA is there too,
+as `v99`, for its published AdamClip (the nos_adamclip builtin); random genomes never draw it.
 
 Like the ops, the operand functions and `update_moments` are plain torch code that the exporter
 copies verbatim, so the interpreter and the exported file compute the same numbers.
@@ -37,6 +38,7 @@ def update_moments(state, g, t, needed):
         ("v", 0.999, 2, True),
         ("y", 0.999, 3, True),
         ("m99", 0.99, 1, False),
+        ("v99", 0.99, 2, True),  # NOS's own EMA of g^2 (its final optimizers' AdamClip)
     )
     for key, beta, power, corrected in moments:
         if key not in needed:
@@ -145,6 +147,10 @@ def opd_noise(g, w, s):
     return s["noise"]
 
 
+def opd_v99(g, w, s):
+    return s["v99"]
+
+
 _CONSTANTS = {"one": sp.Integer(1), "two": sp.Integer(2), "zero": sp.Integer(0)}
 _M, _V, _Y, _S = frozenset({"m"}), frozenset({"v"}), frozenset({"y"}), frozenset({"m99"})
 
@@ -171,9 +177,14 @@ OPERANDS: dict[str, Operand] = {
         Operand("aggmo", opd_aggmo, "AggMo-style mean of EMAs of g with beta 0, 0.9, 0.99", _M | _S),
         Operand("lion_mix", opd_lion_mix, "Lion's 0.1 g + 0.9 m99_{t-1} (m99: EMA of g, beta .99)", _S),
         Operand("noise", opd_noise, "Gaussian noise N(0, 0.01^2)", frozenset({"noise"}), uses_grad=False),
+        Operand("v99", opd_v99, "bias-corrected EMA of g^2, beta 0.99 (NOS's)", frozenset({"v99"})),
     ]
 }
 
+#: operands of NOS's published final optimizers (the nos_* builtins) that random genomes and
+#: mutations never draw, so that adding them changed no run: v99 is AdamClip's second moment
+PUBLISHED_OPERANDS = frozenset({"v99"})
+
 #: how often a random genome picks each operand (the gradient statistics dominate)
-OPERAND_WEIGHTS: dict[str, float] = {name: 1.0 for name in OPERANDS}
+OPERAND_WEIGHTS: dict[str, float] = {name: 1.0 for name in OPERANDS if name not in PUBLISHED_OPERANDS}
 OPERAND_WEIGHTS.update({"g": 3.0, "m": 2.0, "v": 1.5, "zero": 0.1, "noise": 0.5})

@@ -199,7 +199,7 @@ def test_update_moments_only_advances_what_is_needed():
 
 def test_operand_needs_match_their_functions():
     g, w = torch.randn(5), torch.randn(5)
-    s = update_moments({}, g, 1, {"m", "v", "y", "m99"})
+    s = update_moments({}, g, 1, {"m", "v", "y", "m99", "v99"})
     s["noise"] = torch.zeros(5)
     for name, o in OPERANDS.items():
         out = o.fn(g, w, {k: s[k] for k in s if k in o.needs or (k == "m99_prev" and "m99" in o.needs)})
