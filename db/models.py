@@ -3,7 +3,9 @@
 Column names are a contract with outside tools (DESIGN.md, "Database"): add columns
 freely, never rename one. Three storage rules live here, in the column types, so no
 caller can forget them: datetimes are UTC, floats are finite or NULL, JSON is
-canonical text (``json.dumps(sort_keys=True)``).
+canonical text (``json.dumps(sort_keys=True)``) nested at most ``MAX_JSON_DEPTH`` deep.
+The rules hold on the way back too (`check_stored`): a value some other program
+wrote into the file is checked like input, never trusted.
 """
 
 from __future__ import annotations
@@ -30,10 +32,16 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 APP = "nos"
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"  # 2: evaluations.split, baselines.split and .protocol, individuals.fidelity
 
 RUN_STATUSES = ("running", "finished", "interrupted", "failed")
+MAX_JSON_DEPTH = 64  # genomes nest about 10 deep, configs 3
 INDIVIDUAL_STATUSES = ("evaluated", "rejected_integrity", "invalid", "error", "duplicate")
+SPLITS = ("search", "validation", "test")  # disjoint seed sets: fitness / every choice / reported only
+
+
+class StoredValueError(ValueError):
+    """A value read back from the database breaks its column's rules (a tampered row)."""
 
 
 def utcnow() -> datetime:
@@ -70,7 +78,54 @@ def dump_json(value: Any) -> str:
     """
     if isinstance(value, str):
         value = json.loads(value)
+    if json_depth(value) > MAX_JSON_DEPTH:
+        raise ValueError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
     return json.dumps(plain_json(value), sort_keys=True, allow_nan=False)
+
+
+def json_depth(value: Any, limit: int = MAX_JSON_DEPTH) -> int:
+    """How deep lists and objects nest in ``value`` (without recursion); stops counting
+    just past ``limit``."""
+    depth, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, (dict, list, tuple)):
+            depth = max(depth, level)
+            if depth > limit:
+                return depth
+            stack.extend((v, level + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return depth
+
+
+def _reject_constant(name: str) -> Any:
+    raise StoredValueError(f"{name} is not valid JSON")
+
+
+def load_json(text: Any, where: str = "JSON", *, object_only: bool = False) -> Any:
+    """Parse JSON text read back from the database; StoredValueError (one line) if it is
+    not text, not JSON, holds NaN/Infinity, nests deeper than ``MAX_JSON_DEPTH`` or (with
+    ``object_only``) is not a JSON object."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError:
+            raise StoredValueError(f"{where}: not UTF-8 text") from None
+    if not isinstance(text, str):
+        raise StoredValueError(f"{where}: expected JSON text, got {type(text).__name__}")
+    try:
+        value = json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise StoredValueError(f"{where}: JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except StoredValueError as exc:
+        raise StoredValueError(f"{where}: {exc}") from None
+    except ValueError as exc:
+        first = (str(exc).splitlines() or [""])[0][:80]
+        raise StoredValueError(f"{where}: not valid JSON ({first})") from None
+    if json_depth(value) > MAX_JSON_DEPTH:
+        raise StoredValueError(f"{where}: JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    if object_only and not isinstance(value, dict):
+        raise StoredValueError(f"{where}: expected a JSON object, found {type(value).__name__}")
+    return value
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -89,6 +144,23 @@ class UTCDateTime(TypeDecorator[datetime]):
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         return None if value is None else value.replace(tzinfo=timezone.utc)
 
+    def result_processor(self, dialect: Dialect, coltype: Any) -> Any:
+        """The driver's parsing too, with a stored non-date (SQLite keeps any type) reported
+        as a StoredValueError instead of the parser's TypeError / ValueError."""
+        process = super().result_processor(dialect, coltype)
+        if process is None:
+            return None
+
+        def checked(value: Any) -> datetime | None:
+            try:
+                return process(value)
+            except (TypeError, ValueError, OverflowError):
+                raise StoredValueError(
+                    f"a date-time column holds {type(value).__name__} {_short(value)}"
+                ) from None
+
+        return checked
+
 
 class FiniteFloat(TypeDecorator[float]):
     """A float column that stores NaN and +-inf as NULL (a non-finite loss is "no loss")."""
@@ -100,6 +172,17 @@ class FiniteFloat(TypeDecorator[float]):
         if value is None:
             return None
         value = float(value)
+        return value if math.isfinite(value) else None
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> float | None:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise StoredValueError(f"a number column holds {type(value).__name__} {_short(value)}")
+        try:
+            value = float(value)
+        except OverflowError:
+            return None
         return value if math.isfinite(value) else None
 
 
@@ -119,11 +202,46 @@ class JSONText(TypeDecorator[Any]):
     impl = Text
     cache_ok = True
 
+    def __init__(self, where: str = "a JSON column", *, object_only: bool = False) -> None:
+        super().__init__()
+        self.where = where  # names the column in a damaged-value message
+        self.object_only = object_only  # read back: only a JSON object is a valid value
+
     def process_bind_param(self, value: Any, dialect: Dialect) -> str | None:
         return None if value is None else dump_json(value)
 
     def process_result_value(self, value: str | None, dialect: Dialect) -> Any:
-        return None if value is None else json.loads(value)
+        return None if value is None else load_json(value, self.where, object_only=self.object_only)
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    text = repr(value[:limit + 1] if isinstance(value, (str, bytes)) else value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def check_stored(table: str, column: Any, value: Any) -> Any:
+    """``value`` as read from ``table.column``, if it has the column's Python type;
+    StoredValueError otherwise (SQLite stores any type in any column)."""
+    if value is None:
+        return None
+    kind = column.type
+    if isinstance(kind, JSONText):  # parsed and checked by JSONText itself
+        return value
+    if isinstance(kind, FiniteFloat):
+        ok, want = isinstance(value, float) and math.isfinite(value), "a finite number"
+    elif isinstance(kind, (Int, Integer)):
+        ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif isinstance(kind, UTCDateTime):
+        ok, want = isinstance(value, datetime), "a date-time"
+    elif isinstance(kind, (String, Text)):
+        ok, want = isinstance(value, str), "text"
+    else:
+        ok, want = True, ""
+    if not ok:
+        raise StoredValueError(
+            f"{table}.{column.key} holds {type(value).__name__} {_short(value)}, not {want}"
+        )
+    return value
 
 
 def _one_of(table: str, column: str, values: tuple[str, ...]) -> CheckConstraint:
@@ -153,7 +271,7 @@ class Run(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(255), unique=True)
-    config: Mapped[Any] = mapped_column(JSONText)
+    config: Mapped[Any] = mapped_column(JSONText("runs.config", object_only=True))
     status: Mapped[str] = mapped_column(String(32), default="running")
     seed: Mapped[int]
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -184,7 +302,7 @@ class Individual(Base):
     mutation: Mapped[int | None]
     attempt: Mapped[int] = mapped_column(default=0)
     slot: Mapped[str] = mapped_column(String(128))
-    genome: Mapped[Any] = mapped_column(JSONText)
+    genome: Mapped[Any] = mapped_column(JSONText("individuals.genome", object_only=True))
     expression: Mapped[str | None] = mapped_column(Text)
     latex: Mapped[str | None] = mapped_column(Text)
     genome_hash: Mapped[str | None] = mapped_column(String(128), index=True)
@@ -192,6 +310,9 @@ class Individual(Base):
     unflipped_hash: Mapped[str | None] = mapped_column(String(128), index=True)
     status: Mapped[str] = mapped_column(String(32))
     fitness: Mapped[float | None]
+    # which fitness this is: 1 = the full search fitness, 0 = only the cheap first stage of a
+    # multi-fidelity search (not promoted); a full fitness always ranks above a cheap one
+    fidelity: Mapped[int] = mapped_column(default=1)
     lr: Mapped[float | None]
     sign: Mapped[int | None]
     mutation_kind: Mapped[str | None] = mapped_column(String(64))
@@ -223,6 +344,7 @@ class Evaluation(Base):
     loss: Mapped[float | None]
     steps: Mapped[int]
     seconds: Mapped[float]
+    split: Mapped[str] = mapped_column(String(16), default="search")  # search / validation / test
 
     individual: Mapped[Individual] = relationship(back_populates="evaluations")
 
@@ -231,7 +353,8 @@ class Baseline(Base):
     """A reference optimizer's result (Adam, RandOpt, ...); ``hparam`` is its lr or sigma."""
 
     __tablename__ = "baselines"
-    __table_args__ = (Index("ix_baselines_task_horizon", "task", "horizon"),)
+    __table_args__ = (Index("ix_baselines_task_horizon", "task", "horizon"),
+                      Index("ix_baselines_protocol", "protocol"))
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
@@ -242,6 +365,10 @@ class Baseline(Base):
     loss: Mapped[float | None]
     hparam: Mapped[float | None]
     budget: Mapped[int]
+    split: Mapped[str] = mapped_column(String(16), default="search")  # search / validation / test
+    # the evaluation protocol whose results these are (nos.evaluation.protocol.Protocol.key);
+    # rows of a protocol are computed once and reused by every run and command with that key
+    protocol: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

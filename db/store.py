@@ -3,15 +3,21 @@
 Every public method is one transaction and speaks plain dicts, so callers never hold
 ORM objects across transactions. Opening a database is careful: a file or server that
 is not a nos database of this schema version is refused before anything is written
-to it. Transient failures ("database is locked", a dropped connection) are retried a
-bounded number of times; every failure reaches the caller as a one-line StoreError.
+to it, and so is an SQLite file that fails SQLite's ``PRAGMA quick_check``. A store
+opened ``readonly`` never writes and leaves no files behind (SQLite ``mode=ro``, or
+``immutable`` when no writer has the file open). Values read back are checked like
+input (types, finite floats, JSON); transient failures ("database is locked", a dropped
+connection) are retried a bounded number of times; every failure reaches the caller as
+a one-line StoreError.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import sqlite3
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,15 +34,22 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import (
+    ArgumentError,
+    DatabaseError,
+    IntegrityError,
+    OperationalError,
+    SQLAlchemyError,
+)
 from sqlalchemy.orm import Session, sessionmaker
-from sqlalchemy.pool import StaticPool
+from sqlalchemy.pool import NullPool, StaticPool
 
 from db.models import (
     APP,
     INDIVIDUAL_STATUSES,
     RUN_STATUSES,
     SCHEMA_VERSION,
+    SPLITS,
     Base,
     Baseline,
     Claim,
@@ -44,7 +57,9 @@ from db.models import (
     Individual,
     Meta,
     Run,
+    StoredValueError,
     TimestepStat,
+    check_stored,
     utcnow,
 )
 
@@ -54,6 +69,7 @@ SQLITE_HEADER = b"SQLite format 3\x00"
 # Statuses whose hash means "this genome was already judged": find_hash may point at them.
 JUDGED_STATUSES = ("evaluated", "rejected_integrity", "invalid", "error")
 FINAL_RUN_STATUSES = ("finished", "interrupted", "failed")
+MAX_ID = 2**63 - 1  # SQLite INTEGER (and PostgreSQL BIGINT) ids are signed 64-bit
 # Bulk INSERTs send None as NULL instead of dropping the key, so rows with and without
 # a value keep one key set and stay one statement (see _complete).
 BULK = {"render_nulls": True}
@@ -83,9 +99,16 @@ class Store:
     """Read and write nos runs, individuals, evaluations, baselines and timestep stats.
 
     ``db`` is a path (SQLite) or any SQLAlchemy URL. ``create=False`` only opens an
-    existing nos database. A transient failure is retried up to ``retries`` more times,
-    waiting ``retry_wait`` seconds, doubled each time; SQLite writers first wait up to
-    ``busy_timeout`` seconds for the lock.
+    existing nos database: a missing path or an empty file is a StoreError, and nothing
+    is created. ``readonly=True`` (implies ``create=False``) opens it for reading only:
+    writes are refused, SQLite opens the file with ``mode=ro`` (``immutable=1`` when
+    no ``-wal`` file shows a writer), so read-only files and directories work and no
+    ``-wal``/``-shm`` files are left behind; PostgreSQL sessions are read-only. With
+    ``check`` (the default) an SQLite file must pass ``PRAGMA quick_check`` before
+    anything else touches it: a damaged file is refused with one line, unmodified.
+    A transient failure is retried up to ``retries`` more times, waiting ``retry_wait``
+    seconds, doubled each time; SQLite writers first wait up to ``busy_timeout``
+    seconds for the lock.
     """
 
     def __init__(
@@ -93,11 +116,15 @@ class Store:
         db: str | os.PathLike[str],
         *,
         create: bool = True,
+        readonly: bool = False,
+        check: bool = True,
         retries: int = 5,
         retry_wait: float = 0.2,
         busy_timeout: float = 10.0,
     ) -> None:
         self.url = resolve_url(db)
+        self.readonly = readonly
+        create = create and not readonly
         self._retries = max(0, retries)
         self._retry_wait = retry_wait
         self._busy_timeout = busy_timeout
@@ -107,13 +134,16 @@ class Store:
         self._label = os.fspath(db) if url.get_backend_name() == "sqlite" else url.render_as_string()
         self._sqlite = url.get_backend_name() == "sqlite"
         self._memory = self._sqlite and (url.database or ":memory:") == ":memory:"
+        self._path: Path | None = None  # the SQLite file, when given as a path
         if self._sqlite and not self._memory:
-            self._check_sqlite_file(url, create)
+            self._path = self._check_sqlite_file(url, create)
         self._engine = self._make_engine(url)
         self._sessions = sessionmaker(self._engine, expire_on_commit=False)
         try:
+            if check and self._sqlite and not self._memory:
+                self._quick_check()
             self._retry("open", lambda: self._prepare(create))
-            if self._sqlite and not self._memory:  # the file is ours: WAL (_on_sqlite_connect)
+            if self._sqlite and not self._memory and not readonly:  # ours: WAL (_on_sqlite_connect)
                 self._wal = True
                 self._engine.dispose()
                 self._retry("enable WAL", lambda: self._engine.connect().close())
@@ -142,20 +172,25 @@ class Store:
         with self._sessions.begin() as session:
             yield session
 
-    def _check_sqlite_file(self, url: URL, create: bool) -> None:
-        """Refuse, before SQLite touches it, a missing file (create=False) or a non-database."""
+    def _check_sqlite_file(self, url: URL, create: bool) -> Path | None:
+        """Refuse, before SQLite touches it, a missing or empty file (create=False) or a
+        non-database; the file's path (None for an SQLite ``file:`` URI)."""
         database = url.database or ""
         if database.startswith("file:"):  # an SQLite URI: the caller knows what they do
-            return
+            return None
         path = Path(database)
-        if not path.exists():
+        try:
+            exists = path.exists()
+        except (OSError, ValueError) as exc:  # NUL byte, name too long, ...
+            raise StoreError(f"bad database path {self._label}: {exc}") from exc
+        if not exists:
             if not create:
                 raise StoreError(f"{self._label} does not exist (opened with create=False)")
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise StoreError(f"cannot create {self._label}: {exc.strerror or exc}") from exc
-            return
+            return path
         try:
             with path.open("rb") as fh:
                 header = fh.read(len(SQLITE_HEADER))
@@ -163,6 +198,43 @@ class Store:
             raise StoreError(f"cannot read {self._label}: {exc.strerror or exc}") from exc
         if header and header != SQLITE_HEADER:
             raise StoreError(f"{self._label} is not an SQLite database; refusing to modify it")
+        if not header and not create:
+            raise StoreError(f"{self._label} is an empty database (opened with create=False)")
+        return path
+
+    def _quick_check(self) -> None:
+        """Refuse an SQLite file that fails ``PRAGMA quick_check`` (before any write)."""
+
+        def run() -> list[str]:
+            with self._engine.connect() as conn:
+                return [str(r[0]) for r in conn.exec_driver_sql("PRAGMA quick_check").fetchall()]
+
+        try:
+            result = self._retry("open", run)
+        except StoreError as exc:
+            cause = exc.__cause__  # OperationalError: locked, unreadable, read-only: not damage
+            if isinstance(cause, DatabaseError) and not isinstance(cause, OperationalError):
+                raise StoreError(
+                    f"{self._label} is damaged or not a database ({_one_line(cause)}); "
+                    "refusing to use it"
+                ) from cause
+            raise
+        if result != ["ok"]:
+            more = f" (+{len(result) - 1} more)" if len(result) > 1 else ""
+            raise StoreError(
+                f"{self._label} is damaged: SQLite's quick_check reports "
+                f"{_cut(' '.join((result or ['nothing'])[0].split()))!r}{more}; refusing to use it"
+            )
+
+    def _readonly_connect(self) -> sqlite3.Connection:
+        """A read-only SQLite connection that writes nothing beside the file: ``mode=ro``
+        while a ``-wal`` file exists (a writer may be active: read its log too), else
+        ``immutable=1`` (no -wal / -shm is created, read-only directories work)."""
+        assert self._path is not None
+        name = os.fspath(self._path)
+        live = any(os.path.exists(name + suffix) for suffix in ("-wal", "-journal"))
+        uri = f"file:{urllib.parse.quote(name)}?mode=ro" + ("" if live else "&immutable=1")
+        return sqlite3.connect(uri, uri=True, check_same_thread=False)
 
     def _make_engine(self, url: URL) -> Engine:
         kwargs: dict[str, Any] = {}
@@ -172,8 +244,16 @@ class Store:
             if not self._sqlite:
                 kwargs["pool_pre_ping"] = True
                 driver = url.get_driver_name()
+                connect_args: dict[str, Any] = {}
                 if driver in ("psycopg", "psycopg2") and "connect_timeout" not in url.query:
-                    kwargs["connect_args"] = {"connect_timeout": 10}
+                    connect_args["connect_timeout"] = 10
+                if driver in ("psycopg", "psycopg2") and self.readonly:
+                    connect_args["options"] = "-c default_transaction_read_only=on"
+                if connect_args:
+                    kwargs["connect_args"] = connect_args
+            elif self.readonly and self._path is not None:
+                # a fresh connection per transaction: mode=ro vs immutable is decided anew
+                kwargs["creator"], kwargs["poolclass"] = self._readonly_connect, NullPool
             engine = create_engine(url, **kwargs)
         except ImportError as exc:
             raise StoreError(
@@ -196,6 +276,8 @@ class Store:
         try:
             cursor.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
             cursor.execute("PRAGMA foreign_keys = ON")
+            if self.readonly:  # also for SQLite URIs the caller opened read-write
+                cursor.execute("PRAGMA query_only = ON")
             if self._wal and cursor.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
                 cursor.execute("PRAGMA journal_mode = WAL")  # persistent: stored in the file
         finally:
@@ -218,7 +300,7 @@ class Store:
         if version != SCHEMA_VERSION:
             raise StoreError(
                 f"{self._label} has nos schema_version {version!r}, this nos reads "
-                f"{SCHEMA_VERSION!r}; refusing to modify it"
+                f"{SCHEMA_VERSION!r}; refusing to modify it (a database of an older nos: use a new --db)"
             )
         missing = sorted(set(Base.metadata.tables) - tables)
         if missing == ["claims"]:
@@ -274,6 +356,12 @@ class Store:
                 attempt += 1
             except SQLAlchemyError as exc:
                 raise StoreError(f"{self._label}: {what} failed: {_one_line(exc)}") from exc
+            except StoredValueError as exc:
+                raise StoreError(f"{self._label}: {what}: damaged stored value: {exc}") from exc
+            except (ValueError, OverflowError, RecursionError) as exc:  # raised reading a value
+                raise StoreError(
+                    f"{self._label}: {what}: unreadable stored value ({_cut(str(exc) or type(exc).__name__)})"
+                ) from exc
 
     def _is_transient(self, exc: OperationalError) -> bool:
         """SQLite: only lock contention. Servers: any OperationalError (connection,
@@ -285,6 +373,9 @@ class Store:
 
     def _transaction(self, what: str, fn: Callable[[Session], T], *, write: bool = False) -> T:
         """Run ``fn(session)`` in one transaction (retried as a whole)."""
+
+        if write and self.readonly:
+            raise StoreError(f"{self._label}: {what} refused: the database is open read-only")
 
         def attempt() -> T:
             with self._sessions.begin() as session:
@@ -326,7 +417,7 @@ class Store:
                 Run,
                 func.count(Individual.id),
                 func.count(Individual.id).filter(evaluated),
-                func.min(Individual.fitness).filter(evaluated),
+                func.min(Individual.fitness).filter(evaluated, Individual.fidelity == 1),
             )
             .outerjoin(Individual, Individual.run_id == Run.id)
             .group_by(Run.id)
@@ -444,6 +535,8 @@ class Store:
 
     def individuals(self, run_id: int) -> list[dict]:
         """All individuals of a run, by id, without evaluations."""
+        if not _fits_id(run_id):
+            return []
         stmt = select(Individual).where(Individual.run_id == run_id).order_by(Individual.id)
         return self._transaction("individuals", lambda s: [_row(i) for i in s.scalars(stmt)])
 
@@ -463,14 +556,26 @@ class Store:
         )
         return self._transaction("individuals_by_slots", lambda s: [_row(i) for i in s.scalars(stmt)])
 
+    def heldout_evaluations(self, run_id: int, task: str) -> list[tuple[int, dict]]:
+        """(individual id, evaluation) of a run's validation and test evaluations on ``task``."""
+        stmt = (select(Evaluation).join(Individual, Evaluation.individual_id == Individual.id)
+                .where(Individual.run_id == run_id, Evaluation.task == task, Evaluation.split != "search")
+                .order_by(Evaluation.id))
+        return self._transaction("heldout_evaluations",
+                                 lambda s: [(e.individual_id, _row(e)) for e in s.scalars(stmt)])
+
     def get_individual(self, ind_id: int) -> dict | None:
         """One individual with its ``evaluations`` and its ``run_name``."""
+
+        if not _fits_id(ind_id):
+            return None
 
         def read(session: Session) -> dict | None:
             ind = session.get(Individual, ind_id)
             if ind is None:
                 return None
-            run_name = session.scalar(select(Run.name).where(Run.id == ind.run_id))
+            run_name = check_stored("runs", Run.__table__.c.name,
+                                    session.scalar(select(Run.name).where(Run.id == ind.run_id)))
             return {
                 **_row(ind),
                 "run_name": run_name,
@@ -481,6 +586,8 @@ class Store:
 
     def lineage(self, ind_id: int) -> list[dict]:
         """``[individual, parent, grandparent, ..., initial]``; empty if no such id."""
+        if not _fits_id(ind_id):
+            return []
 
         def read(session: Session) -> list[dict]:
             chain: list[dict] = []
@@ -495,7 +602,10 @@ class Store:
         return self._transaction("lineage", read)
 
     def top(self, run_id: int, n: int = 10) -> list[dict]:
-        """The ``n`` best evaluated individuals (lower fitness is better; ties by id)."""
+        """The ``n`` best evaluated individuals: full-fidelity first, then lower fitness, then id."""
+        if not _fits_id(run_id):
+            return []
+        n = max(0, min(int(n), MAX_ID))
         stmt = (
             select(Individual)
             .where(
@@ -503,7 +613,7 @@ class Store:
                 Individual.status == "evaluated",
                 Individual.fitness.is_not(None),
             )
-            .order_by(Individual.fitness, Individual.id)
+            .order_by(Individual.fidelity.desc(), Individual.fitness, Individual.id)
             .limit(n)
         )
         return self._transaction("top", lambda s: [_row(i) for i in s.scalars(stmt)])
@@ -532,7 +642,8 @@ class Store:
 
         def read(session: Session) -> dict[str, int]:
             counts = dict.fromkeys(INDIVIDUAL_STATUSES, 0)
-            counts.update(session.execute(stmt).all())
+            status = Individual.__table__.c.status
+            counts.update((check_stored("individuals", status, s), n) for s, n in session.execute(stmt).all())
             return counts
 
         return self._transaction("status_counts", read)
@@ -554,13 +665,16 @@ class Store:
             write=True,
         )
 
-    def baselines(self, run_id: int | None = None, task: str | None = None) -> list[dict]:
-        """Baseline results by id, optionally only those of one run and/or one task."""
+    def baselines(self, run_id: int | None = None, task: str | None = None,
+                  protocol: str | None = None) -> list[dict]:
+        """Baseline results by id, optionally only those of one run, one task and/or one protocol."""
         stmt = select(Baseline).order_by(Baseline.id)
         if run_id is not None:
             stmt = stmt.where(Baseline.run_id == run_id)
         if task is not None:
             stmt = stmt.where(Baseline.task == task)
+        if protocol is not None:
+            stmt = stmt.where(Baseline.protocol == protocol)
         return self._transaction("baselines", lambda s: [_row(b) for b in s.scalars(stmt)])
 
     def put_timestep_stats(self, run_id: int, row: dict) -> None:
@@ -612,7 +726,10 @@ class Store:
 
         def read(session: Session) -> tuple[str, int] | None:
             row = session.execute(stmt).first()
-            return None if row is None else (row[0], row[1])
+            if row is None:
+                return None
+            c = Claim.__table__.c
+            return check_stored("claims", c.owner, row[0]), check_stored("claims", c.heartbeat, row[1])
 
         return self._transaction("claim_state", read)
 
@@ -669,10 +786,10 @@ def _is_slot_conflict(exc: IntegrityError) -> bool:
 
 
 def _one_line(exc: BaseException) -> str:
-    """The first line of the driver's message (SQLAlchemy appends SQL and links)."""
+    """The first line of the driver's message (SQLAlchemy appends SQL and links), cut short."""
     orig = getattr(exc, "orig", None) or exc
     lines = [line.strip() for line in str(orig).splitlines() if line.strip()]
-    return lines[0] if lines else type(orig).__name__
+    return _cut(lines[0]) if lines else type(orig).__name__
 
 
 def _check_choice(what: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -689,6 +806,8 @@ def _fields(model: type[Base], row: dict, what: str) -> dict[str, Any]:
     unknown = set(row) - _columns(model)
     if unknown:
         raise StoreError(f"{what}: unknown field(s) {', '.join(sorted(unknown))}")
+    if "split" in row:
+        _check_choice(f"split in {what}", row["split"], SPLITS)
     return dict(row)
 
 
@@ -726,18 +845,37 @@ def _individual_values(row: dict, what: str) -> tuple[dict[str, Any], str | None
     return _complete(Individual, values), parent_slot, evaluations
 
 
+def _fits_id(value: Any) -> bool:
+    """Could ``value`` be a stored id (an int in 1 .. 2**63 - 1)?"""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_ID
+
+
 def _find_run(session: Session, name_or_id: str | int) -> Run | None:
     if isinstance(name_or_id, int) and not isinstance(name_or_id, bool):
-        return session.get(Run, name_or_id)
-    run = session.scalar(select(Run).where(Run.name == name_or_id))
-    if run is None and str(name_or_id).isdigit():
-        run = session.get(Run, int(name_or_id))
+        return session.get(Run, name_or_id) if _fits_id(name_or_id) else None
+    name = str(name_or_id)
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes from a command line: no stored name
+        return None
+    run = session.scalar(select(Run).where(Run.name == name))
+    if run is None and name.isascii() and name.isdigit() and _fits_id(int(name)):
+        run = session.get(Run, int(name))
     return run
 
 
 def _row(obj: Base) -> dict[str, Any]:
-    """All column values of a model instance (JSON parsed, datetimes aware UTC)."""
-    return {attr.key: getattr(obj, attr.key) for attr in inspect(obj).mapper.column_attrs}
+    """All column values of a model instance (JSON parsed, datetimes aware UTC), each
+    checked against its column's type: a tampered row is a StoredValueError."""
+    mapper = inspect(obj).mapper
+    return {
+        attr.key: check_stored(mapper.local_table.name, attr.columns[0], getattr(obj, attr.key))
+        for attr in mapper.column_attrs
+    }
+
+
+def _cut(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _row_or_none(obj: Base | None) -> dict[str, Any] | None:

@@ -6,11 +6,12 @@ from typing import Any
 
 
 def candidate_class() -> Any:
-    """DEAP individual wrapping a judged `Candidate`: `.candidate` and a minimised `.fitness`."""
+    """DEAP individual wrapping a judged `Candidate`: `.candidate` and `.fitness` = (fidelity, fitness)."""
     from deap import base, creator
 
     if not hasattr(creator, "NosCandidate"):
-        creator.create("NosFitness", base.Fitness, weights=(-1.0,))
+        # (fidelity, fitness): a full-fidelity fitness beats any cheap one, then lower is better
+        creator.create("NosFitness", base.Fitness, weights=(1.0, -1.0))
         creator.create("NosCandidate", _Wrapped, fitness=creator.NosFitness)
     return creator.NosCandidate
 

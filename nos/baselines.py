@@ -1,93 +1,101 @@
-"""`python -m nos.baselines`: the sine-rollout table of "When does RandOpt work?" with our numbers.
+"""`python -m nos.baselines`: the five tuned baselines of the sine-rollout task, on test seeds.
 
-Rows: before fine-tuning, Adam and Adam + gradient clipping (lr tuned per horizon), RandOpt
-perturbing all / first / middle / last layer (sigma tuned per horizon). Columns: horizons
-t_max = 1 2 5 10 20. Mean +- std over held-out pretraining seeds and target trajectories, every
-method with the same budget in forward-pass equivalents.
+Adam, Adam + clip 1.0, both with linear warmup + cosine decay, and RandOpt (layer variant and
+sigma): every lr / sigma / variant chosen per horizon on the validation seeds, then each method
+run once per horizon on the test seeds -- the protocol of every search (`nos.evaluation.protocol`).
+Results are stored in the database under the protocol's key and reused by every later command
+and run with the same protocol (`--db`, default runs/nos.sqlite), so `nos evolve` does not tune
+them again.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from collections.abc import Sequence
 
-from tqdm import tqdm
-
 from db.store import Store
 
 from .cli import (
+    DEFAULT_DB,
+    MAX_BUDGET,
+    MAX_HORIZON,
+    MIN_BUDGET,
+    MIN_HORIZON,
     ArgumentParser,
     add_device,
     add_format,
-    number_list,
-    positive_int,
+    bounded_int,
+    db_arg,
+    list_of,
+    path_arg,
     print_json,
     resolve_device,
     run_command,
 )
-from .evaluation.compare import heldout_comparison
-from .evaluation.sine import HELDOUT_SEEDS, HORIZONS, SearchSetup, SineEvaluator
-from .report_table import comparison_json, comparison_table
+from .evaluation.compare import compare
+from .evaluation.protocol import Protocol, Seeds
+from .evaluation.sine import HORIZONS
+from .report_table import comparison_text
+from .search.config import DEFAULT_SEEDS
+from .search.funnel import before_of, tuned_baselines
 from .tasks.budget import DEFAULT_BUDGET_FPE, describe
+from .tasks.sine import DEFAULT_CACHE_DIR, SineConfig
 
-LAYERS = ("all", "first", "middle", "last")
+log = logging.getLogger("nos.baselines")  # not __name__: it is __main__ under python -m
 
 
 def _parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m nos.baselines", description=__doc__.split("\n")[0])
-    p.add_argument("--horizons", default=",".join(f"{h:g}" for h in HORIZONS), help="comma-separated t_max values")
-    p.add_argument("--seeds", default=",".join(map(str, HELDOUT_SEEDS)), help="held-out pretraining/target seeds")
-    p.add_argument("--budget", type=positive_int, default=DEFAULT_BUDGET_FPE, help="forward-pass equivalents per method")
-    p.add_argument("--quick", action="store_true", help="horizons 1,2,5 and one seed")
-    p.add_argument("--db", help="also store the table in this database (path or SQLAlchemy URL)")
+    p.add_argument("--horizons", type=list_of(float, lo=MIN_HORIZON, hi=MAX_HORIZON, max_items=20, what="horizons (t_max)"),
+                   default=HORIZONS, help="comma-separated t_max values (1,2,5,10,20)")
+    p.add_argument("--validation-seeds", type=bounded_int(1, 900, "--validation-seeds"),
+                   default=len(DEFAULT_SEEDS.validation), help=f"seeds that choose ({len(DEFAULT_SEEDS.validation)})")
+    p.add_argument("--test-seeds", type=bounded_int(1, 10_000, "--test-seeds"), default=len(DEFAULT_SEEDS.test),
+                   help=f"seeds that are reported ({len(DEFAULT_SEEDS.test)})")
+    p.add_argument("--budget", type=bounded_int(MIN_BUDGET, MAX_BUDGET, "a budget (forward-pass equivalents)"),
+                   default=DEFAULT_BUDGET_FPE, help="forward-pass equivalents per method (3 = one gradient step)")
+    p.add_argument("--quick", action="store_true", help="horizons <= 5, one validation seed, three test seeds")
+    p.add_argument("--published", action="store_true",
+                   help="also tune and report NOS's published optimizers (Opt5, Opt6, Opt7, AdamClip)")
+    p.add_argument("--sine-pretrain-steps", type=bounded_int(1, 1_000_000, "--sine-pretrain-steps"),
+                   help="pretraining steps of the sine MLP (3000)")
+    p.add_argument("--sine-width", type=bounded_int(1, 4096, "--sine-width"), help="hidden width of the sine MLP (64)")
+    p.add_argument("--cache-dir", type=path_arg("--cache-dir"), default=DEFAULT_CACHE_DIR,
+                   help=f"pretrained-weight cache ({DEFAULT_CACHE_DIR})")
+    p.add_argument("--db", type=db_arg, default=DEFAULT_DB,
+                   help=f"where the tuned baselines are stored and reused (path or SQLAlchemy URL; {DEFAULT_DB})")
     add_device(p)
     add_format(p)
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = _parser()
-    args = p.parse_args(argv)
-    try:
-        horizons = number_list(args.horizons)
-        seeds = number_list(args.seeds, int)
-    except ValueError as e:
-        p.error(str(e))
+def protocol_of(args) -> Protocol:
+    horizons, n_val, n_test = tuple(args.horizons), args.validation_seeds, args.test_seeds
     if args.quick:
-        horizons, seeds = tuple(h for h in horizons if h <= 5) or (1.0,), seeds[:1]
-    if not horizons or not seeds or any(h <= 0 for h in horizons):
-        p.error("need at least one positive horizon and one seed")
+        horizons, n_val, n_test = tuple(h for h in horizons if h <= 5) or (1.0,), 1, 3
+    sine = {k: v for k, v in (("pretrain_steps", args.sine_pretrain_steps), ("width", args.sine_width)) if v}
+    return Protocol(sine=SineConfig(**sine), seeds=Seeds.counted(len(DEFAULT_SEEDS.search), n_val, n_test),
+                    horizons=horizons, budget_fpe=args.budget, cache_dir=args.cache_dir)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    protocol = protocol_of(args)
     device = resolve_device(args.device)
-    setup = SearchSetup(budget_fpe=args.budget)
-    evaluator = SineEvaluator(setup, device)
     start = time.perf_counter()
-    bar = tqdm(total=len(horizons) * len(seeds), desc="baselines", file=sys.stderr, disable=None)
-
-    def progress(msg: str) -> None:
-        bar.set_postfix_str(msg)
-        bar.update(1)
-
-    results = heldout_comparison(evaluator, {}, horizons=horizons, seeds=seeds, randopt_layers=LAYERS, progress=progress)
-    bar.close()
+    with Store(args.db) as store:  # opened first: a foreign or damaged database is refused before the work
+        rows = tuned_baselines(store, protocol, protocol.evaluator(device), progress=log.info, published=args.published)
     seconds = time.perf_counter() - start
-    if args.db:
-        with Store(args.db) as store:
-            store.add_baselines(
-                [
-                    {"method": name, "task": "sine_heldout", "horizon": h, "seed": s, "loss": x,
-                     "hparam": r.hparam, "budget": args.budget}
-                    for name, per_h in results.items()
-                    for h, r in per_h.items()
-                    for s, x in zip(seeds, r.losses)
-                ]
-            )
-    caption = f"{describe(args.budget)}; seeds {', '.join(map(str, seeds))}; {seconds:.0f} s on {device}"
+    cmp = compare(rows, before_of(rows), protocol.seeds, protocol.horizons)
     if args.format == "json":
-        print_json({"budget_fpe": args.budget, "seeds": list(seeds), "seconds": seconds, "results": comparison_json(results)})
-    else:
-        print(comparison_table(results))
-        print(f"\nMSE of the autoregressive rollout, mean +- std over held-out seeds. {caption}")
+        print_json({"budget_fpe": protocol.budget_fpe, "protocol": {s: protocol.key(s) for s in ("validation", "test")},
+                    "seconds": seconds, **cmp.json()})
+        return 0
+    print(comparison_text(cmp))
+    print(f"\n{describe(protocol.budget_fpe)}; {seconds:.0f} s on {device}; stored in {args.db} "
+          f"(protocol {protocol.key('test')})")
     return 0
 
 

@@ -6,8 +6,11 @@ import argparse
 import csv
 import io
 import json
+import logging
 import math
+import re
 import sys
+import unicodedata
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -15,6 +18,16 @@ if TYPE_CHECKING:
     import torch
 
 DEFAULT_DB = "runs/nos.sqlite"
+MAX_ID = 2**63 - 1  # database ids, seeds and counts must fit a signed 64-bit integer
+MAX_LINE = 300  # an error line is cut to this many characters
+MAX_NAME = 128  # a new run's name
+# Shared limits of the commands' numbers (each checked where it is parsed):
+MIN_HORIZON, MAX_HORIZON = 0.5, 100.0  # t_max: 10 points (the MLP reads 8) .. 2,000 points
+MIN_BUDGET, MAX_BUDGET = 3, 1_000_000  # forward-pass equivalents: at least one gradient step
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+# Unicode categories never printed raw: controls, format (bidi overrides, zero-width),
+# surrogates (undecodable argv bytes), private use, unassigned, line/paragraph separators.
+_UNPRINTABLE = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
 
 
 class UsageError(Exception):
@@ -28,8 +41,36 @@ class ArgumentParser(argparse.ArgumentParser):
         fail(f"{self.prog}: {message} (see --help)")
 
 
+def escape(text: str) -> str:
+    """``text`` with every control, format, surrogate or separator character escaped the way
+    ``repr`` does (``\\n``, ``\\x1b``, ``\\u202e``), so it prints as exactly one line and
+    never drives the terminal."""
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        if ch == " " or unicodedata.category(ch) not in _UNPRINTABLE and ch.isprintable():
+            out.append(ch)
+        else:
+            out.append(repr(ch)[1:-1])
+    return "".join(out)
+
+
+def one_line(message: str, limit: int = MAX_LINE) -> str:
+    """``message`` escaped (see `escape`) and cut to ``limit`` characters."""
+    text = escape(str(message))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def shown(text: str, limit: int = 40) -> str:
+    """A user's value quoted for a message: repr-escaped and cut to about ``limit`` characters."""
+    r = repr(text[: limit + 1] if isinstance(text, str) else text)
+    return r if len(r) <= limit + 2 else r[:limit] + "..." + r[-1]
+
+
 def fail(message: str, code: int = 2) -> NoReturn:
-    print(f"error: {message}", file=sys.stderr)
+    """Report ``message`` as one escaped line of at most ~300 characters on stderr and exit."""
+    print(f"error: {one_line(message)}", file=sys.stderr)
     sys.exit(code)
 
 
@@ -38,14 +79,30 @@ def run_command(main: Callable[[Sequence[str] | None], int], argv: Sequence[str]
     from db.store import StoreError  # local: keep `nos.cli` importable without touching the db
     from search_space.genome import GenomeError
 
+    setup_logging()
     try:
         return main(argv)
     except (UsageError, StoreError, GenomeError, FileNotFoundError, KeyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         fail(str(msg))
+    except OSError as e:  # a path the user named: unreadable, a directory, a full disk ...
+        where = f"{e.filename}: " if e.filename is not None else ""
+        fail(f"{where}{e.strerror or e}")
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Diagnostics (progress notes, warnings) go to stderr through `logging`, one plain line each,
+    so that stdout carries only results (one JSON document with --format json)."""
+    root = logging.getLogger("nos")
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        root.addHandler(handler)
+        root.setLevel(level)
+        root.propagate = False
 
 
 def add_format(p: argparse.ArgumentParser, choices: Sequence[str] = ("table", "json")) -> None:
@@ -66,30 +123,153 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _int_at_least(text: str, lo: int, what: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        v = lo - 1
-    if v < lo:
-        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+_INT = re.compile(r"[+-]?[0-9]{1,30}")  # ASCII digits only: int() also takes "٣", "1_0", " 1 "
+_FLOAT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+
+
+def parse_int(text: str, lo: int, hi: int, what: str = "an integer") -> int:
+    """``text`` as an int in [lo, hi]; ValueError (one line, the text quoted) otherwise."""
+    text = text.strip() if isinstance(text, str) else text
+    v = int(text) if isinstance(text, str) and _INT.fullmatch(text) else None
+    if v is None:  # argparse's own wording for a non-number
+        raise ValueError(f"invalid int value: {shown(text)} (expected {what} in [{lo}, {hi}])")
+    if not lo <= v <= hi:
+        raise ValueError(f"expected {what} in [{lo}, {hi}], got {shown(text)}")
     return v
 
 
-def positive_int(text: str) -> int:
-    return _int_at_least(text, 1, "a positive integer")
+def parse_float(text: str, lo: float, hi: float, what: str = "a number", *, lo_open: bool = False) -> float:
+    """``text`` as a finite float in [lo, hi] (or (lo, hi] with ``lo_open``); ValueError otherwise."""
+    text = text.strip() if isinstance(text, str) else text
+    v = float(text) if isinstance(text, str) and len(text) <= 64 and _FLOAT.fullmatch(text) else None
+    interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
+    if v is None or not math.isfinite(v):
+        raise ValueError(f"invalid float value: {shown(text)} (expected {what}, finite, in {interval})")
+    if not ((lo < v if lo_open else lo <= v) and v <= hi):
+        raise ValueError(f"expected {what} in {interval}, got {shown(text)}")
+    return v
 
 
-def nonneg_int(text: str) -> int:
-    return _int_at_least(text, 0, "an integer >= 0")
+def bounded_int(lo: int, hi: int, what: str = "an integer") -> Callable[[str], int]:
+    """An argparse ``type``: an int in [lo, hi] written in ASCII digits."""
+
+    def conv(text: str) -> int:
+        try:
+            return parse_int(text, lo, hi, what)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    conv.__name__ = what  # argparse names the type in some messages
+    return conv
 
 
-def number_list(text: str, conv: Callable[[str], Any] = float) -> tuple:
-    """`"1,2,5"` -> (1.0, 2.0, 5.0); ValueError with a readable message otherwise."""
-    try:
-        return tuple(conv(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise ValueError(f"expected comma-separated numbers, got {text!r}") from None
+def finite_float(lo: float, hi: float, what: str = "a number", *, lo_open: bool = False) -> Callable[[str], float]:
+    """An argparse ``type``: a finite float in [lo, hi] (``lo_open``: lo excluded)."""
+
+    def conv(text: str) -> float:
+        try:
+            return parse_float(text, lo, hi, what, lo_open=lo_open)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    conv.__name__ = what
+    return conv
+
+
+positive_int = bounded_int(1, MAX_ID, "a positive integer")
+nonneg_int = bounded_int(0, MAX_ID, "an integer >= 0")
+record_id = bounded_int(1, MAX_ID, "an id (a positive integer)")
+seed_int = bounded_int(0, MAX_ID, "a seed (an integer >= 0)")
+
+
+def number_list(text: str, conv: Callable[[str], Any] = float, *, lo: float | None = None,
+                hi: float | None = None, max_items: int = 100, what: str = "numbers") -> tuple:
+    """`"1,2,5"` -> (1.0, 2.0, 5.0): finite numbers (ints with ``conv=int``), optionally in
+    [lo, hi], at most ``max_items``; ValueError with a one-line message otherwise."""
+    if not isinstance(text, str) or len(text) > 100 * max_items:
+        raise ValueError(f"expected at most {max_items} comma-separated {what}")
+    parts = [x for x in text.split(",") if x.strip()]
+    if len(parts) > max_items:
+        raise ValueError(f"expected at most {max_items} comma-separated {what}, got {len(parts)}")
+    values = []
+    for x in parts:
+        x = x.strip()
+        ok = len(x) <= 64 and (_INT if conv is int else _FLOAT).fullmatch(x) is not None
+        v = (int(x) if conv is int else float(x)) if ok else None
+        if v is None or not math.isfinite(v):
+            kind = "an integer" if conv is int else "a finite number"
+            raise ValueError(f"expected comma-separated {what}: {shown(x)} is not {kind}")
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            raise ValueError(f"expected comma-separated {what}: {shown(x)} is outside [{_num(lo)}, {_num(hi)}]")
+        values.append(conv(v))
+    return tuple(values)
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def list_of(conv: Callable[[str], Any], *, lo: float, hi: float, max_items: int,
+            what: str) -> Callable[[str], tuple]:
+    """An argparse ``type``: a non-empty comma-separated list (see `number_list`)."""
+
+    def parse(text: str) -> tuple:
+        try:
+            values = number_list(text, conv, lo=lo, hi=hi, max_items=max_items, what=what)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected at least one of {what}, got {shown(text)}")
+        return values
+
+    parse.__name__ = what
+    return parse
+
+
+def text_arg(what: str, max_len: int = 1000) -> Callable[[str], str]:
+    """An argparse ``type``: printable text (no control characters, valid UTF-8), bounded."""
+
+    def conv(text: str) -> str:
+        if not text or len(text) > max_len:
+            raise argparse.ArgumentTypeError(f"{what}: expected 1 to {max_len} characters")
+        if any(unicodedata.category(c) == "Cs" for c in text):
+            raise argparse.ArgumentTypeError(f"{what} is not valid UTF-8: {shown(text)}")
+        if escape(text) != text:
+            raise argparse.ArgumentTypeError(f"{what} contains control characters: {shown(text)}")
+        return text
+
+    conv.__name__ = what
+    return conv
+
+
+def path_arg(what: str = "path") -> Callable[[str], str]:
+    """An argparse ``type``: a file or directory name: no control character (NUL, newline,
+    escape ...: surely a mistake, and a NUL cannot be passed to the OS), bounded length.
+    Undecodable bytes (surrogate escapes) are fine: POSIX names are bytes."""
+
+    def conv(text: str) -> str:
+        if not text or len(text) > 4096 or any(unicodedata.category(c) == "Cc" for c in text):
+            raise argparse.ArgumentTypeError(f"{what}: expected a path without control characters, got {shown(text)}")
+        return text
+
+    conv.__name__ = what
+    return conv
+
+
+db_arg = path_arg("database path or URL")
+run_ref = text_arg("run name or id", 255)
+
+
+def run_name(text: str) -> str:
+    """An argparse ``type`` for a new run's name: ASCII letters, digits and ``. _ + -``, starting
+    with a letter or digit, not all digits (that would read as an id), at most 128 characters
+    (it names files: ``runs/NAME/``)."""
+    if not (1 <= len(text) <= MAX_NAME and RUN_NAME.fullmatch(text)) or text.isdigit():
+        raise argparse.ArgumentTypeError(
+            f"a run name is 1 to {MAX_NAME} of A-Z a-z 0-9 . _ + - (starting with a letter "
+            f"or digit, not all digits), got {shown(text)}"
+        )
+    return text
 
 
 def clean_json(x: Any) -> Any:
@@ -120,7 +300,7 @@ def fmt_value(v: Any) -> str:
         return f"{v:.3e}"
     if hasattr(v, "isoformat"):
         return v.strftime("%Y-%m-%d %H:%M:%S")
-    return str(v)
+    return escape(str(v))  # stored text reaches a terminal: no raw control characters
 
 
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], headers: Sequence[str] | None = None) -> str:

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
-import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -31,8 +31,10 @@ import torch
 
 from search_space.genome import Genome, from_json
 
-from .evaluation.sine import Fitness, SearchSetup, SineEvaluator
+from .evaluation.sine import AdamReference, Fitness, SearchSetup, SineEvaluator
 from .tasks.sine import SineConfig
+
+log = logging.getLogger(__name__)
 
 # Fault-injection hook for tests, never set in normal use: a worker asked to evaluate a genome
 # whose JSON mentions this op name sleeps forever, as a candidate stuck in a kernel would.
@@ -54,8 +56,8 @@ def setup_from_json(d: dict[str, Any]) -> SearchSetup:
             sine[k] = tuple(v)
     return SearchSetup(
         horizons=tuple(d["horizons"]), lrs=tuple(d["lrs"]), budget_fpe=int(d["budget_fpe"]),
-        pretrain_seed=int(d["pretrain_seed"]), target_seed=int(d["target_seed"]),
-        sine=SineConfig(**sine), cache_dir=str(d["cache_dir"]),
+        seeds=tuple(int(x) for x in d["seeds"]), sine=SineConfig(**sine), cache_dir=str(d["cache_dir"]),
+        task=str(d.get("task", "sine")),
     )
 
 
@@ -67,15 +69,14 @@ def _worker_device(device: str) -> torch.device:
 
 
 def fitness_to_json(fit: Fitness) -> dict[str, Any]:
-    return {"fitness": fit.fitness, "lr": fit.lr, "losses": {str(h): x for h, x in fit.losses.items()},
-            "evaluations": fit.evaluations}
+    return {"fitness": fit.fitness, "lr": fit.lr, "evaluations": fit.evaluations}
 
 
 def fitness_from_json(d: dict[str, Any]) -> Fitness:
-    return Fitness(d["fitness"], d["lr"], {float(h): x for h, x in d["losses"].items()}, d["evaluations"])
+    return Fitness(d["fitness"], d["lr"], d["evaluations"])
 
 
-def evaluate_batch(setup_json: dict[str, Any], genomes_json: list[dict], adam_ref: dict[float, tuple[float, float]],
+def evaluate_batch(setup_json: dict[str, Any], genomes_json: list[dict], adam_ref: AdamReference,
                    device: str) -> list[dict[str, Any]]:
     """Dask task: fitness of a batch of genomes on this worker's device, as plain dicts."""
     hang = os.environ.get(HANG_ENV)
@@ -87,7 +88,7 @@ def evaluate_batch(setup_json: dict[str, Any], genomes_json: list[dict], adam_re
     if evaluator is None:
         evaluator = _EVALUATORS[key] = SineEvaluator(setup_from_json(setup_json), _worker_device(device))
     genomes = [from_json(g) for g in genomes_json]
-    adam = {float(h): (float(v[0]), float(v[1])) for h, v in adam_ref.items()}
+    adam = {(float(h), int(s)): (float(v[0]), float(v[1])) for (h, s), v in adam_ref.items()}
     return [fitness_to_json(f) for f in evaluator.fitness(genomes, adam)]
 
 
@@ -113,7 +114,7 @@ class DaskFitness:
         self.retries = retries
         self.poll_s = poll_s
 
-    def __call__(self, genomes: Sequence[Genome], adam_ref: dict[float, tuple[float, float]]) -> list[Fitness | Exception]:
+    def __call__(self, genomes: Sequence[Genome], adam_ref: AdamReference) -> list[Fitness | Exception]:
         from distributed import wait
 
         genomes_json = [g.to_json() for g in genomes]
@@ -183,11 +184,11 @@ class DaskFitness:
         if stuck_workers:
             # A running Python call cannot be interrupted: restarting the process is the only way
             # to get the worker back (its nanny starts a fresh one).
-            print(f"nos: restarting stuck Dask worker(s) {', '.join(sorted(stuck_workers))}", file=sys.stderr)
+            log.warning(f"nos: restarting stuck Dask worker(s) {', '.join(sorted(stuck_workers))}")
             try:
                 self.client.restart_workers(sorted(stuck_workers), raise_for_error=False)
             except Exception as e:  # noqa: BLE001 -- the cluster goes on with the other workers
-                print(f"nos: could not restart {sorted(stuck_workers)}: {e}", file=sys.stderr)
+                log.warning(f"nos: could not restart {sorted(stuck_workers)}: {e}")
 
 
 def connect(scheduler: str | None, workers: int | None) -> tuple[Any, Any]:

@@ -13,6 +13,7 @@ lineage of any optimizer can be queried (`python -m nos.query`) and exported (`p
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from collections.abc import Sequence
@@ -20,107 +21,176 @@ from datetime import datetime
 
 from tqdm import tqdm
 
-from db.store import Store
+from db.store import Store, StoreError
 
 from .cli import (
     DEFAULT_DB,
+    MAX_BUDGET,
+    MAX_HORIZON,
+    MAX_ID,
+    MIN_BUDGET,
+    MIN_HORIZON,
     ArgumentParser,
     UsageError,
     add_device,
     add_format,
-    nonneg_int,
-    number_list,
-    positive_int,
+    bounded_int,
+    db_arg,
+    finite_float,
+    list_of,
+    path_arg,
     print_json,
     resolve_device,
     run_command,
+    run_name,
+    run_ref,
+    text_arg,
 )
-from .ga.particle import ParticleGA
-from .report_table import comparison_json, comparison_table
+from .evaluation.compare import Comparison
+from .evaluation.protocol import Seeds
+from .ga.particle import STRATEGIES
+from .report_table import comparison_text
 from .search import PRESETS, Cooperation, Progress, Run, RunError, SearchConfig
-from .search.funnel import RIVALS, candidate_id, wins
+from .search.config import ALGORITHMS, CHEAP_DEFAULTS, DEFAULT_SEEDS
+from .search.funnel import candidate_id
 from .tasks.budget import describe
+
+log = logging.getLogger("nos.evolve")  # not __name__: it is __main__ under python -m
+
+
+def _promote_default() -> str:
+    p = SearchConfig().fidelity
+    return "1: off" if not p else f"{p['promote']:g}"
+
+
+def _fidelity(args, cfg: SearchConfig) -> dict | None:
+    """The cheap stage of a multi-fidelity search from the flags (None: one stage)."""
+    default = cfg.fidelity or {}
+    promote = args.promote if args.promote is not None else default.get("promote", 1.0)
+    if promote >= 1:
+        return None
+    seeds = args.cheap_seeds or default.get("seeds", CHEAP_DEFAULTS["seeds"])
+    if seeds > len(cfg.search_seeds):
+        raise UsageError(f"--cheap-seeds {seeds}: the run has only {len(cfg.search_seeds)} search seed(s)")
+    return {"seeds": seeds, "horizons": list(args.cheap_horizons or [min(cfg.horizons)]),
+            "budget_fpe": args.cheap_budget or cfg.budget_fpe, "promote": promote}
+
+
+def _seed_range(seeds: Sequence[int]) -> str:
+    return f"{seeds[0]}" if len(seeds) == 1 else f"{seeds[0]}..{seeds[-1]}"
 
 
 def _parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m nos.evolve", description=__doc__.split("\n")[0])
     d = SearchConfig()
     p.add_argument("--preset", choices=list(PRESETS), default="default", help="paper: NOS's scale")
-    p.add_argument("--initial", type=positive_int, help=f"random genomes in the initial population ({d.initial})")
-    p.add_argument("--particles", type=positive_int, help=f"independent particles ({d.particles})")
-    p.add_argument("--timesteps", type=nonneg_int, help=f"timesteps per particle ({d.timesteps})")
-    p.add_argument("--mutations", type=positive_int, help=f"children per particle per timestep ({d.mutations})")
-    p.add_argument("--max-tries", type=positive_int, help=f"tries per child slot ({d.max_tries})")
-    p.add_argument("--seed", type=int, default=0, help="the run's seed: same seed and config, same lineage")
+    p.add_argument("--algorithm", choices=ALGORITHMS, default="ga",
+                   help="ga: the particle GA (default); random: random search with the GA's schedule of proposals "
+                        "(the control for any claim that evolution found something)")
+    # Every number is checked here, before anything is opened or built (bad -> one line, exit 2).
+    p.add_argument("--initial", type=bounded_int(1, 100_000, "--initial"),
+                   help=f"random genomes in the initial population ({d.initial}; at most 100,000)")
+    p.add_argument("--particles", type=bounded_int(1, 10_000, "--particles"), help=f"independent particles ({d.particles})")
+    p.add_argument("--timesteps", type=bounded_int(0, 1_000, "--timesteps"), help=f"timesteps per particle ({d.timesteps})")
+    p.add_argument("--mutations", type=bounded_int(1, 1_000, "--mutations"),
+                   help=f"children per particle per timestep ({d.mutations})")
+    p.add_argument("--max-tries", type=bounded_int(1, 100, "--max-tries"), help=f"tries per child slot ({d.max_tries})")
+    p.add_argument("--seed", type=bounded_int(0, MAX_ID, "--seed"), default=0,
+                   help="the run's seed: same seed and config, same lineage")
     p.add_argument("--seed-builtins", action="store_true", help="add the classic optimizers to the initial population")
     p.add_argument("--elitism", action="store_true", help="keep a particle where it is unless a child is better")
-    p.add_argument("--horizons", help=f"search horizons t_max, comma-separated ({','.join(f'{h:g}' for h in d.horizons)})")
-    p.add_argument("--budget", type=positive_int, help=f"forward-pass equivalents per training run ({d.budget_fpe})")
-    p.add_argument("--funnel", type=nonneg_int, help=f"best candidates re-evaluated on held-out seeds ({d.funnel}); 0 skips")
-    p.add_argument("--heldout-horizons", help="funnel horizons, comma-separated (1,2,5,10,20)")
-    p.add_argument("--heldout-seeds", help="funnel pretraining/target seeds, comma-separated (1001,1002,1003)")
-    p.add_argument("--sine-pretrain-steps", type=positive_int, help="pretraining steps of the sine MLP (3000)")
-    p.add_argument("--sine-width", type=positive_int, help="hidden width of the sine MLP (64)")
-    p.add_argument("--cache-dir", default="runs/cache", help="pretrained-weight cache (runs/cache)")
-    p.add_argument("--db", default=DEFAULT_DB, help=f"database path or SQLAlchemy URL ({DEFAULT_DB})")
-    p.add_argument("--name", help="run name (default: run-<date>-<time>)")
-    p.add_argument("--resume", metavar="NAME", help="continue the named run from the database")
-    p.add_argument("--chunk", type=positive_int, help=f"initial candidates judged and stored together ({d.chunk})")
-    p.add_argument("--timestep-chunk", type=nonneg_int,
+    horizons = list_of(float, lo=MIN_HORIZON, hi=MAX_HORIZON, max_items=20, what="horizons (t_max)")
+    p.add_argument("--horizons", type=horizons,
+                   help=f"search horizons t_max, comma-separated ({','.join(f'{h:g}' for h in d.horizons)})")
+    p.add_argument("--budget", type=bounded_int(MIN_BUDGET, MAX_BUDGET, "--budget (forward-pass equivalents, 3 = one step)"),
+                   help=f"forward-pass equivalents per training run ({d.budget_fpe}; a gradient step costs 3)")
+    p.add_argument("--funnel", type=bounded_int(0, 1_000, "--funnel"),
+                   help=f"best candidates re-evaluated on held-out seeds ({d.funnel}); 0 skips")
+    p.add_argument("--heldout-horizons", type=horizons, help="funnel horizons, comma-separated (1,2,5,10,20)")
+    seeds = DEFAULT_SEEDS
+    p.add_argument("--search-seeds", type=bounded_int(1, 100, "--search-seeds"),
+                   help=f"seeds whose losses give the fitness ({len(seeds.search)}: {_seed_range(seeds.search)})")
+    p.add_argument("--validation-seeds", type=bounded_int(1, 900, "--validation-seeds"),
+                   help=f"seeds that make every choice: lrs, sigmas, the champion ({len(seeds.validation)}: "
+                        f"{_seed_range(seeds.validation)})")
+    p.add_argument("--test-seeds", type=bounded_int(1, 10_000, "--test-seeds"),
+                   help=f"seeds only reported, never used for a choice ({len(seeds.test)}: {_seed_range(seeds.test)})")
+    f = p.add_argument_group("multi-fidelity (successive halving): a cheap first stage, the best fraction promoted")
+    f.add_argument("--promote", type=finite_float(0, 1, "--promote (a fraction)", lo_open=True),
+                   help=f"fraction of each chunk's candidates promoted from the cheap stage to the full fitness "
+                        f"({_promote_default()}; 1 = no cheap stage)")
+    f.add_argument("--cheap-seeds", type=bounded_int(1, 100, "--cheap-seeds"),
+                   help=f"search seeds of the cheap stage ({CHEAP_DEFAULTS['seeds']})")
+    f.add_argument("--cheap-horizons", type=horizons, help="horizons of the cheap stage (the shortest search horizon)")
+    f.add_argument("--cheap-budget", type=bounded_int(MIN_BUDGET, MAX_BUDGET, "--cheap-budget"),
+                   help="forward-pass equivalents per training run in the cheap stage (the full budget)")
+    p.add_argument("--published", action="store_true",
+                   help="also tune and report NOS's published optimizers (Opt5, Opt6, Opt7, AdamClip) in the funnel")
+    p.add_argument("--sine-pretrain-steps", type=bounded_int(1, 1_000_000, "--sine-pretrain-steps"),
+                   help="pretraining steps of the sine MLP (3000)")
+    p.add_argument("--sine-width", type=bounded_int(1, 4096, "--sine-width"), help="hidden width of the sine MLP (64)")
+    p.add_argument("--cache-dir", type=path_arg("--cache-dir"), default="runs/cache",
+                   help="pretrained-weight cache (runs/cache)")
+    p.add_argument("--db", type=db_arg, default=DEFAULT_DB, help=f"database path or SQLAlchemy URL ({DEFAULT_DB})")
+    p.add_argument("--name", type=run_name, help="run name (default: run-<date>-<time>)")
+    p.add_argument("--resume", metavar="NAME", type=run_ref, help="continue the named run from the database")
+    p.add_argument("--chunk", type=bounded_int(1, 100_000, "--chunk"),
+                   help=f"initial candidates judged and stored together ({d.chunk})")
+    p.add_argument("--timestep-chunk", type=bounded_int(0, 100_000, "--timestep-chunk"),
                    help="children of a timestep judged together (0 = all of an attempt, the default)")
     g = p.add_argument_group("scale out (Dask; several processes on one PostgreSQL run)")
-    g.add_argument("--scheduler", metavar="tcp://HOST:PORT", help="evaluate candidates on this Dask cluster")
-    g.add_argument("--workers", type=positive_int, help="evaluate on a local Dask cluster of N worker processes")
-    g.add_argument("--batch-size", type=positive_int, default=16, help="candidates per Dask task (16)")
-    g.add_argument("--timeout", type=float, default=600.0,
+    g.add_argument("--scheduler", metavar="tcp://HOST:PORT", type=text_arg("--scheduler"),
+                   help="evaluate candidates on this Dask cluster")
+    g.add_argument("--workers", type=bounded_int(1, 256, "--workers"),
+                   help="evaluate on a local Dask cluster of N worker processes")
+    g.add_argument("--batch-size", type=bounded_int(1, 100_000, "--batch-size"), default=16,
+                   help="candidates per Dask task (16)")
+    g.add_argument("--timeout", type=finite_float(0, 1e6, "--timeout (seconds)", lo_open=True), default=600.0,
                    help="seconds a Dask task may run; a candidate over it is recorded as error (600)")
     g.add_argument("--cooperate", action=argparse.BooleanOptionalAction, default=None,
                    help="share the run with other processes through claims in the database "
                         "(default: on for server databases such as PostgreSQL, off for SQLite)")
-    g.add_argument("--claim-timeout", type=float, default=60.0,
+    g.add_argument("--claim-timeout", type=finite_float(0, 1e6, "--claim-timeout (seconds)", lo_open=True), default=60.0,
                    help="seconds without a heartbeat after which another process's claim is taken over (60)")
-    g.add_argument("--db-retries", type=nonneg_int, default=5,
+    g.add_argument("--db-retries", type=bounded_int(0, 100, "--db-retries"), default=5,
                    help="retries of a locked or unreachable database before giving up (5)")
-    g.add_argument("--db-timeout", type=float, default=10.0, help="seconds an SQLite writer waits for the lock (10)")
+    g.add_argument("--db-timeout", type=finite_float(0, 1e6, "--db-timeout (seconds)"), default=10.0,
+                   help="seconds an SQLite writer waits for the lock (10)")
     add_device(p)
     add_format(p)
     return p
 
 
 def _config(args) -> SearchConfig:
-    cfg = SearchConfig(**PRESETS[args.preset])
+    cfg = SearchConfig(**PRESETS[args.preset])  # type: ignore[arg-type]
     for arg, attr in (("initial", "initial"), ("particles", "particles"), ("timesteps", "timesteps"),
                       ("mutations", "mutations"), ("max_tries", "max_tries"), ("budget", "budget_fpe"),
                       ("funnel", "funnel")):
         if getattr(args, arg) is not None:
             setattr(cfg, attr, getattr(args, arg))
     cfg.seed, cfg.seed_builtins, cfg.elitism, cfg.cache_dir = args.seed, args.seed_builtins, args.elitism, args.cache_dir
+    cfg.algorithm = args.algorithm
+    cfg.published = cfg.published or args.published
     if args.chunk:
         cfg.chunk = args.chunk
     if args.timestep_chunk is not None:
         cfg.timestep_chunk = args.timestep_chunk
-    if args.horizons:
-        try:
-            cfg.horizons = number_list(args.horizons)
-        except ValueError as e:
-            raise UsageError(f"--horizons: {e}") from None
-        if not cfg.horizons or any(h <= 0 for h in cfg.horizons):
-            raise UsageError("--horizons: need positive values")
-    for arg, attr, conv in (("heldout_horizons", "heldout_horizons", float), ("heldout_seeds", "heldout_seeds", int)):
-        text = getattr(args, arg)
-        if text:
-            try:
-                values = number_list(text, conv)
-            except ValueError as e:
-                raise UsageError(f"--{arg.replace('_', '-')}: {e}") from None
-            if not values or any(v <= 0 for v in values if conv is float):
-                raise UsageError(f"--{arg.replace('_', '-')}: need at least one (positive) value")
-            setattr(cfg, attr, values)
+    for attr in ("horizons", "heldout_horizons"):  # tuples, checked by the parser
+        if getattr(args, attr):
+            setattr(cfg, attr, tuple(getattr(args, attr)))
+    d = cfg.seeds()
+    seeds = Seeds.counted(args.search_seeds or len(d.search), args.validation_seeds or len(d.validation),
+                          args.test_seeds or len(d.test))
+    cfg.search_seeds, cfg.validation_seeds, cfg.test_seeds = seeds.search, seeds.validation, seeds.test
+    cfg.fidelity = _fidelity(args, cfg)
     if args.sine_pretrain_steps:
         cfg.sine["pretrain_steps"] = args.sine_pretrain_steps
     if args.sine_width:
         cfg.sine["width"] = args.sine_width
-    return cfg
+    try:  # the same checks a stored config gets when it is read back
+        return SearchConfig.from_json(cfg.to_json())
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"configuration: {e}") from None
 
 
 class Bar:
@@ -168,7 +238,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     distributed = bool(args.scheduler or args.workers)
     # With Dask the workers evaluate on their own devices; this process only screens candidates.
     device = resolve_device("auto" if distributed and args.device == "cuda" else args.device)
-    store = Store(args.db, retries=args.db_retries, busy_timeout=args.db_timeout)
+    # --resume never creates a file or a schema: a missing or foreign database is one line
+    try:
+        store = Store(args.db, create=not args.resume, retries=args.db_retries, busy_timeout=args.db_timeout)
+    except StoreError as e:
+        if args.resume:
+            raise UsageError(f"cannot resume run {args.resume!r}: {e}") from None
+        raise
     client = cluster = None
     try:
         cfg = None if args.resume else _config(args)
@@ -179,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 client, cluster = connect(args.scheduler, args.workers)
             except (OSError, RuntimeError) as e:  # unreachable scheduler, Dask missing
                 raise UsageError(f"Dask: {e}") from None
-            print(f"evaluating on Dask: {client.scheduler.address}", file=sys.stderr)
+            log.info(f"evaluating on Dask: {client.scheduler.address}")
         cooperate = args.cooperate if args.cooperate is not None else not store.url.startswith("sqlite")
         bar = Bar()
         kw = {"progress": Progress(bar.planned, bar.judged, bar.message),
@@ -197,8 +273,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if client is not None:
             from .distributed import DaskFitness
 
-            run.judge.fitness_fn = DaskFitness(client, run.config.setup(), args.device, args.batch_size, args.timeout)
-        print(f"run {run.name!r} (id {run.id}) -> {store.url}", file=sys.stderr)
+            for stage in run.stages:  # every fidelity stage evaluates on the cluster
+                stage.fitness_fn = DaskFitness(client, stage.evaluator.setup, args.device, args.batch_size, args.timeout)
+        log.info(f"run {run.name!r} (id {run.id}) -> {store.url}")
         return _search(run, bar, args.format)
     finally:
         if client is not None:
@@ -213,11 +290,11 @@ def _search(run: Run, bar: Bar, fmt: str) -> int:
     start = time.perf_counter()
     try:
         with run:
-            best = run.optimize(ParticleGA(run.config))
-            results = run.funnel(best, progress=bar.message)
+            best = run.optimize(STRATEGIES[run.config.algorithm](run.config))
+            comparison = run.funnel(best, progress=bar.message)
     except KeyboardInterrupt:
         bar.close()
-        print(f"\ninterrupted: continue with  python -m nos.evolve --resume {run.name}", file=sys.stderr)
+        log.warning(f"\ninterrupted: continue with  python -m nos.evolve --resume {run.name}")
         return 130
     finally:
         bar.close()
@@ -225,21 +302,19 @@ def _search(run: Run, bar: Bar, fmt: str) -> int:
     summary: dict = {"run": run.name, "run_id": run.id, "seconds": seconds, **run.metrics(),
                      "best_search": [{"id": c.id, "fitness": c.fitness, "lr": c.lr, "expression": c.expression}
                                      for c in best]}
-    champion = None
-    if results is not None:
-        champion = Run.champion(results)
-        summary["champion"] = champion
-        summary["heldout"] = comparison_json(results)
-        if champion:
-            summary["wins"] = {f"{h:g}": w for h, w in wins(results, champion, RIVALS).items()}
+    if comparison is not None:
+        summary["champion"] = comparison.champion
+        summary["comparison"] = comparison.json(run.name)
+        if comparison.champion:
+            summary["verdicts"] = {f"{h:g}": v for h, v in comparison.verdicts(comparison.champion).items()}
     if fmt == "json":
         print_json(summary)
         return 0
-    _print_summary(run, summary, best, results, champion)
+    _print_summary(run, summary, best, comparison)
     return 0
 
 
-def _print_summary(run: Run, summary: dict, best: list, results: dict | None, champion: str | None) -> None:
+def _print_summary(run: Run, summary: dict, best: list, comparison: Comparison | None) -> None:
     counts = summary["status_counts"]
     print(f"\nrun {run.name!r}: {summary['candidates']} candidates in {summary['seconds']:.0f} s; "
           + ", ".join(f"{k} {v}" for k, v in counts.items()))
@@ -248,17 +323,16 @@ def _print_summary(run: Run, summary: dict, best: list, results: dict | None, ch
     if best:
         b = best[0]
         print(f"best in search: #{b.id} fitness {b.fitness:.4g} (lr {b.lr:g}): {b.expression}")
-    if results is None:
+    if comparison is None:
         return
-    cfg = run.config
-    shown = {k: v for k, v in results.items() if candidate_id(k) is None or k == champion}
-    print("\nheld-out comparison (" + describe(cfg.budget_fpe) + f"; seeds {', '.join(map(str, cfg.heldout_seeds))})")
-    print(comparison_table(shown))
-    if champion:
-        won = [f"{h:g}" for h, w in wins(results, champion, RIVALS).items() if w]
+    print(f"\nheld-out comparison ({describe(run.config.budget_fpe)})")
+    print(comparison_text(comparison))
+    champ = comparison.champion
+    if champ:
+        won = [f"{h:g}" for h, w in comparison.beats_all(champ).items() if w]
         verdict = f"wins at t_max = {', '.join(won)}" if won else "wins at no horizon"
-        print(f"\n{champion} vs Adam, Adam + clip and RandOpt: {verdict}")
-        print(f"export it:  python -m nos.export {candidate_id(champion)} -o runs/{run.name}-{candidate_id(champion)}.py")
+        print(f"\n{champ} (champion, chosen on validation) against all five baselines on the test seeds: {verdict}")
+        print(f"export it:  python -m nos.export {candidate_id(champ)} -o runs/{run.name}-{candidate_id(champ)}.py")
 
 
 if __name__ == "__main__":

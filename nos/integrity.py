@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from search_space.builtins import BUILTINS, builtin
-from search_space.genome import Genome, loads
+from search_space.genome import MAX_JSON_BYTES, Genome, loads
 from search_space.mutation import random_genome
 from search_space.symbolic import describe
 
@@ -23,21 +23,27 @@ from .cli import (
     UsageError,
     add_device,
     add_format,
+    bounded_int,
     format_table,
+    path_arg,
     print_json,
     resolve_device,
     run_command,
+    seed_int,
 )
 from .engine import integrity
+
+MAX_RANDOM = 100_000  # random genomes in one check (1,000 take about 0.5 s on a 2-core CPU)
 
 
 def _parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m nos.integrity", description=__doc__.split("\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--builtin", choices=[*BUILTINS, "all"], help="a classic optimizer written as a genome")
-    src.add_argument("--genome", type=Path, help="a genome JSON file")
-    src.add_argument("--random", type=int, metavar="N", help="N random genomes (prints the pass rate)")
-    p.add_argument("--seed", type=int, default=0, help="seed for --random (default 0)")
+    src.add_argument("--genome", type=path_arg("genome file"), help="a genome JSON file")
+    src.add_argument("--random", type=bounded_int(1, MAX_RANDOM, "a number of genomes"), metavar="N",
+                     help=f"N random genomes, 1 to {MAX_RANDOM:,} (prints the pass rate)")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed for --random (default 0)")
     add_device(p)
     add_format(p)
     return p
@@ -48,11 +54,17 @@ def _load(args) -> list[tuple[str, Genome]]:
         names = BUILTINS if args.builtin == "all" else (args.builtin,)
         return [(n, builtin(n)) for n in names]
     if args.genome is not None:
+        path = Path(args.genome)
         try:
-            text = args.genome.read_bytes()
+            if path.exists() and not path.is_file():  # a directory, a device, a FIFO: never read
+                raise UsageError(f"cannot read {args.genome}: not a regular file")
+            with path.open("rb") as fh:
+                text = fh.read(MAX_JSON_BYTES + 1)
         except OSError as e:
-            raise UsageError(f"cannot read {args.genome}: {e.strerror}") from None
-        return [(args.genome.name, loads(text))]
+            raise UsageError(f"cannot read {args.genome}: {e.strerror or e}") from None
+        if len(text) > MAX_JSON_BYTES:
+            raise UsageError(f"{args.genome}: a genome file is at most {MAX_JSON_BYTES:,} bytes")
+        return [(path.name, loads(text))]
     if args.random < 1:
         raise UsageError("--random needs N >= 1")
     rng = random.Random(args.seed)

@@ -5,9 +5,11 @@
     python -m nos.query show ID                 # one individual: genome, expression, evaluations
     python -m nos.query lineage ID              # the chain from ID back to its initial genome
     python -m nos.query stats RUN               # per-timestep counts, pass rate, best/median fitness
+    python -m nos.query compare RUN             # test-seed comparison with the tuned baselines (CIs)
 
-Every subcommand takes --db and --format table|json|csv (before or after it). It only reads,
-so it is safe to run while `python -m nos.evolve` is writing the same database.
+Every subcommand takes --db and --format table|json|csv (before or after it). It only reads
+(the database is opened read-only, so read-only files and directories work and nothing is left
+beside them), so it is safe to run while `python -m nos.evolve` is writing the same database.
 """
 
 from __future__ import annotations
@@ -22,44 +24,50 @@ from db.store import Store
 
 from .cli import (
     DEFAULT_DB,
+    MAX_ID,
     ArgumentParser,
     UsageError,
+    bounded_int,
+    db_arg,
     fmt_value,
     format_csv,
     format_table,
-    positive_int,
     print_json,
     run_command,
+    run_ref,
+    shown,
 )
+from .report_table import comparison_text
+from .search.config import SearchConfig
+from .search.diagnostics import diagnostics
+from .search.funnel import comparison as run_comparison
+from .search.metrics import integrity_pass_rate
 
 FORMATS = ("table", "json", "csv")
 
 RUN_COLUMNS = ["id", "name", "status", "started_at", "finished_at", "candidates", "evaluated", "best_fitness"]
-TOP_COLUMNS = ["id", "fitness", "lr", "particle", "timestep", "expression"]
-EVAL_COLUMNS = ["individual_id", "id", "task", "horizon", "lr", "seed", "loss", "steps", "seconds"]
+TOP_COLUMNS = ["id", "fitness", "fidelity", "lr", "particle", "timestep", "expression"]
+EVAL_COLUMNS = ["individual_id", "id", "task", "split", "horizon", "lr", "seed", "loss", "steps", "seconds"]
 SHOW_FIELDS = [
     "id", "run_name", "run_id", "slot", "status", "parent_id", "particle", "timestep", "mutation",
-    "attempt", "mutation_kind", "fitness", "lr", "sign", "genome_hash", "unflipped_hash",
+    "attempt", "mutation_kind", "fitness", "fidelity", "lr", "sign", "genome_hash", "unflipped_hash",
     "duplicate_of", "error", "created_at",
 ]
-LINEAGE_COLUMNS = ["id", "timestep", "particle", "mutation_kind", "status", "fitness", "delta", "ratio", "expression"]
+LINEAGE_COLUMNS = ["id", "timestep", "particle", "mutation_kind", "status", "fitness", "fidelity", "delta", "ratio",
+                   "expression"]
 STATS_COLUMNS = [
     "timestep", "candidates", "passed", "pass_rate", "duplicates", "invalid", "errors", "rejected",
     "best_fitness", "median_fitness",
 ]
 
 
-def individual_id(text: str) -> int:
-    """argparse type of an individual id (a positive integer)."""
-    try:
-        return positive_int(text)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"expected an individual id (a positive integer), got {text!r}") from None
+individual_id = bounded_int(1, MAX_ID, "an individual id (a positive integer)")
 
 
 def _add_common(p: argparse.ArgumentParser, default: str | None) -> None:
     """--db and --format; ``default`` SUPPRESS for the copies after the subcommand."""
-    p.add_argument("--db", default=default or DEFAULT_DB, help=f"database path or SQLAlchemy URL ({DEFAULT_DB})")
+    p.add_argument("--db", type=db_arg, default=default or DEFAULT_DB,
+                   help=f"database path or SQLAlchemy URL ({DEFAULT_DB})")
     p.add_argument("--format", choices=FORMATS, default=default or "table", help="output format (default: table)")
 
 
@@ -77,8 +85,9 @@ def _parser() -> ArgumentParser:
                    description="Every run: id, name, status, start/finish, candidates, evaluated, best fitness.")
     top = sub.add_parser("top", parents=[common], help="best evaluated individuals of a run",
                          description="The best evaluated individuals of a run (lower fitness is better).")
-    top.add_argument("run", metavar="RUN", help="run name or id")
-    top.add_argument("-n", type=positive_int, default=10, help="how many (default 10)")
+    top.add_argument("run", metavar="RUN", type=run_ref, help="run name or id")
+    top.add_argument("-n", type=bounded_int(1, MAX_ID, "a count (a positive integer)"), default=10,
+                     help="how many (default 10)")
     show = sub.add_parser("show", parents=[common], help="one individual with its evaluations",
                           description="One individual: columns, genome JSON, expression, LaTeX, evaluations "
                                       "(--format csv prints the evaluations).")
@@ -92,7 +101,15 @@ def _parser() -> ArgumentParser:
                            description="Per timestep: candidates, passed (evaluated), pass rate = passed / "
                                        "candidates, duplicates, invalid, errors, rejected by the integrity "
                                        "check, best and median fitness.")
-    stats.add_argument("run", metavar="RUN", help="run name or id")
+    stats.add_argument("run", metavar="RUN", type=run_ref, help="run name or id")
+    compare = sub.add_parser("compare", parents=[common], help="test-seed comparison of a run's funnel candidates",
+                             description="The run's funnel candidates beside the five tuned baselines on the "
+                                         "test seeds: per method and horizon the per-seed losses, median and "
+                                         "geometric mean at the lr / sigma chosen on validation seeds; per "
+                                         "candidate and baseline the geometric-mean loss ratio with a 95% "
+                                         "bootstrap CI, seeds won and a paired Wilcoxon p-value. A candidate "
+                                         "wins at a horizon only when the CI's upper end is below 1.")
+    compare.add_argument("run", metavar="RUN", type=run_ref, help="run name or id")
     return p
 
 
@@ -103,8 +120,16 @@ def find_run(store: Store, name_or_id: str) -> dict:
     """The run named (or numbered) ``name_or_id``; a UsageError if there is none."""
     run = store.get_run(name_or_id)
     if run is None:
-        raise UsageError(f"no run named {name_or_id!r} (nor with that id) in {store.url}")
+        raise UsageError(f"no run named {shown(name_or_id)} (nor with that id) in {store.url}")
     return run
+
+
+def run_config(run: dict) -> SearchConfig:
+    """The run's stored config, re-validated like user input; else a one-line UsageError."""
+    try:
+        return SearchConfig.checked(run.get("config"))
+    except ValueError as e:
+        raise UsageError(f"run {shown(run.get('name'))}: {e}") from None
 
 
 def find_individual(store: Store, ind_id: int) -> dict:
@@ -145,12 +170,15 @@ def lineage_rows(store: Store, ind_id: int) -> list[dict]:
 
 
 def stats_rows(store: Store, run_id: int) -> list[dict]:
-    """``store.timestep_stats`` plus the pass rate and the integrity rejections."""
+    """``store.timestep_stats`` plus the integrity pass rate (defined once, in nos.search.metrics)
+    and the integrity rejections."""
     rows = []
     for s in store.timestep_stats(run_id):
         n = s["candidates"] or 0
-        rejected = n - s["passed"] - s["duplicates"] - s["invalid"] - s["errors"]
-        rows.append({**s, "pass_rate": s["passed"] / n if n else None, "rejected": max(0, rejected)})
+        rejected = max(0, n - sum(s[k] or 0 for k in ("passed", "duplicates", "invalid", "errors")))
+        counts = {"evaluated": s["passed"] or 0, "error": s["errors"] or 0, "duplicate": s["duplicates"] or 0,
+                  "invalid": s["invalid"] or 0, "rejected_integrity": rejected}
+        rows.append({**s, "pass_rate": integrity_pass_rate(counts), "rejected": rejected})
     return rows
 
 
@@ -214,17 +242,56 @@ def cmd_lineage(store: Store, args: argparse.Namespace) -> None:
 def cmd_stats(store: Store, args: argparse.Namespace) -> None:
     run = find_run(store, args.run)
     rows = stats_rows(store, run["id"])
+    run_config(run)  # checked here: diagnostics trusts it
+    diag = diagnostics(store, run)
+    if args.format == "json":
+        print_json({"run": run["name"], "timesteps": rows, "diagnostics": diag})
+        return
     _emit(args.format, rows, STATS_COLUMNS, title=f"run {run['name']!r} (id {run['id']}, {run['status']})")
+    if args.format == "table":
+        rc, best = diag["rank_correlation"], diag["best_so_far"]
+        rho = "-" if rc["spearman"] is None else f"{rc['spearman']:.2f} (p = {rc['p_value']:.2g})"
+        print(f"\nsearch fitness vs validation score over {rc['n']} funnel candidate(s): Spearman {rho}")
+        print(f"best fitness after {len(best)} judged candidates: {fmt_value(best[-1] if best else None)}")
+        if diag["control"]:
+            c = diag["control"]
+            print(f"random-search control {c['run']!r}: best after {len(c['best_so_far'])} judged candidates: "
+                  f"{fmt_value(c['best_so_far'][-1] if c['best_so_far'] else None)}")
+
+
+COMPARE_METHOD_COLUMNS = ["method", "horizon", "hparam", "variant", "median", "gmean", "diverged", "per_seed"]
+COMPARE_VERSUS_COLUMNS = ["candidate", "baseline", "horizon", "gmean_ratio", "ci_low", "ci_high", "wins", "n",
+                          "p_value", "verdict"]
+
+
+def cmd_compare(store: Store, args: argparse.Namespace) -> None:
+    run = find_run(store, args.run)
+    cmp = run_comparison(store, run["id"], run_config(run))
+    if cmp is None:
+        raise UsageError(f"run {shown(run['name'])} has no funnel results (it ran with --funnel 0 or has not "
+                         "reached its funnel)")
+    doc = cmp.json(run["name"])
+    if args.format == "json":
+        print_json(doc)
+    elif args.format == "csv":
+        rows = [{**m, "per_seed": " ".join("" if x is None else repr(x) for x in m["per_seed"])} for m in doc["methods"]]
+        print(format_csv(rows, COMPARE_METHOD_COLUMNS))
+        print()
+        print(format_csv(doc["versus"], COMPARE_VERSUS_COLUMNS))
+    else:
+        print(f"run {run['name']!r} (id {run['id']}, {run['status']}); champion {cmp.champion or '-'}")
+        print(comparison_text(cmp))
 
 
 COMMANDS: dict[str, Callable[[Store, argparse.Namespace], None]] = {
     "runs": cmd_runs, "top": cmd_top, "show": cmd_show, "lineage": cmd_lineage, "stats": cmd_stats,
+    "compare": cmd_compare,
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    store = Store(args.db, create=False)
+    store = Store(args.db, readonly=True)
     try:
         COMMANDS[args.command](store, args)
     finally:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import re
 import statistics
@@ -34,7 +35,6 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 from db.store import Store  # noqa: E402
-from search_space.builtins import builtin  # noqa: E402
 from search_space.genome import from_json  # noqa: E402
 
 from .cli import (  # noqa: E402
@@ -48,15 +48,18 @@ from .cli import (  # noqa: E402
     run_command,
 )
 from .engine.trainer import train  # noqa: E402
-from .evaluation.compare import MethodResult  # noqa: E402
+from .evaluation.compare import Comparison, MethodResult, method_label  # noqa: E402
+from .evaluation.protocol import BEFORE, baseline_genome  # noqa: E402
 from .evaluation.sine import SineEvaluator  # noqa: E402
-from .report_table import METHOD_LABELS  # noqa: E402
+from .report_table import comparison_text  # noqa: E402
 from .search import SearchConfig  # noqa: E402
-from .search.funnel import candidate_id, candidate_name, stored_results  # noqa: E402
-from .search.funnel import champion as funnel_champion  # noqa: E402
+from .search.diagnostics import diagnostics  # noqa: E402
+from .search.funnel import candidate_id, candidate_name, comparison  # noqa: E402
 from .search.metrics import duplicate_rate, integrity_pass_rate  # noqa: E402
 from .tasks.budget import describe, randopt_population  # noqa: E402
 from .tasks.randopt import DEFAULT_TOP_K, randopt  # noqa: E402
+
+log = logging.getLogger("nos.report")  # not __name__: it is __main__ under python -m
 
 STATUS_COLORS = {
     "evaluated": "#2ca02c",
@@ -69,7 +72,7 @@ METHOD_STYLE = {  # color, linestyle of each method in rollouts.png / losses.png
     "best": ("#d62728", "-"),
     "adam": ("#1f77b4", "-"),
     "adam_clip": ("#17becf", "-"),
-    "randopt_all": ("#2ca02c", "-"),
+    "randopt": ("#2ca02c", "-"),
     "before": ("#7f7f7f", ":"),
 }
 
@@ -83,7 +86,8 @@ class RunData:
     individuals: list[dict]
     counts: dict[str, int]
     stats: list[dict]
-    results: dict[str, dict[float, MethodResult]] = field(default_factory=dict)  # held-out, by method
+    comparison: Comparison | None = None  # the funnel's test-seed comparison (None: no funnel)
+    diagnostics: dict[str, Any] = field(default_factory=dict)  # nos.search.diagnostics
     champion: dict | None = None  # the best individual (funnel champion, else best fitness)
 
     @property
@@ -99,12 +103,15 @@ def load(store: Store, name_or_id: str) -> RunData:
     run = store.get_run(name_or_id)
     if run is None:
         raise UsageError(f"no run named {name_or_id!r} (nor with that id) in {store.url}")
-    cfg = SearchConfig.from_json(run["config"] or {})
+    try:  # re-validated like user input
+        cfg = SearchConfig.checked(run["config"])
+    except ValueError as e:
+        raise UsageError(f"run {run['name']!r}: {e}") from None
     data = RunData(run, cfg, store.individuals(run["id"]), store.status_counts(run["id"]),
                    store.timestep_stats(run["id"]))
-    data.results = stored_results(store, run["id"], cfg)
-    # the funnel's own choice (best geometric-mean ratio to tuned Adam), else the best fitness
-    name = funnel_champion(data.results) if data.results else None
+    data.comparison = comparison(store, run["id"], cfg)
+    # the funnel's own choice (on validation seeds), else the best fitness
+    name = data.comparison.champion if data.comparison else None
     best = data.by_id.get(candidate_id(name)) if name is not None else None  # type: ignore[arg-type]
     if best is None:
         top = store.top(run["id"], 1)
@@ -158,6 +165,32 @@ def _particle_colors(n: int) -> list[Any]:
     return [cmap(i if n <= 20 else i / max(1, n - 1)) for i in range(n)]
 
 
+def plot_search(data: RunData, path: Path) -> None:
+    """search.png: the best full-fidelity fitness among the first k judged candidates, for this
+    run and -- when the database holds one of the same size -- a random-search control."""
+    diag = data.diagnostics
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    curves = [(f"{data.run['name']} ({data.config.algorithm})", diag["best_so_far"], "#d62728")]
+    if diag["control"]:
+        curves.append((f"{diag['control']['run']} (random search)", diag["control"]["best_so_far"], "#7f7f7f"))
+    for label, best, color in curves:
+        pts = [(k + 1, b) for k, b in enumerate(best) if b is not None and b > 0]
+        if pts:
+            ax.step([k for k, _ in pts], [b for _, b in pts], where="post", color=color, lw=1.8, label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("judged candidates")
+    ax.set_ylabel("best search fitness so far (loss / tuned Adam's)")
+    rc = diag["rank_correlation"]
+    rho = "n/a" if rc["spearman"] is None else f"{rc['spearman']:.2f}"
+    ax.set_title(f"run {data.run['name']!r}: search progress; Spearman(fitness, validation) over "
+                 f"{rc['n']} funnel candidate(s) = {rho}", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_fitness(data: RunData, path: Path) -> None:
     """fitness.png: each particle's position per timestep, every evaluated child faintly.
 
@@ -181,7 +214,7 @@ def plot_fitness(data: RunData, path: Path) -> None:
         above = [x for x, y in zip(xs, ys) if y > cap]
         n_out += len(above)
         if inside:
-            ax.scatter(*zip(*inside), s=12, lw=0, **kw)
+            ax.scatter([x for x, _ in inside], [y for _, y in inside], s=12, lw=0, **kw)
         if above:
             ax.scatter(above, [cap] * len(above), s=18, marker="^", lw=0, clip_on=False,
                        **{k: v for k, v in kw.items() if k != "label"})
@@ -287,7 +320,7 @@ def plot_lineage(data: RunData, store: Store, path: Path) -> None:
         label = ("initial" if i == 0 else f"timestep {chain[i]['timestep']}" if i < len(chain)
                  else "children of the best")
         ax.text(i, span + 0.65, label, ha="center", va="bottom", fontsize=8, color="0.3")
-    handles = [Patch(fc=c, alpha=0.7, label=s) for s, c in STATUS_COLORS.items()]
+    handles: list[Any] = [Patch(fc=c, alpha=0.7, label=s) for s, c in STATUS_COLORS.items()]
     handles.append(Line2D([], [], color="k", lw=2, label="lineage of the best"))
     ax.legend(handles=handles, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=3, frameon=False)
     title = "lineage" if not chain else (
@@ -312,31 +345,32 @@ class Rollouts:
 
 
 def rollouts(data: RunData, evaluator: SineEvaluator, horizon: float, seed: int) -> Rollouts:
-    """Fine-tune as the funnel did (same task, seed, budget, chosen lr / sigma) and roll out:
-    the best individual, tuned Adam, RandOpt on all layers, and the pretrained net as it is."""
-    cfg, best = data.config, data.champion
-    assert best is not None
-    name = candidate_name(best['id'])
+    """Retrain as the funnel did (same task, seed, budget, validated lr / sigma / layers) and roll
+    out: the champion, tuned Adam, tuned RandOpt, and the pretrained net as it is. This is the
+    only place the report trains anything: the numbers themselves are read from the database."""
+    cmp, best = data.comparison, data.champion
+    assert best is not None and cmp is not None
+    name = candidate_name(best["id"])
     task = evaluator.task(horizon, pretrain_seed=seed, target_seed=seed)
-    gradient = [("best", f"{name} (lr {_hp(data, name, horizon)})", from_json(best["genome"]), name),
-                ("adam", f"Adam (lr {_hp(data, 'adam', horizon)})", builtin("adam"), "adam")]
-    runnable = [(key, g, _hparam(data, method, horizon)) for key, _, g, method in gradient]
-    runnable = [(key, g, lr) for key, g, lr in runnable if lr is not None]
+    champ, adam, ro = (cmp.result(m, horizon) for m in (name, "adam", "randopt"))
+    gradient = [(key, r, g) for key, r, g in (("best", champ, from_json(best["genome"])),
+                                              ("adam", adam, baseline_genome("adam")))
+                if r is not None and r.hparam is not None]
+    labels = {"best": f"{name} (lr {_hp(champ)})", "adam": f"Adam (lr {_hp(adam)})"}
     preds: dict[str, torch.Tensor | None] = {}
-    if runnable:
-        res = train(task, [g for _, g, _ in runnable], [lr for *_, lr in runnable], seeds=seed,
-                    budget_fpe=cfg.budget_fpe)
+    if gradient:
+        genomes, lrs = [g for *_, g in gradient], [r.hparam for _, r, _ in gradient]
+        res = train(task, genomes, lrs, seeds=seed, budget_fpe=data.config.budget_fpe)  # type: ignore[arg-type]
+        assert res.params is not None
         with torch.no_grad():
             out = task.rollout(res.params)
-        preds.update({key: out[i] for i, (key, _, _) in enumerate(runnable)})
-    sigma = _hparam(data, "randopt_all", horizon)
-    if sigma is not None:
-        preds["randopt_all"] = randopt(task, randopt_population(cfg.budget_fpe), [sigma], DEFAULT_TOP_K,
-                                       layers="all", seed=seed).ensemble_prediction.to(task.device)
+        preds.update({key: out[i] for i, (key, _, _) in enumerate(gradient)})
+    if ro is not None and ro.hparam is not None:
+        preds["randopt"] = randopt(task, randopt_population(data.config.budget_fpe), [ro.hparam], DEFAULT_TOP_K,
+                                   layers=ro.variant or "all", seed=seed).ensemble_prediction.to(task.device)
+        labels["randopt"] = f"RandOpt, {ro.variant} layers (sigma {_hp(ro)})"
     with torch.no_grad():
         preds["before"] = task.rollout(task.theta0[None])[0]
-    labels = {key: label for key, label, _, _ in gradient}
-    labels["randopt_all"] = f"RandOpt all layers (sigma {_hp(data, 'randopt_all', horizon)})"
     labels["before"] = "before fine-tuning"
     curves: dict[str, tuple[str, torch.Tensor | None, float | None]] = {}
     for key, label in labels.items():
@@ -351,9 +385,8 @@ def rollouts(data: RunData, evaluator: SineEvaluator, horizon: float, seed: int)
 
 
 def rollout_horizons(data: RunData) -> list[float]:
-    """The held-out horizons the run has results for (those of its config, in order)."""
-    have = {h for per_h in data.results.values() for h in per_h}
-    return [h for h in data.config.heldout_horizons if h in have] or sorted(have)
+    """The held-out horizons the run has results for."""
+    return list(data.comparison.horizons) if data.comparison else []
 
 
 def plot_rollouts(data: RunData, path: Path, device: torch.device, horizons: Sequence[float],
@@ -361,12 +394,12 @@ def plot_rollouts(data: RunData, path: Path, device: torch.device, horizons: Seq
     """rollouts.png: per held-out horizon, the target and the rollouts after fine-tuning with the
     best optimizer, tuned Adam, RandOpt (all layers) and before fine-tuning, on the first held-out seed."""
     cfg = data.config
-    seed = cfg.heldout_seeds[0]
-    evaluator = SineEvaluator(cfg.setup(), device)
+    seed = cfg.test_seeds[0]
+    evaluator = cfg.protocol().evaluator(device)
     fig, axes = plt.subplots(len(horizons), 1, figsize=(10, 2.6 * len(horizons) + 0.6), squeeze=False)
     for ax, h in zip(axes[:, 0], horizons):
         if progress:
-            print(f"  rollouts at t_max = {h:g} ...", file=sys.stderr)
+            log.info(f"  rollouts at t_max = {h:g} ...")
         ro = rollouts(data, evaluator, h, seed)
         k, t = ro.k, torch.arange(ro.target.numel()) * ro.dt
         ax.axvspan(0.0, float(t[k - 1]), color="0.92", zorder=0)
@@ -395,36 +428,32 @@ def plot_rollouts(data: RunData, path: Path, device: torch.device, horizons: Seq
 
 
 def plot_losses(data: RunData, path: Path) -> None:
-    """losses.png: held-out loss per horizon (mean +- std over seeds, log y) per method."""
-    best = candidate_name(data.champion['id']) if data.champion else None
-    keys = [(best, "best"), ("adam", "adam"), ("adam_clip", "adam_clip"), ("randopt_all", "randopt_all"),
-            ("before", "before")]
+    """losses.png: test loss per horizon per method: each seed as a dot, the geometric mean as a line."""
+    cmp = data.comparison
+    assert cmp is not None
+    best = candidate_name(data.champion["id"]) if data.champion else None
+    keys = [(best, "best"), ("adam", "adam"), ("adam_clip", "adam_clip"), ("randopt", "randopt"), (BEFORE, "before")]
     fig, ax = plt.subplots(figsize=(8, 5))
-    shown = [(m, s) for m, s in keys if m in data.results]
+    shown = [(m, style) for m, style in keys if m is not None and any(r.method == m for r in cmp.methods)]
     for i, (method, style) in enumerate(shown):
         color, ls = METHOD_STYLE[style]
-        per_h = data.results[method]
-        pts = [(h, r.mean, r.std or 0.0) for h, r in per_h.items() if r.mean is not None and r.mean > 0]
-        label = f"{method} (best)" if style == "best" else METHOD_LABELS.get(method, method)
-        if not pts:
-            ax.plot([], [], color=color, ls=ls, label=f"{label}: diverged")
-            continue
+        results = [r for h in cmp.horizons if (r := cmp.result(method, h)) is not None]
+        label = f"{method} (champion)" if style == "best" else method_label(results[0])
         shift = 1 + 0.04 * (i - (len(shown) - 1) / 2)
-        xs = [h * shift for h, _, _ in pts]
-        ys = [m for _, m, _ in pts]
-        lower = [min(s, 0.9 * m) for _, m, s in pts]  # keep the bar above 0 on a log axis
-        ax.errorbar(xs, ys, yerr=[lower, [s for *_, s in pts]], color=color, ls=ls, marker="o", ms=5,
-                    capsize=3, lw=1.5, label=label)
+        ax.plot([r.horizon * shift for r in results], [r.gmean for r in results], color=color, ls=ls,
+                marker="o", ms=5, lw=1.5, label=label)
+        for r in results:
+            ys = [x for x in r.per_seed if x is not None and x > 0]
+            ax.scatter([r.horizon * shift] * len(ys), ys, color=color, s=8, alpha=0.35, lw=0)
     ax.set_xscale("log")
     ax.set_yscale("log")
-    horizons = sorted({h for per_h in data.results.values() for h in per_h})
-    ax.set_xticks(horizons)
-    ax.set_xticklabels([f"{h:g}" for h in horizons])
+    ax.set_xticks(list(cmp.horizons))
+    ax.set_xticklabels([f"{h:g}" for h in cmp.horizons])
     ax.minorticks_off()
     ax.set_xlabel("horizon t_max")
-    ax.set_ylabel("held-out rollout MSE")
-    seeds = ", ".join(map(str, data.config.heldout_seeds))
-    ax.set_title(f"run {data.run['name']!r}: held-out loss (mean ± std over seeds {seeds})", fontsize=10)
+    ax.set_ylabel("test rollout MSE")
+    ax.set_title(f"run {data.run['name']!r}: test loss (dots: {len(cmp.seeds.test)} test seeds; line: geometric mean)",
+                 fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
@@ -432,51 +461,11 @@ def plot_losses(data: RunData, path: Path) -> None:
     plt.close(fig)
 
 
-def _hparam(data: RunData, method: str, h: float) -> float | None:
-    r = data.results.get(method, {}).get(h)
-    return None if r is None else r.hparam
-
-
-def _hp(data: RunData, method: str, h: float) -> str:
-    v = _hparam(data, method, h)
-    return "-" if v is None else f"{v:g}"
+def _hp(r: MethodResult | None) -> str:
+    return "-" if r is None or r.hparam is None else f"{r.hparam:g}"
 
 
 # ---------------------------------------------------------------------- summary
-
-
-def _cell(r: MethodResult | None) -> str:
-    if r is None:
-        return "-"
-    if r.mean is None:
-        return "diverged"
-    return f"{r.mean:.3g}" if len(r.losses) == 1 else f"{r.mean:.3g} ± {r.std:.2g}"
-
-
-def heldout_markdown(data: RunData) -> str:
-    """The held-out comparison as a markdown table (the best mean per horizon in bold)."""
-    horizons = sorted({h for per_h in data.results.values() for h in per_h})
-    champion = candidate_name(data.champion['id']) if data.champion else None
-    order = ["before", "adam", "adam_clip", "randopt_all"]
-    methods = [m for m in order if m in data.results] + sorted(m for m in data.results if m not in order)
-    best_mean = {}
-    for h in horizons:
-        means = [data.results[m][h].mean for m in methods
-                 if m != "before" and h in data.results[m] and data.results[m][h].mean is not None]
-        best_mean[h] = min(means) if means else None
-    lines = ["| method | " + " | ".join(f"t_max={h:g}" for h in horizons) + " |",
-             "|---|" + "---|" * len(horizons)]
-    for m in methods:
-        label = METHOD_LABELS.get(m, m) + (" **(champion)**" if m == champion else "")
-        cells = []
-        for h in horizons:
-            r = data.results[m].get(h)
-            text = _cell(r)
-            if m != "before" and r is not None and r.mean is not None and r.mean == best_mean[h]:
-                text = f"**{text}**"
-            cells.append(text)
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def _md_escape(text: str) -> str:
@@ -502,8 +491,8 @@ def summary_markdown(data: RunData, images: dict[str, str], db_arg: str, skipped
     if best is None:
         out += ["No evaluated individual yet.", ""]
     else:
-        how = "funnel champion: best geometric-mean held-out loss ratio to tuned Adam" if data.results and \
-            candidate_name(best['id']) in data.results else "best search fitness"
+        how = ("funnel champion: best validation loss ratio to tuned Adam" if data.comparison
+               and data.comparison.champion == candidate_name(best["id"]) else "best search fitness")
         out += [f"**#{best['id']}** ({how})", "",
                 f"- fitness: {best['fitness']:.4g} (geometric mean of loss / tuned Adam's loss over the search horizons; "
                 "lower is better)" if best["fitness"] is not None else "- fitness: -",
@@ -516,10 +505,8 @@ def summary_markdown(data: RunData, images: dict[str, str], db_arg: str, skipped
         out += ["Export it as a PyTorch optimizer:", "", "```",
                 f"python -m nos.export {best['id']}{db} -o runs/{run['name']}-{best['id']}.py", "```", ""]
     out += ["## Held-out comparison", ""]
-    if data.results:
-        seeds = ", ".join(map(str, cfg.heldout_seeds))
-        out += [f"Held-out loss (rollout MSE), mean ± std over seeds {seeds}; lr / sigma tuned per horizon.",
-                "", heldout_markdown(data), ""]
+    if data.comparison:
+        out += [comparison_text(data.comparison, "markdown"), ""]
     else:
         out += [skipped or "No held-out results.", ""]
     if data.stats:
@@ -595,7 +582,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     store = Store(args.db, create=False)
     try:
         data = load(store, args.run)
-        heldout = bool(data.results) and data.champion is not None
+        heldout = data.comparison is not None and data.champion is not None
         horizons = _wanted_horizons(args.rollout_horizons, data) if heldout else []
         out = args.out or Path("runs") / _safe_name(data.run["name"])
         try:
@@ -603,18 +590,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OSError as e:
             raise UsageError(f"cannot create {out}: {e.strerror or e}") from None
         images = {"fitness.png": "Fitness over timesteps per particle",
-                  "lineage.png": "Lineage of the best individual"}
+                  "lineage.png": "Lineage of the best individual",
+                  "search.png": "Best fitness so far against judged candidates (and a random-search control)"}
         plot_fitness(data, out / "fitness.png")
         plot_lineage(data, store, out / "lineage.png")
+        data.diagnostics = diagnostics(store, data.run)
+        plot_search(data, out / "search.png")
     finally:
         store.close()
     skipped = None
     if heldout:
-        print(f"fine-tuning for rollouts.png at t_max = {', '.join(f'{h:g}' for h in horizons)} "
-              f"on {device} ...", file=sys.stderr)
+        log.info(f"fine-tuning for rollouts.png at t_max = {', '.join(f'{h:g}' for h in horizons)} on {device} ...")
         plot_rollouts(data, out / "rollouts.png", device, horizons)
         plot_losses(data, out / "losses.png")
-        images["rollouts.png"] = (f"Rollouts after fine-tuning (held-out seed {data.config.heldout_seeds[0]}, "
+        images["rollouts.png"] = (f"Rollouts after fine-tuning (test seed {data.config.test_seeds[0]}, "
                                   f"t_max = {', '.join(f'{h:g}' for h in horizons)})")
         images["losses.png"] = "Held-out loss per horizon"
     else:
@@ -622,7 +611,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "(`python -m nos.evolve --funnel N` with N >= 1 makes them).")
     (out / "summary.md").write_text(summary_markdown(data, images, args.db, skipped), encoding="utf-8")
     files = [str(out / f) for f in [*images, "summary.md"]]
-    print(f"report written to {out}", file=sys.stderr)
+    log.info(f"report written to {out}")
     if args.format == "json":
         print_json({"out": str(out), "files": files})
     return 0

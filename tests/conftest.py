@@ -12,6 +12,7 @@ import copy
 import os
 import subprocess
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from nos.engine.interpreter import Segments
+from db.store import Store
+from nos.cli import run_command
+from nos.tasks.segments import Segments
 
 
 class MLPTask:
@@ -124,3 +127,136 @@ class Proc:
         if self.popen.poll() is None:
             self.popen.kill()
             self.popen.communicate()
+
+
+# ---------------------------------------------------------------------- bad input (one rule)
+
+
+def run_entry(main, argv: list[str]) -> tuple[int, str, str]:
+    """A command's entry point (``nos.cli.run_command(main, argv)``) in this process, its
+    stdout and stderr captured without pytest fixtures (so hypothesis can call it):
+    (exit status, stdout, stderr). An exception that escapes is NOT caught: it fails the test."""
+    import contextlib
+    import io
+
+    from nos.cli import run_command
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = run_command(main, argv)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+    return code, out.getvalue(), err.getvalue()
+
+
+def assert_one_line_error(code: int, out: str, err: str, limit: int = 310) -> str:
+    """The rule for bad input: exit status 2, nothing on stdout, exactly one line on stderr,
+    no traceback, no raw control character, at most ~300 characters. Returns the line."""
+    assert code == 2, (code, out[-500:], err[-2000:])
+    assert out == "", out[-500:]
+    assert err.endswith("\n") and err.count("\n") == 1, err[-2000:]
+    line = err[:-1]
+    assert line.startswith("error: "), line  # one line, so never a traceback (a quoted one is escaped)
+    assert line.isprintable(), line  # escaped: no newline, CR, ESC, bidi override ...
+    assert len(line) <= limit, len(line)
+    return line
+
+
+def make_nos_db(path: Path) -> dict[str, int]:
+    """A small nos database written through the Store (no search): run ``r1`` with an initial
+    genome, a child and a grandchild (with evaluations), timestep stats and a baseline, and an
+    empty finished run ``r2``."""
+    from db.store import Store
+
+    genome = {"nodes": [{"op": "sign", "in": ["g"]}], "update": "plain", "sign": 1, "clip": None,
+              "lr": {"schedule": "constant", "decay": None},
+              "noise": {"sigma": 0.0, "decay": None, "scale": "absolute", "accept": "always"}}
+    ev = {"task": "sine", "horizon": 1.0, "lr": 1e-3, "seed": 0, "loss": 0.5, "steps": 200, "seconds": 0.1}
+    with Store(path) as store:
+        run = store.create_run("r1", {"total_steps": 200, "budget_fpe": 600, "horizons": [1.0]}, seed=0)
+        rows = [
+            {"run_id": run, "slot": "init:0", "genome": genome, "status": "evaluated", "fitness": 1.5,
+             "lr": 1e-3, "expression": "sign(g)", "genome_hash": "h0", "evaluations": [ev]},
+            {"run_id": run, "slot": "p0:t1:m0:a0", "parent_slot": "init:0", "genome": genome, "timestep": 1,
+             "particle": 0, "status": "evaluated", "fitness": 1.2, "lr": 1e-3, "expression": "sign(g)",
+             "genome_hash": "h1", "mutation_kind": "rewire", "evaluations": [ev]},
+            {"run_id": run, "slot": "p0:t2:m0:a0", "parent_slot": "p0:t1:m0:a0", "genome": genome, "timestep": 2,
+             "particle": 0, "status": "rejected_integrity", "expression": "sign(g)", "genome_hash": "h2"},
+        ]
+        ids = store.add_individuals(rows)
+        for t in range(3):
+            store.put_timestep_stats(run, {"timestep": t, "candidates": 1, "passed": int(t < 2)})
+        store.add_baselines([{"run_id": run, "method": "adam", "task": "sine", "horizon": 1.0, "seed": 0,
+                              "loss": 0.4, "hparam": 1e-3, "budget": 600}])
+        store.set_run_status(run, "finished")
+        # a finished random-search run beside it (what `query stats` compares a GA run with)
+        store.set_run_status(store.create_run("r2", {"algorithm": "random", "budget_fpe": 600}, seed=1), "finished")
+    return {"run": run, "initial": ids[0], "child": ids[1], "grandchild": ids[2]}
+
+
+# ---------------------------------------------------------------------- real searches in subprocesses
+# (shared by test_evolve, test_distributed, test_query and test_report)
+
+# a particle search small enough for a test: 10 initial, 2 particles, 2 x 3, no funnel
+EVOLVE_TINY = [
+    "--initial", "10", "--particles", "2", "--timesteps", "2", "--mutations", "3", "--funnel", "0",
+    "--horizons", "1", "--budget", "90", "--sine-pretrain-steps", "150", "--sine-width", "16",
+    "--device", "cpu",
+]
+
+
+def lineage_key(db: Path, name: str) -> list[tuple]:
+    with Store(str(db), create=False) as store:
+        run = store.get_run(name)
+        assert run is not None
+        return [
+            (r["slot"], r["genome_hash"], r["status"], None if r["fitness"] is None else round(r["fitness"], 9),
+             r["lr"], r["mutation_kind"], r["fidelity"])
+            for r in sorted(store.individuals(run["id"]), key=lambda r: r["slot"])
+        ]
+
+
+RUN = "tiny"
+
+# A search small enough for a test (~40 s on a 2-core CPU, held-out funnel included: budget 60
+# forward-pass equivalents, an 8-wide MLP) that still has a lineage two timesteps deep.
+TINY_EVOLVE = [
+    "--initial", "6", "--particles", "2", "--timesteps", "2", "--mutations", "2", "--funnel", "1",
+    "--sine-pretrain-steps", "50", "--sine-width", "8", "--horizons", "1", "--budget", "60",
+    "--device", "cpu",
+]
+
+
+def run_module(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """``python -m module args`` in a real subprocess from the repository root."""
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def tiny_search(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The database of a real tiny ``nos.evolve`` run, made once per test session (test_report
+    shares it: the run directory is reused when a previous fixture made it)."""
+    base = tmp_path_factory.getbasetemp() / "tiny_search"
+    db, done = base / "nos.sqlite", base / "done"
+    if not done.exists():
+        base.mkdir(parents=True, exist_ok=True)
+        proc = run_module("nos.evolve", "--db", str(db), "--cache-dir", str(base / "cache"), "--name", RUN,
+                          *TINY_EVOLVE)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        done.write_text("ok")
+    return db
+
+
+def in_process(capsys: pytest.CaptureFixture[str], *args: str,
+               main: Callable[[Sequence[str] | None], int] | None = None) -> tuple[int, str, str]:
+    """A command's entry point (``run_command(main, argv)``) in this process: (status, stdout, stderr)."""
+    from nos.query import main as query_main
+
+    capsys.readouterr()
+    try:
+        code = run_command(main or query_main, list(args))
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import func, select
 
 from db import Store, StoreError, resolve_url
-from db.models import Evaluation, Individual
+from db.models import SCHEMA_VERSION, Evaluation, Individual
 
 CONFIG = {"particles": 2, "initial": 4, "lr_grid": [1e-3, 1e-2]}
 
@@ -79,7 +79,7 @@ def test_sqlite_settings(store: Store, path: Path) -> None:
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert dict(conn.execute("SELECT key, value FROM meta")) == {
-            "app": "nos", "schema_version": "1"}
+            "app": "nos", "schema_version": SCHEMA_VERSION}
     with store.session() as session:
         assert session.connection().exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
 
@@ -122,10 +122,10 @@ def test_non_database_file_is_untouched(tmp_path: Path, content: bytes) -> None:
 def test_wrong_schema_version_is_refused(path: Path) -> None:
     Store(str(path)).close()
     with sqlite3.connect(path) as conn:
-        conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+        conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")  # an older nos
     conn.close()
     before = path.read_bytes()
-    with pytest.raises(StoreError, match="schema_version '2'"):
+    with pytest.raises(StoreError, match="schema_version '1'.*older nos"):
         Store(str(path))
     assert path.read_bytes() == before
 

@@ -21,7 +21,10 @@ from pathlib import Path
 import pytest
 
 from db.store import Store, StoreError
-from tests.test_evolve import ROOT, TINY, lineage_key
+
+from .conftest import EVOLVE_TINY as TINY
+from .conftest import REPO as ROOT
+from .conftest import lineage_key
 
 distributed = pytest.importorskip("distributed", reason="Dask distributed is not installed (pip install 'nos[distributed]')")
 

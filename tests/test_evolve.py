@@ -16,12 +16,10 @@ from db.store import Store
 from nos.search import Proposal, Run, SearchConfig
 from search_space.genome import from_json
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "--initial", "10", "--particles", "2", "--timesteps", "2", "--mutations", "3", "--funnel", "0",
-    "--horizons", "1", "--budget", "90", "--sine-pretrain-steps", "150", "--sine-width", "16",
-    "--device", "cpu",
-]
+from .conftest import EVOLVE_TINY, REPO, lineage_key
+
+ROOT = REPO
+TINY = EVOLVE_TINY
 
 
 def evolve(tmp: Path, *args: str, db: str = "nos.sqlite", check: bool = True) -> subprocess.CompletedProcess:
@@ -32,21 +30,20 @@ def evolve(tmp: Path, *args: str, db: str = "nos.sqlite", check: bool = True) ->
     return res
 
 
-def lineage_key(db: Path, name: str) -> list[tuple]:
-    with Store(str(db), create=False) as store:
-        run = store.get_run(name)
-        assert run is not None
-        return [
-            (r["slot"], r["genome_hash"], r["status"], None if r["fitness"] is None else round(r["fitness"], 9),
-             r["lr"], r["mutation_kind"])
-            for r in sorted(store.individuals(run["id"]), key=lambda r: r["slot"])
-        ]
+PROMOTED = ["--promote", "0.5"]  # multi-fidelity: a cheap first stage, half of each chunk promoted
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("evolve")
     evolve(tmp, *TINY, "--name", "ref", "--seed", "3")
+    return tmp / "nos.sqlite"
+
+
+@pytest.fixture(scope="module")
+def finished_promoted_run(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("evolve_promoted")
+    evolve(tmp, *TINY, *PROMOTED, "--name", "ref", "--seed", "3")
     return tmp / "nos.sqlite"
 
 
@@ -76,18 +73,23 @@ def test_lineage_is_complete_and_counts_match_config(finished_run: Path) -> None
             ind = store.get_individual(r["id"])
             if r["status"] == "evaluated":
                 assert r["fitness"] is not None and r["lr"] in SearchConfig().lrs
-                assert len([e for e in ind["evaluations"] if e["task"] == "sine"]) == 3
+                d = SearchConfig()  # 3 lrs x 1 horizon x the search seeds
+                assert len([e for e in ind["evaluations"] if e["task"] == "sine"]) == len(d.lrs) * len(d.search_seeds)
             if r["status"] == "duplicate":
                 assert not ind["evaluations"], "a duplicate must not be evaluated again"
                 original = by_id[r["duplicate_of"]]
                 assert r["genome_hash"] in (original["genome_hash"], original["unflipped_hash"])
 
 
-def test_same_seed_same_lineage_and_sigkill_resume(tmp_path: Path, finished_run: Path) -> None:
-    """A run SIGKILLed mid-way and resumed ends exactly like the uninterrupted run."""
+@pytest.mark.parametrize("fidelity", ["one stage", "promotion stage"])
+def test_same_seed_same_lineage_and_sigkill_resume(tmp_path: Path, fidelity: str, request) -> None:
+    """A run SIGKILLed mid-way and resumed ends exactly like the uninterrupted run -- also with a
+    cheap first stage, killed while the children of a timestep go through the stages."""
+    finished_run = request.getfixturevalue("finished_run" if fidelity == "one stage" else "finished_promoted_run")
+    extra = [] if fidelity == "one stage" else PROMOTED
     db = tmp_path / "killed.sqlite"
     cmd = [sys.executable, "-m", "nos.evolve", "--db", str(db), "--cache-dir", str(tmp_path.parent / "cache"),
-           *TINY, "--name", "ref", "--seed", "3"]
+           *TINY, *extra, "--name", "ref", "--seed", "3"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 300
     killed_at = 0
@@ -225,7 +227,8 @@ print(json.dumps(torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 def test_exported_discovered_optimizer_trains_without_nos_and_matches_interpreter(tmp_path: Path, finished_run: Path) -> None:
     from nos.engine.trainer import train
-    from tests.conftest import MLPTask
+
+    from .conftest import MLPTask
 
     with Store(str(finished_run), create=False) as store:
         best = store.top(store.get_run("ref")["id"], 1)[0]
@@ -254,3 +257,31 @@ def test_exported_discovered_optimizer_trains_without_nos_and_matches_interprete
     exported = torch.tensor(json.loads(res.stdout))
     assert float((exported - task.theta0).abs().max()) > 1e-4  # it trained
     torch.testing.assert_close(exported, interp.params[0], rtol=1e-4, atol=1e-6)
+
+
+def test_promotion_follows_the_configured_rule(finished_promoted_run: Path) -> None:
+    """Each chunk: every screened candidate gets the cheap stage (task sine_cheap: 1 search seed,
+    the shortest horizon); the best half by cheap fitness (rounded up) get the full fitness."""
+    with Store(str(finished_promoted_run), create=False) as store:
+        run = store.get_run("ref")
+        assert run["config"]["fidelity"] == {"seeds": 1, "horizons": [1.0], "budget_fpe": 90, "promote": 0.5}
+        rows = [store.get_individual(r["id"]) for r in store.individuals(run["id"])]
+        cheap_ref = {(b["horizon"], b["seed"]): b["loss"] for b in store.baselines(run["id"], task="sine_search_cheap")}
+    assert list(cheap_ref) == [(1.0, 0)]
+    chunks: dict[tuple[int, int], list[dict]] = {}
+    for r in rows:
+        cheap = [e for e in r["evaluations"] if e["task"] == "sine_cheap"]
+        assert {e["seed"] for e in cheap} <= {0} and {e["horizon"] for e in cheap} <= {1.0}
+        finite = [e["loss"] for e in cheap if e["loss"] is not None]
+        if not finite:  # not screened in, or no finite cheap loss: nothing to promote
+            continue
+        # the cheap fitness, recomputed from its rows: the best lr's loss ratio to tuned Adam
+        r["cheap"] = min(finite) / cheap_ref[(1.0, 0)]
+        r["promoted"] = any(e["task"] == "sine" for e in r["evaluations"])
+        assert r["status"] != "evaluated" or r["fidelity"] == (1 if r["promoted"] else 0)
+        chunks.setdefault((r["timestep"], r["attempt"]), []).append(r)
+    assert any(not r["promoted"] for c in chunks.values() for r in c), "nothing was left at the cheap stage"
+    for chunk in chunks.values():
+        ranked = sorted(chunk, key=lambda r: (r["cheap"], r["id"]))
+        n = max(1, -(-len(chunk) // 2))  # ceil(0.5 * n), at least one
+        assert {r["id"] for r in chunk if r["promoted"]} == {r["id"] for r in ranked[:n]}

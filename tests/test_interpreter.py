@@ -328,15 +328,29 @@ def test_all_candidates_failing():
 # budgets, curves
 
 
+def test_gradient_free_genome_gets_the_budget_in_forward_passes():
+    """An update that never reads the gradient pays no backward: 600 FPE = 600 steps (RandOpt's
+    600 perturbations), 300 with an if_better test (two forwards a step)."""
+    noise_only = from_json({"nodes": [{"op": "mul", "in": ["zero", "one"]}], "noise": {"sigma": 0.01}})
+    assert not noise_only.uses_gradient() and builtin("adam").uses_gradient()
+    assert step_cost(noise_only) == 1 and steps_for(noise_only, 600) == 600
+    assert steps_for(builtin("rso"), 600) == 300 and steps_for(builtin("adam"), 600) == 200
+    res = train(SphereTask(), [noise_only, builtin("sgd")], [1.0, 0.1], budget_fpe=600)
+    assert res.steps == [600, 200] and res.fpe == [600, 600]
+
+
 def test_budget_gives_each_candidate_its_own_steps():
     sgd, rso = builtin("sgd"), builtin("rso")
-    assert step_cost(sgd) == 3 and step_cost(rso) == 4
-    assert steps_for(sgd, 30) == 10 and steps_for(rso, 30) == 7 and steps_for(sgd, 1) == 1
+    # RSO reads no gradient: a forward per step plus one for its if_better test
+    assert step_cost(sgd) == 3 and step_cost(rso) == 2
+    assert steps_for(sgd, 30) == 10 and steps_for(rso, 30) == 15 and steps_for(sgd, 1) == 1
     res = train(SphereTask(), [sgd, rso], [0.1, 1.0], budget_fpe=30, seeds=[0, 5])
-    assert res.steps == [10, 7] and res.fpe == [30, 28]
+    assert res.steps == [10, 15] and res.fpe == [30, 30]
     assert res.losses[0] == pytest.approx(train(SphereTask(), [sgd], [0.1], steps=10).losses[0], rel=1e-6)
     # the shorter candidate is frozen once its own run is over
-    rso_alone = train(SphereTask(), [rso], [1.0], steps=7, seeds=5).losses[0]
+    res = train(SphereTask(), [sgd, rso], [0.1, 1.0], budget_fpe=21, seeds=[0, 5])
+    assert res.steps == [7, 10]
+    rso_alone = train(SphereTask(), [rso], [1.0], steps=10, seeds=5).losses[0]
     assert res.losses[1] == pytest.approx(rso_alone, rel=1e-6)
     with pytest.raises(ValueError):
         train(SphereTask(), [sgd], [0.1])

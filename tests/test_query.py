@@ -5,10 +5,8 @@ from __future__ import annotations
 import csv
 import io
 import json
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -17,40 +15,10 @@ import pytest
 
 from db.models import Individual
 from db.store import Store
-from nos.cli import run_command
-from nos.query import main as query_main
+
+from .conftest import RUN, in_process, run_module, tiny_search
 
 ROOT = Path(__file__).resolve().parents[1]
-RUN = "tiny"
-
-# A search small enough for a test (~40 s on a 2-core CPU, held-out funnel included: budget 60
-# forward-pass equivalents, an 8-wide MLP) that still has a lineage two timesteps deep.
-TINY_EVOLVE = [
-    "--initial", "6", "--particles", "2", "--timesteps", "2", "--mutations", "2", "--funnel", "1",
-    "--sine-pretrain-steps", "50", "--sine-width", "8", "--horizons", "1", "--budget", "60",
-    "--device", "cpu",
-]
-
-
-def run_module(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """``python -m module args`` in a real subprocess from the repository root."""
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def tiny_search(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The database of a real tiny ``nos.evolve`` run, made once per test session (test_report
-    shares it: the run directory is reused when a previous fixture made it)."""
-    base = tmp_path_factory.getbasetemp() / "tiny_search"
-    db, done = base / "nos.sqlite", base / "done"
-    if not done.exists():
-        base.mkdir(parents=True, exist_ok=True)
-        proc = run_module("nos.evolve", "--db", str(db), "--cache-dir", str(base / "cache"), "--name", RUN,
-                          *TINY_EVOLVE)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        done.write_text("ok")
-    return db
-
 
 @pytest.fixture(scope="session")
 def tiny_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -76,18 +44,6 @@ def ids(store: Store) -> dict[str, int]:
         "deepest": max(rows, key=lambda r: (r["timestep"], r["id"]))["id"],
         "rejected": rejected[0]["id"] if rejected else store.top(run["id"], 1)[0]["id"],
     }
-
-
-def in_process(capsys: pytest.CaptureFixture[str], *args: str,
-               main: Callable[[Sequence[str] | None], int] = query_main) -> tuple[int, str, str]:
-    """A command's entry point (``run_command(main, argv)``) in this process: (status, stdout, stderr)."""
-    capsys.readouterr()
-    try:
-        code = run_command(main, list(args))
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 class Query:
@@ -146,7 +102,7 @@ def test_top(q: Query, store: Store, ids: dict[str, int]) -> None:
         assert [d["lr"] for d in doc] == [w["lr"] for w in want]
         assert [d["expression"] for d in doc] == [w["expression"] for w in want]
     rows = q.csv("top", RUN, "-n", "3")
-    assert list(rows[0]) == ["id", "fitness", "lr", "particle", "timestep", "expression"]
+    assert list(rows[0]) == ["id", "fitness", "fidelity", "lr", "particle", "timestep", "expression"]
     assert [int(r["id"]) for r in rows] == [w["id"] for w in want]
     assert [num(r["fitness"]) for r in rows] == [pytest.approx(w["fitness"]) for w in want]
     assert [num(r["lr"]) for r in rows] == [pytest.approx(w["lr"]) for w in want]
@@ -203,10 +159,16 @@ def test_stats(q: Query, store: Store, ids: dict[str, int]) -> None:
     assert [w["timestep"] for w in want] == [0, 1, 2]
     keys = ("timestep", "candidates", "passed", "duplicates", "invalid", "errors", "best_fitness",
             "median_fitness")
-    doc = q.json("stats", RUN)
+    full = q.json("stats", RUN)
+    doc = full["timesteps"]
     assert [{k: d[k] for k in keys} for d in doc] == [{k: w[k] for k in keys} for w in want]
-    for d in doc:
-        assert d["pass_rate"] == pytest.approx(d["passed"] / d["candidates"])
+    for d in doc:  # the integrity pass rate: screened candidates (not duplicates or invalid) that passed
+        assert d["pass_rate"] == pytest.approx((d["passed"] + d["errors"]) / (d["candidates"] - d["duplicates"] - d["invalid"]))
+    diag = full["diagnostics"]
+    assert set(diag["rank_correlation"]) == {"n", "spearman", "p_value"} and diag["rank_correlation"]["n"] == 1
+    assert len(diag["best_so_far"]) == len(store.individuals(ids["run"]))
+    finite = [b for b in diag["best_so_far"] if b is not None]
+    assert finite == sorted(finite, reverse=True) and finite[-1] == pytest.approx(store.top(ids["run"], 1)[0]["fitness"])
     rows = q.csv("stats", RUN)
     assert [int(r["candidates"]) for r in rows] == [w["candidates"] for w in want]
     assert [int(r["passed"]) for r in rows] == [w["passed"] for w in want]

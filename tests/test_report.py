@@ -12,12 +12,12 @@ from matplotlib.image import imread
 
 from db.store import Store
 from nos import report
-from nos.evaluation.sine import SineEvaluator
-from nos.search.funnel import champion
-from tests.test_query import RUN, in_process, run_module, tiny_search
+from nos.report_table import num
+
+from .conftest import RUN, in_process, run_module, tiny_search
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-PLOTS = ("fitness.png", "lineage.png", "rollouts.png", "losses.png")
+PLOTS = ("fitness.png", "lineage.png", "search.png", "rollouts.png", "losses.png")
 
 
 @pytest.fixture(scope="session")
@@ -61,7 +61,7 @@ def test_summary_agrees_with_database(made: tuple[Path, dict, str], tiny_db: Pat
     with Store(tiny_db, create=False) as store:
         data = report.load(store, RUN)
         counts = store.status_counts(data.run["id"])
-    name = champion(data.results)
+    name = data.comparison.champion  # chosen on validation seeds
     assert name is not None and data.champion["id"] == int(name[1:])  # the funnel's champion
     best = data.champion
     assert f"# nos run `{RUN}`" in summary
@@ -70,27 +70,28 @@ def test_summary_agrees_with_database(made: tuple[Path, dict, str], tiny_db: Pat
     assert best["expression"] in summary and best["latex"] in summary
     assert ", ".join(f"{k} {v}" for k, v in counts.items()) in summary
     assert "integrity pass rate" in summary and "duplicate rate" in summary
-    # the held-out table: a row per method, a column per horizon of the run's config
+    # the test-seed table: a row per method, a column per horizon of the run's config
     horizons = data.config.heldout_horizons
-    assert "| method | " + " | ".join(f"t_max={h:g}" for h in horizons) + " |" in summary
-    for label in ("before fine-tuning", "Adam (lr tuned)", "Adam + clip", "RandOpt all layers",
-                  f"#{best['id']} **(champion)**"):
-        assert f"| {label}" in summary
-    adam = data.results["adam"][horizons[0]]
-    assert f"{adam.mean:.3g} ± {adam.std:.2g}" in summary
+    assert "| method " in summary and all(f"| t_max={h:g}" in summary for h in horizons)
+    for label in ("before fine-tuning", "Adam", "Adam + clip 1.0", "Adam + warmup-cosine",
+                  "Adam + clip + warmup-cosine", "RandOpt", f"#{best['id']} (champion)"):
+        assert f"| {label} " in summary
+    adam = data.comparison.result("adam", horizons[0])
+    assert f"{num(adam.gmean)} [{num(adam.median)}]" in summary  # geometric mean [median] of the test seeds
+    assert "95% bootstrap CI" in summary and "vs Adam + clip + warmup-cosine" in summary
 
 
 def test_rollouts_reproduce_the_funnel(tiny_db: Path) -> None:
     """The rollouts drawn are the funnel's: same task, seed, budget, lr / sigma, hence the same loss."""
     with Store(tiny_db, create=False) as store:
         data = report.load(store, RUN)
-    seed = data.config.heldout_seeds[0]
-    ro = report.rollouts(data, SineEvaluator(data.config.setup(), "cpu"), 1.0, seed)
+    seed = data.config.test_seeds[0]
+    ro = report.rollouts(data, data.config.protocol().evaluator("cpu"), 1.0, seed)
     assert ro.target.numel() == round(1.0 / ro.dt) and ro.k == data.config.setup().sine.k
-    position = list(data.config.heldout_seeds).index(seed)
-    for key, method in (("best", f"#{data.champion['id']}"), ("adam", "adam"), ("randopt_all", "randopt_all"),
+    position = list(data.config.test_seeds).index(seed)
+    for key, method in (("best", f"#{data.champion['id']}"), ("adam", "adam"), ("randopt", "randopt"),
                         ("before", "before")):
-        stored = data.results[method][1.0].losses[position]
+        stored = data.comparison.result(method, 1.0).per_seed[position]
         label, pred, mse = ro.curves[key]
         if stored is None:
             assert pred is None, label
@@ -109,9 +110,10 @@ def test_run_without_funnel(tiny_db: Path, tmp_path: Path, capsys: pytest.Captur
                                           "--format", "json")
     assert code == 0, err
     doc = json.loads(stdout)
-    assert doc["files"] == [str(out / "fitness.png"), str(out / "lineage.png"), str(out / "summary.md")]
+    assert doc["files"] == [str(out / f) for f in ("fitness.png", "lineage.png", "search.png", "summary.md")]
     check_png(out / "fitness.png")
     check_png(out / "lineage.png")
+    check_png(out / "search.png")
     assert not (out / "rollouts.png").exists() and not (out / "losses.png").exists()
     summary = (out / "summary.md").read_text()
     assert "no held-out (funnel) results" in summary and "(best search fitness)" in summary

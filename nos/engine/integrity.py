@@ -60,13 +60,13 @@ def check(genomes: Sequence[Genome], *, device: torch.device | str = "cpu", seed
     out = []
     n = len(LRS)
     for i in range(len(genomes)):
-        plain = res.losses[2 * n * i : 2 * n * i + n]
-        flipped = res.losses[2 * n * i + n : 2 * n * (i + 1)]
-        loss, lr = _best(plain)
+        plain_losses = res.losses[2 * n * i : 2 * n * i + n]
+        flipped_losses = res.losses[2 * n * i + n : 2 * n * (i + 1)]
+        loss, lr = _best(plain_losses)
         if loss is not None and loss < THRESHOLD:
             out.append(IntegrityResult(True, loss, lr, False))
             continue
-        floss, flr = _best(flipped)
+        floss, flr = _best(flipped_losses)
         if floss is not None and floss < THRESHOLD:
             out.append(IntegrityResult(True, floss, flr, True))
         else:

@@ -141,7 +141,7 @@ class BatchedOptimizer:
         self.if_better = self._mask([g.noise.active and g.noise.accept == "if_better" for g in gs])
         self.any_if_better = bool(self.if_better.any())
 
-    def _table(self, rows: list[Sequence[float]], total_steps: list[int]) -> torch.Tensor:
+    def _table(self, rows: Sequence[Sequence[float]], total_steps: list[int]) -> torch.Tensor:
         """[C, T_max] tensor; steps past a candidate's own T are 0 (it is frozen then)."""
         width = max(total_steps)
         padded = [list(r) + [0.0] * (width - len(r)) for r in rows]

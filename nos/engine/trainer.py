@@ -62,7 +62,7 @@ def train(
     C = len(genomes)
     if steps is None and budget_fpe is None:
         raise ValueError("give steps or budget_fpe")
-    total = [steps if steps is not None else steps_for(g, budget_fpe) for g in genomes]
+    total = [steps if steps is not None else steps_for(g, budget_fpe) for g in genomes]  # type: ignore[arg-type]
     seed_list = [seeds] * C if isinstance(seeds, int) else list(seeds)
     opt = BatchedOptimizer(genomes, lrs, total, seed_list, task.segments, task.device)
     theta = task.init_params(C)

@@ -39,15 +39,22 @@ MAX_ROWS = 2048  # candidates x lrs trained in one batch; more are split into ch
 
 @dataclass(frozen=True)
 class SearchSetup:
-    """Everything that defines the search objective (stored with a run's config)."""
+    """Everything that defines the search objective (stored with a run's config).
+
+    `seeds`: the search seeds; seed s is the network pretrained with seed s fine-tuned on the
+    target trajectory of seed s."""
 
     horizons: tuple[float, ...] = (2.0, 10.0)
     lrs: tuple[float, ...] = SEARCH_LRS
     budget_fpe: int = DEFAULT_BUDGET_FPE
-    pretrain_seed: int = 0
-    target_seed: int = 0
+    seeds: tuple[int, ...] = (0,)
     sine: SineConfig = field(default_factory=SineConfig)
     cache_dir: str = DEFAULT_CACHE_DIR
+    task: str = "sine"  # the `task` of its evaluation rows ("sine_cheap": a multi-fidelity first stage)
+
+
+# (horizon, search seed) -> (tuned Adam's loss, its lr): the fitness normaliser
+AdamReference = dict[tuple[float, int], tuple[float, float]]
 
 
 @dataclass
@@ -59,10 +66,9 @@ class GridResult:
 
 @dataclass
 class Fitness:
-    fitness: float | None  # None: no lr gave a finite loss at every horizon
+    fitness: float | None  # None: no lr gave a finite loss at every horizon and seed
     lr: float | None
-    losses: dict[float, float | None]  # horizon -> loss at the chosen lr
-    evaluations: list[dict]  # one row per (horizon, lr), for the database
+    evaluations: list[dict]  # one row per (horizon, seed, lr), for the database
 
 
 def _finite(x: float | None) -> float | None:
@@ -84,8 +90,8 @@ class SineEvaluator:
         self._tasks: dict[tuple[int, int, float], SineTask] = {}
 
     def task(self, horizon: float, pretrain_seed: int | None = None, target_seed: int | None = None) -> SineTask:
-        ps = self.setup.pretrain_seed if pretrain_seed is None else pretrain_seed
-        ts = self.setup.target_seed if target_seed is None else target_seed
+        ps = self.setup.seeds[0] if pretrain_seed is None else pretrain_seed
+        ts = ps if target_seed is None else target_seed
         key = (ps, ts, horizon)
         if key not in self._tasks:
             self._tasks[key] = SineTask(self.setup.sine, ps, ts, horizon, self.device, self.setup.cache_dir)
@@ -122,40 +128,40 @@ class SineEvaluator:
             for t in range(len(tasks))
         ]
 
-    def adam_reference(self) -> dict[float, tuple[float, float]]:
-        """Tuned Adam on the search task: horizon -> (best loss, its lr), over the full LR_GRID."""
-        out = {}
+    def search_tasks(self, horizon: float) -> list[SineTask]:
+        return [self.task(horizon, s, s) for s in self.setup.seeds]
+
+    def adam_reference(self) -> AdamReference:
+        """Tuned Adam on each search task: its best loss over the full LR_GRID, and that lr."""
+        out: AdamReference = {}
         for h in self.setup.horizons:
-            res = self.grid([builtin("adam")], LR_GRID, self.task(h))
-            best = min((x, lr) for x, lr in zip(res.losses[0], LR_GRID) if x is not None)
-            out[h] = best
+            for s, res in zip(self.setup.seeds, self.grid_seeds([builtin("adam")], LR_GRID, self.search_tasks(h))):
+                out[(h, s)] = min((x, lr) for x, lr in zip(res.losses[0], LR_GRID) if x is not None)
         return out
 
-    def fitness(self, genomes: Sequence[Genome], adam: dict[float, tuple[float, float]]) -> list[Fitness]:
-        """Score genomes against tuned Adam (lower is better; ~1 means Adam-like)."""
-        lrs = self.setup.lrs
-        per_h: dict[float, GridResult] = {h: self.grid(genomes, lrs, self.task(h)) for h in self.setup.horizons}
+    def fitness(self, genomes: Sequence[Genome], adam: AdamReference) -> list[Fitness]:
+        """Score genomes against tuned Adam: the geometric mean over search horizons and search
+        seeds of loss / Adam's loss, at the candidate's best lr of the grid (lower is better;
+        ~1 means Adam-like)."""
+        lrs, seeds, horizons = self.setup.lrs, self.setup.seeds, self.setup.horizons
+        per_h = {h: self.grid_seeds(genomes, lrs, self.search_tasks(h)) for h in horizons}
         out = []
         for j in range(len(genomes)):
             evaluations = []
-            for h, res in per_h.items():
-                each = res.seconds / max(1, len(genomes) * len(lrs))
-                for lr, loss in zip(lrs, res.losses[j]):
-                    evaluations.append(
-                        {"task": "sine", "horizon": h, "lr": lr, "seed": self.setup.pretrain_seed, "loss": loss,
-                         "steps": res.steps[j], "seconds": each}
-                    )
+            for h, per_seed in per_h.items():
+                for s, res in zip(seeds, per_seed):
+                    each = res.seconds / max(1, len(genomes) * len(lrs))
+                    evaluations += [{"task": self.setup.task, "horizon": h, "lr": lr, "seed": s, "loss": loss,
+                                     "steps": res.steps[j], "seconds": each, "split": "search"}
+                                    for lr, loss in zip(lrs, res.losses[j])]
             best: tuple[float, float] | None = None
             for i, lr in enumerate(lrs):
-                ls = [per_h[h].losses[j][i] for h in self.setup.horizons]
+                ls = [per_h[h][k].losses[j][i] for h in horizons for k in range(len(seeds))]
                 if any(x is None for x in ls):
                     continue
-                score = geometric_mean_ratio(ls, [adam[h][0] for h in self.setup.horizons])
+                ref = [adam[(h, s)][0] for h in horizons for s in seeds]
+                score = geometric_mean_ratio(ls, ref)  # type: ignore[arg-type]
                 if best is None or score < best[0]:
                     best = (score, lr)
-            if best is None:
-                out.append(Fitness(None, None, {}, evaluations))
-            else:
-                i = lrs.index(best[1])
-                out.append(Fitness(best[0], best[1], {h: per_h[h].losses[j][i] for h in self.setup.horizons}, evaluations))
+            out.append(Fitness(None, None, evaluations) if best is None else Fitness(best[0], best[1], evaluations))
         return out

@@ -14,28 +14,32 @@ what to propose next from what it is told.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
+from functools import partial
 
 from search_space.builtins import BUILTINS, builtin
 from search_space.genome import Genome, from_json
 from search_space.mutation import mutate, random_genome
 
 from ..search.config import SearchConfig
-from ..search.records import Batch, Candidate, Generation, Maker, Proposal
+from ..search.records import Batch, Candidate, Generation, Proposal
 from .strategy import Strategy
+
+
+def _random(rng: random.Random) -> tuple[Genome, str | None]:
+    return random_genome(rng), None
+
+
+def _builtin(name: str, rng: random.Random) -> tuple[Genome, str | None]:
+    return builtin(name), None
 
 
 def initial_proposals(cfg: SearchConfig) -> tuple[Proposal, ...]:
     """The initial population: `initial` random genomes, then the builtins if asked for."""
-    out = [Proposal(f"init:{i}", lambda rng: (random_genome(rng), None)) for i in range(cfg.initial)]
+    out = [Proposal(f"init:{i}", _random) for i in range(cfg.initial)]
     if cfg.seed_builtins:
-        out += [Proposal(f"builtin:{b}", lambda rng, b=b: (builtin(b), None)) for b in BUILTINS]
+        out += [Proposal(f"builtin:{b}", partial(_builtin, b)) for b in BUILTINS]
     return tuple(out)
-
-
-def _by_fitness(c: Candidate) -> tuple[float, int]:
-    assert c.fitness is not None
-    return (c.fitness, c.id)
 
 
 class ParticleGA(Strategy):
@@ -61,29 +65,24 @@ class ParticleGA(Strategy):
         self._next = next(self._plan, None)  # runs the search up to its next batch
         return self._finished
 
-    def _batches(self) -> Iterator[Batch]:
+    def _batches(self) -> Generator[Batch, None, None]:
         """The whole search as a generator: each `yield` hands a batch to the run; `tell` puts the
         judged candidates in `self._told` and resumes it up to the next batch."""
         cfg = self.cfg
         yield Batch("initial population", initial_proposals(cfg))
         initial = self._told
         self._finished.append(self.generation(0, initial))
-        positions = sorted((c for c in initial if c.evaluated), key=_by_fitness)[: cfg.particles]
+        positions = sorted((c for c in initial if c.evaluated), key=Candidate.rank)[: cfg.particles]
         for t in range(1, cfg.timesteps + 1):
             positions = yield from self._timestep(t, positions)
 
-    def _timestep(self, t: int, positions: list[Candidate]) -> Iterator[Batch]:
+    def _timestep(self, t: int, positions: list[Candidate]) -> Generator[Batch, None, list[Candidate]]:
         cfg = self.cfg
         pending = [(p, m) for p in range(len(positions)) for m in range(cfg.mutations)]
         children: dict[int, list[Candidate]] = {p: [] for p in range(len(positions))}
         generated: list[Candidate] = []
-        parents = [from_json(dict(c.genome)) for c in positions]
         for a in range(cfg.max_tries):
-            proposals = tuple(
-                Proposal(f"t{t}:p{p}:m{m}:a{a}", self._mutant(parents[p]), timestep=t, attempt=a,
-                         parent_id=positions[p].id, particle=p, mutation=m)
-                for p, m in pending
-            )
+            proposals = tuple(self._child(t, p, m, a, positions[p]) for p, m in pending)
             yield Batch(f"timestep {t}/{cfg.timesteps}", proposals)
             still = []
             for (p, m), child in zip(pending, self._told):
@@ -98,14 +97,36 @@ class ParticleGA(Strategy):
         self._finished.append(self.generation(t, generated))
         return [self._next_position(parent, children[p]) for p, parent in enumerate(positions)]
 
-    def _mutant(self, parent: Genome) -> Maker:
-        def make(rng: random.Random) -> tuple[Genome, str | None]:
-            return self.toolbox.mutate(parent, rng)
+    def _child(self, t: int, p: int, m: int, a: int, parent: Candidate) -> Proposal:
+        """Try `a` of mutation `m` of particle `p` at timestep `t`: a mutant of its position."""
+        genome = from_json(dict(parent.genome))
 
-        return make
+        def make(rng: random.Random) -> tuple[Genome, str | None]:
+            return self.toolbox.mutate(genome, rng)
+
+        return Proposal(f"t{t}:p{p}:m{m}:a{a}", make, timestep=t, attempt=a, parent_id=parent.id, particle=p,
+                        mutation=m)
 
     def _next_position(self, parent: Candidate, kids: list[Candidate]) -> Candidate:
-        kids = sorted(kids, key=_by_fitness)
-        if kids and not (self.cfg.elitism and kids[0].fitness >= parent.fitness):  # type: ignore[operator]
+        kids = sorted(kids, key=Candidate.rank)
+        if kids and not (self.cfg.elitism and kids[0].rank()[:2] >= parent.rank()[:2]):
             return kids[0]
         return parent
+
+
+class RandomSearch(ParticleGA):
+    """The control for any claim that evolution found something: the GA's exact schedule of
+    proposals (the same initial population, then `particles x mutations` slots per timestep, each
+    retried up to `max_tries` times until it is evaluated) -- but every proposal is a fresh random
+    genome, never a mutant. Screening, deduplication, fitness stages and the funnel are the run's,
+    so both strategies judge the same number of candidates under the same rules."""
+
+    def _child(self, t: int, p: int, m: int, a: int, parent: Candidate) -> Proposal:
+        return Proposal(f"t{t}:r{p}.{m}:a{a}", _random, timestep=t, attempt=a)
+
+    def _next_position(self, parent: Candidate, kids: list[Candidate]) -> Candidate:
+        return parent  # positions only count slots here; nothing is mutated from them
+
+
+STRATEGIES = {"ga": ParticleGA, "random": RandomSearch}
+

@@ -27,7 +27,7 @@ class Strategy:
         from deap import tools
 
         self.hall = tools.HallOfFame(max(1, hall_size), similar=lambda a, b: a.genome_hash == b.genome_hash)
-        self.stats = tools.Statistics(key=lambda ind: ind.fitness.values[0])
+        self.stats = tools.Statistics(key=lambda ind: ind.fitness.values[1])
         for name, fn in (("min", min), ("median", statistics.median), ("mean", statistics.fmean)):
             self.stats.register(name, fn)
         self.logbook = tools.Logbook()
@@ -51,9 +51,11 @@ class Strategy:
         return [ind.candidate for ind in self.hall]
 
     def generation(self, t: int, generated: Sequence[Candidate]) -> Generation:
-        """Statistics of one generation (DEAP Statistics over its evaluated candidates)."""
+        """Statistics of one generation (DEAP Statistics over its evaluated candidates; best and
+        median over those with the full fitness, the only comparable ones)."""
         evaluated = [c for c in generated if c.evaluated]
-        record: dict[str, Any] = self.stats.compile([_individual(c) for c in evaluated]) if evaluated else {}
+        full = [_individual(c) for c in evaluated if c.fidelity == 1]
+        record: dict[str, Any] = self.stats.compile(full) if full else {}
         counts = {s: sum(c.status == s for c in generated) for s in ("duplicate", "invalid", "error")}
         self.logbook.record(timestep=t, candidates=len(generated), evaluated=len(evaluated),
                             duplicates=counts["duplicate"], **record)
@@ -63,5 +65,5 @@ class Strategy:
 
 def _individual(c: Candidate) -> Any:
     ind = candidate_class()(c)
-    ind.fitness.values = (c.fitness,)
+    ind.fitness.values = (c.fidelity, c.fitness)
     return ind

@@ -1,28 +1,48 @@
-"""The funnel: the search's best candidates re-evaluated on held-out seeds beside the baselines.
+"""The funnel: the search's best candidates judged on held-out seeds beside tuned baselines.
 
-Its results are stored (`evaluations` rows of task `sine_heldout` for candidates, `baselines` rows
-for the methods) and read back from there by every command: the evolve summary, `nos.query` and
-`nos.report` all see the same table and the same champion.
+1. The baselines of the run's protocol (`nos.evaluation.protocol`): computed once per protocol
+   key and stored (`baselines` rows with no run, `protocol` = the key), reused by every run and
+   command with the same protocol; stored horizon by horizon, so an interrupted tuning resumes.
+2. The funnel candidates (the search's hall of fame) at every lr of the grid on the validation
+   seeds; each candidate's lr per horizon and the champion are chosen there.
+3. Every candidate once per horizon on the test seeds, at its validated lr.
+
+Candidate rows are `evaluations` (task `sine`, split `validation` / `test`). Everything shown
+afterwards -- the evolve summary, `nos query compare`, `nos report` -- is rebuilt from these
+stored rows by `comparison`, so all of them agree.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Callable, Sequence
+import logging
+from collections.abc import Callable, Mapping, Sequence
 
-from db.store import Store
-from search_space.genome import from_json
+from db.store import Store, StoreError
+from search_space.genome import Genome, from_json
 
-from ..evaluation.compare import MethodResult, heldout_comparison
-from ..evaluation.sine import SineEvaluator, geometric_mean_ratio
+from ..evaluation.compare import Comparison, compare
+from ..evaluation.protocol import (
+    BEFORE,
+    GRADIENT_BASELINES,
+    PUBLISHED,
+    Protocol,
+    Row,
+    before_losses,
+    choose,
+    gradient_rows,
+    test_baselines,
+    validation_baselines,
+)
+from ..evaluation.sine import SineEvaluator
+from ..tasks.budget import steps_for
 from .config import SearchConfig
 from .records import Candidate
 
-HELDOUT_TASK = "sine_heldout"  # funnel rows (evaluations of candidates, baselines of methods)
+TASK = "sine"  # held-out rows of candidates and baselines (split validation / test)
 SEARCH_TASK = "sine_search"  # the run's stored Adam reference (the fitness normaliser)
-RIVALS = ("adam", "adam_clip", "randopt_all")  # what a champion must beat to "win" at a horizon
 
-Results = dict[str, dict[float, MethodResult]]  # method or candidate name -> horizon -> result
+Progress = Callable[[str], None]
+log = logging.getLogger(__name__)
 
 
 def candidate_name(ind_id: int) -> str:
@@ -30,84 +50,160 @@ def candidate_name(ind_id: int) -> str:
     return f"#{ind_id}"
 
 
-def candidate_id(name: str) -> int | None:
+def candidate_id(name: str | None) -> int | None:
     """Inverse of `candidate_name`; None for a method name such as "adam"."""
-    return int(name[1:]) if name.startswith("#") and name[1:].isdigit() else None
+    if not name or not name.startswith("#") or not name[1:].isascii() or not name[1:].isdigit():
+        return None
+    return int(name[1:])
 
 
-def run_funnel(evaluator: SineEvaluator, cfg: SearchConfig, best: Sequence[Candidate],
-               progress: Callable[[str], None] | None = None) -> Results:
-    """Held-out comparison of the hall of fame vs Adam, Adam + clip and RandOpt."""
-    candidates = {candidate_name(c.id): from_json(dict(c.genome)) for c in best}
-    return heldout_comparison(evaluator, candidates, horizons=cfg.heldout_horizons,
-                              seeds=cfg.heldout_seeds, progress=progress)
+# ------------------------------------------------------------------------------- baselines
 
 
-def funnel_rows(run_id: int, results: Results, cfg: SearchConfig) -> tuple[dict[int, list[dict]], list[dict]]:
-    """Evaluations of the candidates and baseline rows of the methods, for the database."""
-    evaluations: dict[int, list[dict]] = {}
-    baselines = []
-    for name, per_h in results.items():
-        ind_id = candidate_id(name)
-        for h, r in per_h.items():
-            for s, loss in zip(cfg.heldout_seeds, r.losses):
-                if ind_id is not None:
-                    evaluations.setdefault(ind_id, []).append(
-                        {"task": HELDOUT_TASK, "horizon": h, "lr": r.hparam, "seed": s, "loss": loss,
-                         "steps": cfg.total_steps, "seconds": 0.0}
-                    )
-                else:
-                    baselines.append({"run_id": run_id, "method": name, "task": HELDOUT_TASK, "horizon": h,
-                                      "seed": s, "loss": loss, "hparam": r.hparam, "budget": cfg.budget_fpe})
-    return evaluations, baselines
+def _baseline_row(row: dict) -> Row:
+    return Row(row["method"], row["horizon"], row["seed"], row["hparam"], row["loss"], row["split"])
 
 
-def stored_results(store: Store, run_id: int, cfg: SearchConfig) -> Results:
-    """The funnel's table rebuilt from the database (empty if the run has no funnel rows)."""
-    seeds = list(cfg.heldout_seeds)
-
-    def ordered(rows: list[dict]) -> list[float | None]:
-        rows = sorted(rows, key=lambda r: seeds.index(r["seed"]) if r["seed"] in seeds else len(seeds) + r["seed"])
-        return [r["loss"] for r in rows]
-
-    grouped: dict[tuple[str, float], list[dict]] = defaultdict(list)
-    for b in store.baselines(run_id, task=HELDOUT_TASK):
-        grouped[(b["method"], b["horizon"])].append(b)
-    # The funnel re-evaluates the hall of fame: the best distinct evaluated candidates.
-    for ind in store.top(run_id, max(2 * cfg.funnel, cfg.funnel + 5)):
-        full = store.get_individual(ind["id"]) or {}
-        for e in full.get("evaluations", []):
-            if e["task"] == HELDOUT_TASK:
-                grouped[(candidate_name(ind["id"]), e["horizon"])].append({**e, "hparam": e["lr"]})
-    results: Results = {}
-    for (method, h), rows in grouped.items():
-        results.setdefault(method, {})[h] = MethodResult(method, h, ordered(rows), rows[0]["hparam"])
-    for per_h in results.values():  # horizons in increasing order
-        items = sorted(per_h.items())
-        per_h.clear()
-        per_h.update(items)
-    return results
+def _stored(store: Store, key: str) -> list[Row]:
+    return [_baseline_row(b) for b in store.baselines(protocol=key)]
 
 
-def champion(results: Results) -> str | None:
-    """The funnel candidate with the best geometric-mean ratio to tuned Adam over the horizons
-    (None when no candidate has a finite mean at every horizon Adam has)."""
-    adam = results.get("adam", {})
-    scores = {}
-    for name, per_h in results.items():
-        if candidate_id(name) is None:
-            continue
-        pairs = [(r.mean, adam[h].mean if h in adam else None) for h, r in per_h.items()]
-        if pairs and all(x is not None and a for x, a in pairs):
-            scores[name] = geometric_mean_ratio([x for x, _ in pairs], [a for _, a in pairs])  # type: ignore[misc]
-    return min(scores, key=scores.__getitem__) if scores else None
+def _store_rows(store: Store, key: str, rows: Sequence[Row], budget: int) -> None:
+    store.add_baselines([
+        {"run_id": None, "method": r.method, "task": TASK, "horizon": r.horizon, "seed": r.seed,
+         "loss": r.loss, "hparam": r.hparam, "budget": budget, "split": r.split, "protocol": key}
+        for r in rows
+    ])
 
 
-def wins(results: Results, name: str, rivals: Sequence[str] = RIVALS) -> dict[float, bool]:
-    """Per horizon: does `name`'s mean loss beat every rival's?"""
-    out = {}
-    for h, r in results[name].items():
-        rival_means = [results[x][h].mean for x in rivals if x in results and h in results[x]]
-        out[h] = r.mean is not None and all(m is None or r.mean < m for m in rival_means)
+def _before_rows(evaluator: SineEvaluator, h: float, seeds: Sequence[int], split: str) -> list[Row]:
+    return [Row(BEFORE, h, s, None, loss, split) for (_, s), loss in before_losses(evaluator, [h], seeds).items()]
+
+
+def before_of(rows: Sequence[Row]) -> dict[tuple[float, int], float]:
+    """The pretrained network's loss per (horizon, seed), from the stored "before" rows."""
+    return {(r.horizon, r.seed): float(r.loss) for r in rows if r.method == BEFORE and r.loss is not None}
+
+
+def tuned_baselines(store: Store, protocol: Protocol, evaluator: SineEvaluator,
+                    progress: Progress | None = None, published: bool = False) -> list[Row]:
+    """Validation and test rows of every baseline under `protocol`, computed once and stored
+    (with `published`, also NOS's published optimizers, under keys of their own).
+
+    Horizons already stored under the protocol's keys are reused (and the log says so); the rest
+    are computed and stored one horizon at a time."""
+    rows = _tuned(store, protocol, evaluator, progress, "", GRADIENT_BASELINES, True)
+    if published:
+        rows += _tuned(store, protocol, evaluator, progress, "+published", PUBLISHED, False, base=rows)
+    return rows
+
+
+def _tuned(store: Store, protocol: Protocol, evaluator: SineEvaluator, progress: Progress | None, suffix: str,
+           gradient: Sequence[str], with_randopt: bool, base: Sequence[Row] = ()) -> list[Row]:
+    say = progress or (lambda msg: None)
+    rows: list[Row] = []
+    for split in ("validation", "test"):
+        key = protocol.key(split) + suffix
+        stored = _stored(store, key)
+        have = {r.horizon for r in stored}
+        if have:
+            log.info(f"reusing stored {split} rows of {', '.join(gradient)}{' and RandOpt' if with_randopt else ''} "
+                     f"(protocol {key}; t_max = {', '.join(f'{h:g}' for h in sorted(have))})")
+        for h in protocol.horizons:
+            if h in have:
+                continue
+            one = Protocol(**{**protocol.__dict__, "horizons": (h,)})
+            new = [] if base else _before_rows(evaluator, h, protocol.seeds.of(split), split)
+            if split == "validation":
+                new += validation_baselines(one, evaluator, say, gradient, with_randopt)
+            else:
+                known = [*base, *rows]
+                chosen = choose([r for r in known if r.horizon == h], before_of(known))
+                new += test_baselines(one, evaluator, chosen, say, gradient, with_randopt)
+            _store_rows(store, key, new, protocol.budget_fpe)
+            stored += new
+        rows += [r for r in stored if r.horizon in protocol.horizons]
+    return rows
+
+
+# ------------------------------------------------------------------------------- candidates
+
+
+def evaluate_candidates(evaluator: SineEvaluator, protocol: Protocol, candidates: Mapping[str, Genome],
+                        baseline_rows: Sequence[Row], progress: Progress | None = None) -> list[Row]:
+    """Candidates on the validation seeds at every lr, then on the test seeds at the lr chosen
+    on validation (per horizon)."""
+    say = progress or (lambda msg: None)
+    rows: list[Row] = []
+    for h in protocol.horizons:
+        say(f"funnel: {len(candidates)} candidate(s) on validation seeds, t_max = {h:g}")
+        rows += gradient_rows(evaluator, candidates, h, protocol.seeds.validation,
+                              {n: protocol.lrs for n in candidates}, "validation")
+    choices = choose(rows, before_of(baseline_rows))
+    for h in protocol.horizons:
+        say(f"funnel: candidates on test seeds, t_max = {h:g}")
+        lrs = {n: [choices[(n, h)].hparam] for n in candidates}
+        rows += gradient_rows(evaluator, candidates, h, protocol.seeds.test, lrs, "test")  # type: ignore[arg-type]
+    return rows
+
+
+def candidate_evaluations(rows: Sequence[Row], genomes: Mapping[str, Genome], budget_fpe: int) -> dict[int, list[dict]]:
+    """Candidate rows as `evaluations` rows of their individuals."""
+    out: dict[int, list[dict]] = {}
+    for r in rows:
+        ind_id = candidate_id(r.method)
+        assert ind_id is not None
+        out.setdefault(ind_id, []).append(
+            {"task": TASK, "horizon": r.horizon, "lr": r.hparam, "seed": r.seed, "loss": r.loss,
+             "steps": steps_for(genomes[r.method], budget_fpe), "seconds": 0.0, "split": r.split})
     return out
 
+
+def stored_candidate_rows(store: Store, run_id: int) -> list[Row]:
+    """The funnel rows of a run's candidates (empty if the funnel has not run)."""
+    rows = []
+    for ind_id, e in store.heldout_evaluations(run_id, TASK):
+        rows.append(Row(candidate_name(ind_id), e["horizon"], e["seed"], e["lr"], e["loss"], e["split"]))
+    return rows
+
+
+def run_funnel(store: Store, run_id: int, cfg: SearchConfig, evaluator: SineEvaluator,
+               best: Sequence[Candidate], progress: Progress | None = None) -> Comparison | None:
+    """Steps 1-3 of the module docstring; idempotent: rows already stored are reused."""
+    protocol = cfg.protocol()
+    base = tuned_baselines(store, protocol, evaluator, progress, published=cfg.published)
+    if not stored_candidate_rows(store, run_id):
+        genomes = {candidate_name(c.id): from_json(dict(c.genome)) for c in best}
+        rows = evaluate_candidates(evaluator, protocol, genomes, base, progress)
+        store.add_evaluations(candidate_evaluations(rows, genomes, protocol.budget_fpe))
+    return comparison(store, run_id, cfg)
+
+
+def comparison(store: Store, run_id: int, cfg: SearchConfig) -> Comparison | None:
+    """The run's comparison rebuilt from stored rows; None when its funnel has not run."""
+    cand = stored_candidate_rows(store, run_id)
+    if not cand:
+        return None
+    protocol = cfg.protocol()
+    suffixes = ("", "+published") if cfg.published else ("",)
+    base = [r for split in ("validation", "test") for sfx in suffixes for r in _stored(store, protocol.key(split) + sfx)]
+    before = before_of(base)
+    seeds = (*protocol.seeds.validation, *protocol.seeds.test)
+    if any((h, s) not in before for h in protocol.horizons for s in seeds):
+        raise StoreError(f"the baselines of this run's protocol ({protocol.key('test')}) are not in the database; "
+                         "rerun its funnel (nos evolve --resume) or `nos baselines` with the run's settings")
+    names = sorted({r.method for r in cand}, key=lambda n: candidate_id(n) or 0)
+    return compare([*base, *cand], before, protocol.seeds, protocol.horizons, names)
+
+
+def validated_lrs(store: Store, run_id: int, cfg: SearchConfig, ind_id: int) -> dict[float, float]:
+    """horizon -> the lr chosen on the validation seeds for one funnel candidate (empty when the
+    candidate was not in the run's funnel). What `nos export ID --horizon H` makes the default."""
+    name = candidate_name(ind_id)
+    rows = [r for r in stored_candidate_rows(store, run_id) if r.method == name and r.split == "validation"]
+    if not rows:
+        return {}
+    protocol = cfg.protocol()
+    before = before_of(_stored(store, protocol.key("validation")))
+    chosen = choose(rows, {k: before.get(k, float("inf")) for k in {(r.horizon, r.seed) for r in rows}})
+    return {h: c.hparam for (_, h), c in sorted(chosen.items(), key=lambda kv: kv[0][1]) if c.hparam is not None}

@@ -21,6 +21,7 @@ of written (`SlotTakenError`), and a claim whose owner stopped beating is taken 
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import socket
@@ -31,18 +32,20 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from db.store import JUDGED_STATUSES, SlotTakenError, Store
 from search_space.genome import Genome
 from search_space.mutation import MutationError
 from search_space.symbolic import symbolic
 
 from ..engine import integrity
-from ..evaluation.sine import Fitness, SineEvaluator
+from ..evaluation.sine import AdamReference, Fitness, SineEvaluator
 from .records import Proposal
 
 # Where fitness is computed: this process (SineEvaluator.fitness) or e.g. a Dask cluster
 # (nos.distributed). It may return an Exception in place of a candidate's Fitness (stored as `error`).
-FitnessFn = Callable[[Sequence[Genome], dict[float, tuple[float, float]]], "list[Fitness | Exception]"]
+FitnessFn = Callable[[Sequence[Genome], AdamReference], "list[Fitness | Exception]"]
 ERROR_CHARS = 500  # error texts stored with a row are cut to this length
 
 
@@ -76,8 +79,45 @@ class Cooperation:
         return max(0.2, min(5.0, self.stale_s / 4))
 
 
+@dataclass
+class Stage:
+    """One fidelity of the search fitness (successive halving, as in Hyperband / ASHA and the
+    funnel of the Lion search): every candidate gets the first stage; the best `promote` fraction
+    of each chunk's candidates (at least one) goes on to the next, and the last stage is the full
+    search fitness. A single stage is a plain search."""
+
+    evaluator: SineEvaluator
+    adam_reference: Callable[[], AdamReference]
+    fitness_fn: FitnessFn | None = None  # None: the evaluator's own (looked up at each call)
+    promote: float = 1.0
+
+    def fitness(self, genomes: Sequence[Genome]) -> list[Fitness | Exception]:
+        fn: FitnessFn = self.fitness_fn or self.evaluator.fitness  # type: ignore[assignment]
+        return evaluate_isolating(fn, genomes, self.adam_reference())
+
+
+def staged_fitness(stages: Sequence[Stage], genomes: Sequence[Genome]) -> list[tuple[Fitness | Exception, int]]:
+    """(fitness or exception, fidelity) per genome; fidelity 1 = the full (last) stage's fitness,
+    0 = only the first stage's (not promoted). A promoted candidate keeps every stage's rows."""
+    out: list[tuple[Fitness | Exception, int]] = [(Exception("not evaluated"), 0)] * len(genomes)
+    todo = list(range(len(genomes)))
+    for k, stage in enumerate(stages):
+        last = k == len(stages) - 1
+        for i, fit in zip(todo, stage.fitness([genomes[i] for i in todo])):
+            prev = out[i][0]
+            if isinstance(fit, Fitness) and isinstance(prev, Fitness):
+                fit = Fitness(fit.fitness, fit.lr, prev.evaluations + fit.evaluations)
+            out[i] = (fit, 1 if last else 0)
+        if last:
+            break
+        ok = [i for i in todo if isinstance(out[i][0], Fitness) and out[i][0].fitness is not None]  # type: ignore[union-attr]
+        n = min(len(ok), max(1, math.ceil(stage.promote * len(ok)))) if ok else 0
+        todo = sorted(sorted(ok, key=lambda i: (out[i][0].fitness, i))[:n])  # type: ignore[union-attr]
+    return out
+
+
 def evaluate_isolating(fitness_fn: FitnessFn, genomes: Sequence[Genome],
-                       adam: dict[float, tuple[float, float]]) -> list[Fitness | Exception]:
+                       adam: AdamReference) -> list[Fitness | Exception]:
     """Fitness of a batch; if the batch raises, each genome alone, so only the culprit fails."""
     try:
         return list(fitness_fn(genomes, adam))
@@ -98,22 +138,19 @@ def error_text(e: BaseException, prefix: str = "") -> str:
 class Judge:
     """Turns proposals into stored rows for one run (see the module docstring)."""
 
-    def __init__(self, store: Store, run_id: int, seed: int, evaluator: SineEvaluator,
-                 adam_reference: Callable[[], dict[float, tuple[float, float]]],
-                 progress: Progress, fitness_fn: FitnessFn | None = None,
-                 cooperate: Cooperation | None = None) -> None:
+    def __init__(self, store: Store, run_id: int, seed: int, stages: Sequence[Stage], device: torch.device,
+                 progress: Progress, cooperate: Cooperation | None = None) -> None:
         self.store = store
         self.run_id = run_id
         self.seed = seed
-        self.evaluator = evaluator
-        self.adam_reference = adam_reference
+        self.stages = list(stages)
+        self.device = device
         self.progress = progress
-        self.fitness_fn = fitness_fn  # None: the evaluator's (looked up at each call)
         self.coop = cooperate
         # results by slot / hash, so a chunk computed speculatively is not computed twice
         self._made: dict[str, Any] = {}
         self._screened: dict[str, Any] = {}
-        self._fits: dict[str, Fitness | Exception] = {}
+        self._fits: dict[str, tuple[Fitness | Exception, int]] = {}
         self._stop_beat = threading.Event()
         self._beat: threading.Thread | None = None
         self.rows: dict[str, dict] = {r["slot"]: r for r in store.individuals(run_id)}
@@ -232,7 +269,7 @@ class Judge:
         rows (and genomes) that passed and are not duplicates of their flipped form."""
         unscreened = [(g, h) for _, g, h in to_screen if h not in self._screened]
         if unscreened:
-            results = integrity.check([g for g, _ in unscreened], device=self.evaluator.device)
+            results = integrity.check([g for g, _ in unscreened], device=self.device)
             for (_, h), res in zip(unscreened, results):
                 self._screened[h] = res
         passed: list[tuple[dict, Genome]] = []
@@ -263,18 +300,17 @@ class Judge:
             return
         new = [(row, g) for row, g in passed if row["genome_hash"] not in self._fits]
         if new:
-            fitness_fn = self.fitness_fn or self.evaluator.fitness
-            fresh = evaluate_isolating(fitness_fn, [g for _, g in new], self.adam_reference())
-            for (row, _), fit in zip(new, fresh):
-                self._fits[row["genome_hash"]] = fit
+            for (row, _), result in zip(new, staged_fitness(self.stages, [g for _, g in new])):
+                self._fits[row["genome_hash"]] = result
         for row, _ in passed:
-            fit = self._fits[row["genome_hash"]]
+            fit, fidelity = self._fits[row["genome_hash"]]
             if isinstance(fit, Exception):
                 row.update(status="error", error=error_text(fit))
             elif fit.fitness is None:
                 row.update(status="error", error="non-finite loss at every learning rate", evaluations=fit.evaluations)
             else:
-                row.update(status="evaluated", fitness=fit.fitness, lr=fit.lr, evaluations=fit.evaluations)
+                row.update(status="evaluated", fitness=fit.fitness, lr=fit.lr, evaluations=fit.evaluations,
+                           fidelity=fidelity)
 
     # ------------------------------------------------------------------ rows in the database
     def _store(self, rows: list[dict]) -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from scipy import stats
 
 
 def integrity_pass_rate(counts: Mapping[str, int]) -> float | None:
@@ -24,3 +27,25 @@ def run_metrics(counts: Mapping[str, int]) -> dict[str, object]:
         "integrity_pass_rate": integrity_pass_rate(counts),
         "duplicate_rate": duplicate_rate(counts),
     }
+
+
+def best_so_far(individuals: Sequence[Mapping[str, Any]]) -> list[float | None]:
+    """The best full-fidelity fitness among the first k judged candidates, k = 1..n (id order)."""
+    out: list[float | None] = []
+    best: float | None = None
+    for r in sorted(individuals, key=lambda r: r["id"]):
+        if r["status"] == "evaluated" and r.get("fidelity", 1) == 1 and r["fitness"] is not None:
+            best = r["fitness"] if best is None else min(best, r["fitness"])
+        out.append(best)
+    return out
+
+
+def rank_correlation(fitness: Mapping[int, float], validation: Mapping[int, float]) -> dict[str, Any]:
+    """Spearman's rank correlation between search fitness and validation score over the funnel
+    candidates (does the search objective predict held-out results?); None below 3 candidates."""
+    ids = sorted(set(fitness) & set(validation))
+    out: dict[str, Any] = {"n": len(ids), "spearman": None, "p_value": None}
+    if len(ids) >= 3:
+        res = stats.spearmanr([fitness[i] for i in ids], [validation[i] for i in ids])
+        out["spearman"], out["p_value"] = float(res.statistic), float(res.pvalue)
+    return out

@@ -58,6 +58,7 @@ class Candidate:
     genome: Mapping[str, Any]
     genome_hash: str | None
     fitness: float | None
+    fidelity: int  # 1: full search fitness; 0: a cheap first stage's only (ranks below every full one)
     lr: float | None
     timestep: int
     parent_id: int | None
@@ -67,7 +68,8 @@ class Candidate:
     def from_row(cls, row: Mapping[str, Any]) -> Candidate:
         return cls(
             id=row["id"], slot=row["slot"], status=row["status"], genome=row["genome"],
-            genome_hash=row.get("genome_hash"), fitness=row.get("fitness"), lr=row.get("lr"),
+            genome_hash=row.get("genome_hash"), fitness=row.get("fitness"), fidelity=int(row.get("fidelity", 1)),
+            lr=row.get("lr"),
             timestep=row.get("timestep") or 0, parent_id=row.get("parent_id"),
             expression=row.get("expression"),
         )
@@ -75,6 +77,11 @@ class Candidate:
     @property
     def evaluated(self) -> bool:
         return self.status == "evaluated"
+
+    def rank(self) -> tuple[int, float, int]:
+        """Sort key of evaluated candidates, best first: full fidelity, lower fitness, older."""
+        assert self.fitness is not None
+        return (-self.fidelity, self.fitness, self.id)
 
 
 @dataclass(frozen=True)

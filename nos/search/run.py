@@ -2,8 +2,8 @@
 
     with Run.create(store, "demo", SearchConfig()) as run:      # or Run.resume(store, "demo")
         run.optimize(ParticleGA(run.config))                      # ask / tell until the strategy stops
-        results = run.funnel()                                    # held-out comparison, stored
-    run.champion(results), run.metrics()
+        comparison = run.funnel()                                 # validation + test, stored
+    comparison.champion, run.metrics()
 
 The run owns everything a strategy must not know about: the database rows (through `Judge`),
 claims and heartbeats when several processes share it, the stored Adam reference that normalises
@@ -22,12 +22,13 @@ import torch
 
 from db.store import Store
 
-from ..evaluation.sine import SineEvaluator
+from ..evaluation.compare import Comparison
+from ..evaluation.sine import AdamReference, SineEvaluator
 from ..ga.strategy import Strategy
 from . import funnel as funnel_mod
 from .config import SearchConfig
-from .funnel import SEARCH_TASK, Results
-from .judge import Cooperation, FitnessFn, Judge, Progress
+from .funnel import SEARCH_TASK
+from .judge import Cooperation, FitnessFn, Judge, Progress, Stage
 from .metrics import run_metrics
 from .records import Candidate
 
@@ -45,13 +46,18 @@ class Run:
         self.config = config
         self.device = torch.device(device)
         self.progress = progress or Progress()
-        self.evaluator = SineEvaluator(config.setup(), self.device)
         self.coop = cooperate
-        self.judge = Judge(store, self.id, config.seed, self.evaluator, self.adam_reference, self.progress,
-                           fitness_fn=fitness_fn, cooperate=cooperate)
+        # one evaluator and Adam reference per fidelity stage; the last stage is the full fitness
+        setups = config.stage_setups()
+        self.stages = [Stage(SineEvaluator(setup, self.device), self._adam_reference_of(k, len(setups)), promote=promote)
+                       for k, (setup, promote) in enumerate(setups)]
+        self.stages[-1].fitness_fn = fitness_fn
+        self.evaluator = self.stages[-1].evaluator
+        self.judge = Judge(store, self.id, config.seed, self.stages, self.device, self.progress, cooperate=cooperate)
         self.funnel_done = config.funnel == 0
-        self._adam: dict[float, tuple[float, float]] | None = None
+        self._adam: dict[str, AdamReference] = {}
         self._best: list[Candidate] = []
+        self._heldout: SineEvaluator | None = None
 
     # ------------------------------------------------------------------ create / resume
     @classmethod
@@ -71,7 +77,10 @@ class Run:
             raise RunError(f"no run named {name!r} in {store.url}")
         if record["status"] == "finished":
             raise RunError(f"run {name!r} already finished")
-        config = SearchConfig.from_json(record["config"])
+        try:  # checked before the run is touched: a tampered config is one line, nothing written
+            config = SearchConfig.checked(record["config"])
+        except ValueError as e:
+            raise RunError(f"run {name!r}: {e}") from None
         store.set_run_status(record["id"], "running")
         return cls._started(store, record, config, device, kw)
 
@@ -109,26 +118,33 @@ class Run:
             self.store.set_run_status(self.id, "failed")
 
     # ------------------------------------------------------------------ the search
-    def adam_reference(self) -> dict[float, tuple[float, float]]:
-        """Tuned Adam on the search task (the fitness normaliser), computed once per run and stored."""
-        if self._adam is None:
+    def _adam_reference_of(self, k: int, n_stages: int) -> Callable[[], AdamReference]:
+        task = SEARCH_TASK if k == n_stages - 1 else f"{SEARCH_TASK}_cheap"
+        return lambda: self.adam_reference(task, self.stages[k].evaluator)
+
+    def adam_reference(self, task: str = SEARCH_TASK, evaluator: SineEvaluator | None = None) -> AdamReference:
+        """Tuned Adam on each search task of a stage (its fitness normaliser), computed once per
+        run and stored (task `sine_search`; `sine_search_cheap` for a cheap first stage)."""
+        if task not in self._adam:
             def stored_adam() -> list[dict]:
-                return [b for b in self.store.baselines(self.id, task=SEARCH_TASK) if b["method"] == "adam"]
+                return [b for b in self.store.baselines(self.id, task=task) if b["method"] == "adam"]
 
             stored = stored_adam()
-            if not stored and self.coop is not None and not self.judge.claim_or_wait("adam", lambda: bool(stored_adam())):
+            if not stored and self.coop is not None and not self.judge.claim_or_wait(
+                    "adam" if task == SEARCH_TASK else f"adam:{task}", lambda: bool(stored_adam())):
                 stored = stored_adam()  # another process tuned it
             if stored:
-                self._adam = {b["horizon"]: (b["loss"], b["hparam"]) for b in stored}
+                self._adam[task] = {(b["horizon"], b["seed"]): (b["loss"], b["hparam"]) for b in stored}
             else:
                 self.progress.message("tuning Adam on the search task")
-                self._adam = self.evaluator.adam_reference()
+                evaluator = evaluator or self.evaluator
+                self._adam[task] = ref = evaluator.adam_reference()
                 self.store.add_baselines([
-                    {"run_id": self.id, "method": "adam", "task": SEARCH_TASK, "horizon": h, "seed": 0,
-                     "loss": loss, "hparam": lr, "budget": self.config.budget_fpe}
-                    for h, (loss, lr) in self._adam.items()
+                    {"run_id": self.id, "method": "adam", "task": task, "horizon": h, "seed": s,
+                     "loss": loss, "hparam": lr, "budget": evaluator.setup.budget_fpe, "split": "search"}
+                    for (h, s), (loss, lr) in ref.items()
                 ])
-        return self._adam
+        return self._adam[task]
 
     def optimize(self, strategy: Strategy) -> list[Candidate]:
         """Ask the strategy for batches, judge them, tell it the results, until it stops.
@@ -138,7 +154,8 @@ class Run:
         while (batch := strategy.ask()) is not None:
             self.progress.planned(len(batch.proposals))
             if first:
-                self.adam_reference()
+                for stage in self.stages:
+                    stage.adam_reference()
                 first = False
             self.progress.message(batch.label)
             size = cfg.chunk if all(p.timestep == 0 for p in batch.proposals) else cfg.timestep_chunk
@@ -152,10 +169,10 @@ class Run:
         return self._best
 
     # ------------------------------------------------------------------ the funnel
-    def funnel(self, best: list[Candidate] | None = None, progress: Callable[[str], None] | None = None) -> Results | None:
-        """Re-evaluate the best candidates on held-out seeds beside the baselines and store the
-        rows. Cooperating processes run it once: the claim holder; the others wait for the run
-        to finish (and get None) or take over if it dies."""
+    def funnel(self, best: list[Candidate] | None = None, progress: Callable[[str], None] | None = None) -> Comparison | None:
+        """Judge the best candidates on validation and test seeds beside the tuned baselines
+        (stored; see `nos.search.funnel`). Cooperating processes run it once: the claim holder;
+        the others wait for the run to finish (and get None) or take over if it dies."""
         best = self._best if best is None else best
         if not self.config.funnel or not best:
             self.funnel_done = True
@@ -164,20 +181,21 @@ class Run:
                 "funnel", lambda: (self.store.get_run(self.id) or {}).get("status") == "finished"):
             return None
         self.progress.message("held-out funnel")
-        results = funnel_mod.run_funnel(self.evaluator, self.config, best, progress=progress or self.progress.message)
-        evaluations, baselines = funnel_mod.funnel_rows(self.id, results, self.config)
-        self.store.add_evaluations(evaluations)
-        self.store.add_baselines(baselines)
+        result = funnel_mod.run_funnel(self.store, self.id, self.config, self.heldout_evaluator, best,
+                                       progress=progress or self.progress.message)
         self.funnel_done = True
-        return results
+        return result
 
-    def stored_results(self) -> Results:
-        return funnel_mod.stored_results(self.store, self.id, self.config)
+    @property
+    def heldout_evaluator(self) -> SineEvaluator:
+        """Trains on validation and test seeds (its tasks are cached like the search's)."""
+        if self._heldout is None:
+            self._heldout = self.config.protocol().evaluator(self.device)
+        return self._heldout
 
-    @staticmethod
-    def champion(results: Results) -> str | None:
-        return funnel_mod.champion(results)
+    def comparison(self) -> Comparison | None:
+        """The test-seed comparison rebuilt from the stored rows (None before the funnel)."""
+        return funnel_mod.comparison(self.store, self.id, self.config)
 
     def metrics(self) -> dict[str, Any]:
         return run_metrics(self.store.status_counts(self.id))
-

@@ -48,10 +48,13 @@ def describe(budget_fpe: int = DEFAULT_BUDGET_FPE) -> str:
 
 
 def step_cost(genome: Genome) -> int:
-    """FPE per training step of a genome: forward + backward (3), +1 for an `if_better` noise
-    rule (it scores the perturbed point with one more forward)."""
-    extra = 1 if genome.noise.active and genome.noise.accept == "if_better" else 0
-    return GRADIENT_STEP_FPE + extra * FORWARD_FPE
+    """FPE per training step of a genome: a forward (1), a backward (2) only if its update reads
+    the gradient, and one more forward for an `if_better` noise rule (it scores the perturbed
+    point). A gradient-free rule (RSO- or ES-like) thus gets 600 steps of a 600 FPE budget, the
+    same compute as RandOpt's 600 perturbations."""
+    backward = BACKWARD_FPE if genome.uses_gradient() else 0
+    extra = FORWARD_FPE if genome.noise.active and genome.noise.accept == "if_better" else 0
+    return FORWARD_FPE + backward + extra
 
 
 def steps_for(genome: Genome, budget_fpe: int = DEFAULT_BUDGET_FPE) -> int:

@@ -147,7 +147,7 @@ class ParamLayout:
             end = start + math.prod(shape)
             segments.append(Segment(name, start, end, shape))
             start = end
-        layers = {"first": ("w1", "b1"), "middle": ("w2", "b2"), "last": ("w3", "b3")}
+        layers: dict[str, tuple[str, ...]] = {"first": ("w1", "b1"), "middle": ("w2", "b2"), "last": ("w3", "b3")}
         return cls(tuple(segments), layers)
 
     @property

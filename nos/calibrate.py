@@ -1,0 +1,149 @@
+"""`python -m nos.calibrate`: measure the choices behind the search defaults.
+
+Evaluates N random genomes that pass the integrity check on several search seeds (the search
+fitness: tuned-Adam-normalised geometric mean over the search horizons, best lr of the search
+grid) and on held-out seeds, then reports:
+
+- **search seeds**: Spearman rank correlation between the fitness on the first k search seeds
+  and the fitness on the held-out seeds, for k = 1 .. K (how many seeds the fitness needs before
+  it predicts new seeds);
+- **fidelity**: for a cheap first stage on one search seed and the shortest search horizon,
+  and promoted fractions 1/4, 1/3, 1/2, how often a candidate the full fitness would put in its
+  top 10% is dropped by the cheap stage (promotion within random chunks of `--chunk` candidates,
+  as in a search), and the cost of the cheap stage relative to the full fitness.
+
+    python -m nos.calibrate --genomes 60 --format json
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import sys
+import time
+from collections.abc import Sequence
+
+from scipy import stats
+
+from search_space.genome import Genome
+from search_space.mutation import random_genome
+
+from .cli import (
+    ArgumentParser,
+    add_device,
+    add_format,
+    bounded_int,
+    print_json,
+    resolve_device,
+    run_command,
+)
+from .engine import integrity
+from .evaluation.sine import (
+    SEARCH_LRS,
+    AdamReference,
+    SearchSetup,
+    SineEvaluator,
+    geometric_mean_ratio,
+)
+from .tasks.sine import DEFAULT_CACHE_DIR, SineConfig
+
+log = logging.getLogger("nos.calibrate")  # not __name__: it is __main__ under python -m
+HORIZONS = (2.0, 10.0)
+PROMOTE = (0.25, 1 / 3, 0.5)
+
+
+def _parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m nos.calibrate", description=__doc__.split("\n")[0])
+    p.add_argument("--genomes", type=bounded_int(6, 10_000, "--genomes"), default=60, help="random genomes (60)")
+    p.add_argument("--search-seeds", type=bounded_int(1, 20, "--search-seeds"), default=3, help="K (3)")
+    p.add_argument("--heldout-seeds", type=bounded_int(1, 20, "--heldout-seeds"), default=3, help="(3)")
+    p.add_argument("--chunk", type=bounded_int(2, 10_000, "--chunk"), default=12,
+                   help="candidates judged together (promotion is within a chunk; 12)")
+    p.add_argument("--seed", type=bounded_int(0, 2**31, "--seed"), default=0)
+    p.add_argument("--sine-pretrain-steps", type=bounded_int(1, 1_000_000, "--sine-pretrain-steps"))
+    p.add_argument("--sine-width", type=bounded_int(1, 4096, "--sine-width"))
+    p.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR)
+    add_device(p)
+    add_format(p)
+    return p
+
+
+def _fitness(losses: dict[tuple[float, int], list[float | None]], adam: AdamReference,
+             keys: Sequence[tuple[float, int]]) -> float | None:
+    """The search fitness over `keys` (horizon, seed): best lr of the grid, None if none finite."""
+    best = None
+    for i in range(len(SEARCH_LRS)):
+        xs = [losses[k][i] for k in keys]
+        if all(x is not None for x in xs):
+            score = geometric_mean_ratio(xs, [adam[k][0] for k in keys])  # type: ignore[arg-type]
+            best = score if best is None else min(best, score)
+    return best
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    device = resolve_device(args.device)
+    sine = SineConfig(**{k: v for k, v in (("pretrain_steps", args.sine_pretrain_steps),
+                                            ("width", args.sine_width)) if v})
+    search = tuple(range(args.search_seeds))
+    heldout = tuple(range(500, 500 + args.heldout_seeds))  # disjoint from every default split
+    ev = SineEvaluator(SearchSetup(horizons=HORIZONS, seeds=search + heldout, sine=sine, cache_dir=args.cache_dir),
+                       device)
+    rng = random.Random(args.seed)
+    genomes: list[Genome] = []
+    while len(genomes) < args.genomes:
+        batch = [random_genome(rng) for _ in range(64)]
+        genomes += [g for g, r in zip(batch, integrity.check(batch, device=device)) if r.passed and not r.sign_flipped]
+    genomes = genomes[: args.genomes]
+    start = time.perf_counter()
+    adam = ev.adam_reference()
+    losses: list[dict[tuple[float, int], list[float | None]]] = [{} for _ in genomes]
+    seconds = {}
+    for h in HORIZONS:
+        t0 = time.perf_counter()
+        for s, res in zip(ev.setup.seeds, ev.grid_seeds(genomes, SEARCH_LRS, ev.search_tasks(h))):
+            for j, per_lr in enumerate(res.losses):
+                losses[j][(h, s)] = per_lr
+        seconds[h] = time.perf_counter() - t0
+        log.info(f"t_max = {h:g}: {seconds[h]:.0f} s")
+    held = [_fitness(L, adam, [(h, s) for h in HORIZONS for s in heldout]) for L in losses]
+    out: dict = {"genomes": len(genomes), "seconds": time.perf_counter() - start, "search_seeds": {}, "fidelity": {}}
+    for k in range(1, len(search) + 1):
+        fit = [_fitness(L, adam, [(h, s) for h in HORIZONS for s in search[:k]]) for L in losses]
+        ok = [i for i in range(len(genomes)) if fit[i] is not None and held[i] is not None]
+        rho = stats.spearmanr([fit[i] for i in ok], [held[i] for i in ok]).statistic
+        out["search_seeds"][k] = {"spearman_vs_heldout": float(rho), "n": len(ok)}
+    full = [_fitness(L, adam, [(h, s) for h in HORIZONS for s in search[:2]]) for L in losses]
+    cheap = [_fitness(L, adam, [(min(HORIZONS), search[0])]) for L in losses]
+    ok = [i for i in range(len(genomes)) if full[i] is not None and cheap[i] is not None]
+    top = set(sorted(ok, key=lambda i: full[i])[: max(1, math.ceil(0.1 * len(ok)))])  # type: ignore[arg-type, return-value]
+    cost_cheap = seconds[min(HORIZONS)] / len(ev.setup.seeds)  # one seed at the short horizon
+    cost_full = sum(seconds.values()) * 2 / len(ev.setup.seeds)  # two seeds at both horizons
+    for f in PROMOTE:
+        dropped, trials = 0, 0
+        for rep in range(50):  # random chunk compositions
+            order = ok[:]
+            random.Random(rep).shuffle(order)
+            for c in range(0, len(order), args.chunk):
+                chunk = order[c : c + args.chunk]
+                keep = set(sorted(chunk, key=lambda i: cheap[i])[: max(1, math.ceil(f * len(chunk)))])  # type: ignore[arg-type, return-value]
+                dropped += len((set(chunk) & top) - keep)
+                trials += len(set(chunk) & top)
+        out["fidelity"][f"{f:.3g}"] = {"top10_dropped": dropped / max(1, trials),
+                                       "cost_vs_full": (cost_cheap + f * cost_full) / cost_full}
+    out["full_fitness_seeds"] = 2
+    out["cheap_cost_vs_full"] = cost_cheap / cost_full
+    if args.format == "json":
+        print_json(out)
+        return 0
+    for k, v in out["search_seeds"].items():
+        print(f"fitness on {k} search seed(s) vs held-out seeds: Spearman {v['spearman_vs_heldout']:.2f} (n = {v['n']})")
+    for f, v in out["fidelity"].items():
+        print(f"promote {f}: drops {100 * v['top10_dropped']:.0f}% of the full top 10%; cost {v['cost_vs_full']:.2f} "
+              "of the full fitness")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_command(main))

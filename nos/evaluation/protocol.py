@@ -1,0 +1,263 @@
+"""The evaluation protocol: disjoint seed splits, tuned baselines, choices on validation only.
+
+A run has three disjoint sets of (pretraining seed, target seed) pairs -- here seed s means the
+network pretrained with seed s, fine-tuned on the target trajectory of seed s:
+
+- *search* seeds give the fitness (`nos.evaluation.sine.SineEvaluator.fitness`);
+- *validation* seeds make every choice: each method's lr / sigma / RandOpt layer variant per
+  horizon, and the champion among the funnel's candidates;
+- *test* seeds are only reported: each method runs once per horizon at its validated choice.
+
+The baselines (Adam, Adam + clip 1.0, and both with linear warmup + cosine decay, a schedule the
+search space itself can express; RandOpt with its layer variant chosen too) are tuned exactly like
+candidates: the same lr grid, the same budget in forward-pass equivalents, the same choice rule
+(lowest geometric mean over the validation seeds of the loss, a diverged run counting as the
+pretrained network's loss). Their results depend only on the `Protocol`, so they are computed
+once per protocol key and reused (see `nos.search.baselines_cache`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from search_space.builtins import builtin
+from search_space.genome import Genome
+
+from ..tasks.budget import randopt_population
+from ..tasks.randopt import DEFAULT_TOP_K, randopt
+from ..tasks.sine import DEFAULT_CACHE_DIR, SineConfig
+from .sine import HORIZONS, LR_GRID, SIGMAS, SearchSetup, SineEvaluator, _finite
+from .stats import gmean, settle
+
+SPLITS = ("search", "validation", "test")
+PROTOCOL_VERSION = 1  # bump when the way baselines are computed changes: old stored rows are not reused
+RANDOPT_LAYERS = ("all", "first", "middle", "last")
+GRADIENT_BASELINES = ("adam", "adam_clip", "adam_wc", "adam_clip_wc")
+BASELINES = (*GRADIENT_BASELINES, "randopt")
+# NOS's published final optimizers (ANCHORS.md section 9), tuned and reported like the baselines
+# when asked for (`--published`): extra rows of the comparison, not rivals a candidate must beat
+PUBLISHED = ("nos_opt5", "nos_opt6", "nos_opt7", "nos_adamclip")
+BEFORE = "before"  # the pretrained network, not fine-tuned (the floor every method must beat)
+METHOD_LABELS = {
+    BEFORE: "before fine-tuning",
+    "adam": "Adam",
+    "adam_clip": "Adam + clip 1.0",
+    "adam_wc": "Adam + warmup-cosine",
+    "adam_clip_wc": "Adam + clip + warmup-cosine",
+    "randopt": "RandOpt",
+    "nos_opt5": "NOS Opt5 (published)",
+    "nos_opt6": "NOS Opt6 (published)",
+    "nos_opt7": "NOS Opt7 (published)",
+    "nos_adamclip": "NOS AdamClip (published)",
+}
+
+
+def baseline_genome(method: str) -> Genome:
+    """The genome of a gradient baseline: Adam or Adam + clip, with a constant lr or linear
+    warmup + cosine decay (the AlgoPerf-style schedule, `warmup_cosine` in the search space);
+    or one of NOS's published optimizers (with their own warmup-cosine lr)."""
+    if method in PUBLISHED:
+        return builtin(method)
+    base = builtin("adam_clip" if method.startswith("adam_clip") else "adam")
+    if method.endswith("_wc"):
+        return replace(base, lr=replace(base.lr, schedule="warmup_cosine"))
+    if method not in ("adam", "adam_clip"):
+        raise KeyError(f"unknown gradient baseline {method!r}; choose from {', '.join(GRADIENT_BASELINES)}")
+    return base
+
+
+@dataclass(frozen=True)
+class Seeds:
+    """Three disjoint seed sets."""
+
+    search: tuple[int, ...]
+    validation: tuple[int, ...]
+    test: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        sets = [set(self.search), set(self.validation), set(self.test)]
+        if any(len(s) != len(t) for s, t in zip(sets, (self.search, self.validation, self.test))):
+            raise ValueError("a seed appears twice in one split")
+        if not all(sets):
+            raise ValueError("every split needs at least one seed")
+        if sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2]:
+            raise ValueError("search, validation and test seeds must be disjoint")
+
+    @classmethod
+    def counted(cls, n_search: int, n_validation: int, n_test: int) -> Seeds:
+        """Seeds 0.. for search, 100.. for validation, 1000.. for test (disjoint while n <= 100)."""
+        if not (1 <= n_search <= 100 and 1 <= n_validation <= 900 and 1 <= n_test <= 10_000):
+            raise ValueError("seed counts: search 1..100, validation 1..900, test 1..10000")
+        return cls(tuple(range(n_search)), tuple(range(100, 100 + n_validation)),
+                   tuple(range(1000, 1000 + n_test)))
+
+    def of(self, split: str) -> tuple[int, ...]:
+        return {"search": self.search, "validation": self.validation, "test": self.test}[split]
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """Everything a baseline result depends on (and nothing else)."""
+
+    sine: SineConfig
+    seeds: Seeds
+    horizons: tuple[float, ...] = HORIZONS
+    budget_fpe: int = 600
+    lrs: tuple[float, ...] = LR_GRID
+    sigmas: tuple[float, ...] = SIGMAS
+    randopt_layers: tuple[str, ...] = RANDOPT_LAYERS
+    top_k: int = DEFAULT_TOP_K
+    cache_dir: str = field(default=DEFAULT_CACHE_DIR, compare=False)  # where, not what
+
+    def key(self, split: str) -> str:
+        """Identifies the baseline results of one split ("validation" or "test"): equal keys,
+        equal numbers. Search seeds never enter: baselines do not depend on them."""
+        # test rows are run at the choices made on validation: their key covers both seed sets
+        seeds = [*self.seeds.validation, "|", *self.seeds.test] if split == "test" else list(self.seeds.of(split))
+        doc = {"version": PROTOCOL_VERSION, "sine": self.sine.key(), "seeds": seeds,
+               "horizons": list(self.horizons), "budget_fpe": self.budget_fpe, "lrs": list(self.lrs),
+               "sigmas": list(self.sigmas), "layers": list(self.randopt_layers), "top_k": self.top_k}
+        return f"{split}:" + hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+    def evaluator(self, device: torch.device | str = "cpu") -> SineEvaluator:
+        return SineEvaluator(SearchSetup(horizons=self.horizons, lrs=self.lrs, budget_fpe=self.budget_fpe,
+                                         sine=self.sine, cache_dir=self.cache_dir), device)
+
+
+# ------------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class Row:
+    """One loss: `method` at `horizon` on `seed`, with hyperparameter `hparam` (lr or sigma)."""
+
+    method: str
+    horizon: float
+    seed: int
+    hparam: float | None
+    loss: float | None
+    split: str
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A method's validated choice at one horizon."""
+
+    method: str  # e.g. "adam", "randopt_first", "#17"
+    horizon: float
+    hparam: float | None
+    score: float  # geometric mean over validation seeds at the chosen hparam (diverged -> before)
+
+
+def choose(rows: Sequence[Row], before: Mapping[tuple[float, int], float]) -> dict[tuple[str, float], Choice]:
+    """(method, horizon) -> the hparam with the lowest validation geometric mean (ties: the first
+    in grid order). `before[(horizon, seed)]` replaces a diverged loss. Test rows are ignored."""
+    grid: dict[tuple[str, float], dict[float | None, list[Row]]] = {}
+    for r in rows:
+        if r.split == "validation":
+            grid.setdefault((r.method, r.horizon), {}).setdefault(r.hparam, []).append(r)
+    out = {}
+    for (method, h), options in grid.items():
+        scored = []
+        for hp, rs in options.items():
+            rs = sorted(rs, key=lambda r: r.seed)
+            losses, _ = settle([r.loss for r in rs], [before[(h, r.seed)] for r in rs])
+            scored.append((gmean(losses), hp))
+        score, hp = min(scored, key=lambda x: x[0])  # min keeps the first of equal scores
+        out[(method, h)] = Choice(method, h, hp, score)
+    return out
+
+
+def best_randopt(choices: Mapping[tuple[str, float], Choice], horizon: float) -> Choice | None:
+    """RandOpt's layer variant at a horizon: the variant whose own best sigma scores lowest."""
+    variants = [c for (m, h), c in choices.items() if h == horizon and m.startswith("randopt_")]
+    return min(variants, key=lambda c: c.score) if variants else None
+
+
+# ------------------------------------------------------------------------------- computing
+
+
+Progress = Callable[[str], None]
+
+
+def before_losses(evaluator: SineEvaluator, horizons: Sequence[float], seeds: Sequence[int]) -> dict[tuple[float, int], float]:
+    """The pretrained network's loss (no fine-tuning) per (horizon, seed)."""
+    out = {}
+    for h in horizons:
+        for s in seeds:
+            t = evaluator.task(h, pretrain_seed=s, target_seed=s)  # may pretrain: not under no_grad
+            with torch.no_grad():
+                out[(h, s)] = float(t.loss(t.theta0[None])[0])
+    return out
+
+
+def gradient_rows(evaluator: SineEvaluator, methods: Mapping[str, Genome], horizon: float,
+                  seeds: Sequence[int], lrs: Mapping[str, Sequence[float]], split: str) -> list[Row]:
+    """Train every method at each of its lrs on every seed (one stacked batch per horizon)."""
+    names = list(methods)
+    tasks = [evaluator.task(horizon, pretrain_seed=s, target_seed=s) for s in seeds]
+    # one grid per distinct lr list (validation: the same grid for all; test: one lr each)
+    rows: list[Row] = []
+    groups: dict[tuple[float, ...], list[str]] = {}
+    for n in names:
+        groups.setdefault(tuple(lrs[n]), []).append(n)
+    for grid, group in groups.items():
+        results = evaluator.grid_seeds([methods[n] for n in group], grid, tasks)
+        for s, res in zip(seeds, results):
+            for n, per_lr in zip(group, res.losses):
+                rows += [Row(n, horizon, s, lr, loss, split) for lr, loss in zip(grid, per_lr)]
+    return rows
+
+
+def randopt_rows(evaluator: SineEvaluator, protocol: Protocol, horizon: float, seeds: Sequence[int],
+                 variants: Mapping[str, Sequence[float]], split: str) -> list[Row]:
+    """RandOpt with each layer variant at each of its sigmas (all sigmas share the draws)."""
+    n = randopt_population(protocol.budget_fpe)
+    rows = []
+    for s in seeds:
+        task = evaluator.task(horizon, pretrain_seed=s, target_seed=s)
+        for layers, sigmas in variants.items():
+            res = randopt(task, n, list(sigmas), protocol.top_k, layers=layers, seed=s)
+            rows += [Row(f"randopt_{layers}", horizon, s, sig, _finite(res.ensemble_losses[sig]), split)
+                     for sig in sigmas]
+    return rows
+
+
+def validation_baselines(protocol: Protocol, evaluator: SineEvaluator, progress: Progress | None = None,
+                         gradient: Sequence[str] = GRADIENT_BASELINES, with_randopt: bool = True) -> list[Row]:
+    """Every baseline at every grid value on the validation seeds, at every horizon."""
+    seeds = protocol.seeds.validation
+    methods = {m: baseline_genome(m) for m in gradient}
+    rows = []
+    for h in protocol.horizons:
+        if progress:
+            progress(f"tuning {', '.join(methods)}{' and RandOpt' if with_randopt else ''} on validation seeds, "
+                     f"t_max = {h:g}")
+        rows += gradient_rows(evaluator, methods, h, seeds, {m: protocol.lrs for m in methods}, "validation")
+        if with_randopt:
+            rows += randopt_rows(evaluator, protocol, h, seeds,
+                                 {v: protocol.sigmas for v in protocol.randopt_layers}, "validation")
+    return rows
+
+
+def test_baselines(protocol: Protocol, evaluator: SineEvaluator, choices: Mapping[tuple[str, float], Choice],
+                   progress: Progress | None = None, gradient: Sequence[str] = GRADIENT_BASELINES,
+                   with_randopt: bool = True) -> list[Row]:
+    """Each baseline once per horizon on the test seeds, at its validated choice."""
+    seeds = protocol.seeds.test
+    rows = []
+    for h in protocol.horizons:
+        if progress:
+            progress(f"{', '.join(gradient)}{' and RandOpt' if with_randopt else ''} on test seeds, t_max = {h:g}")
+        methods = {m: baseline_genome(m) for m in gradient}
+        lrs = {m: [choices[(m, h)].hparam] for m in methods}
+        rows += gradient_rows(evaluator, methods, h, seeds, lrs, "test")  # type: ignore[arg-type]
+        ro = best_randopt(choices, h) if with_randopt else None
+        if ro is not None:
+            rows += randopt_rows(evaluator, protocol, h, seeds, {ro.method[len("randopt_"):]: [ro.hparam]}, "test")  # type: ignore[list-item]
+    return rows
