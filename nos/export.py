@@ -1,49 +1,287 @@
 """`python -m nos.export`: write an optimizer as a standalone PyTorch file.
 
     python -m nos.export 42 -o runs/discovered42.py          # individual 42 of the database
+    python -m nos.export 42 --horizon 10 -o opt42_t10.py      # ... with the lr validated for t_max 10
     python -m nos.export --builtin adam -o adam.py            # a classic optimizer's genome
 
 The file imports only torch and math; see its docstring for the update rule and provenance.
+An individual's default lr is the one its search chose (on the search seeds); with --horizon H,
+the one its run's funnel chose for rollout horizon H on the validation seeds. The docstring
+lists both.
+Bad input -- arguments, an output path that cannot be written, a damaged database row -- is
+one line on stderr and exit status 2, and then nothing is written.
 """
 
 from __future__ import annotations
 
+import argparse
+import math
+import os
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 from db.store import Store
 from search_space.builtins import BUILTINS, builtin
-from search_space.genome import Genome, from_json
+from search_space.genome import Genome, GenomeError, from_json
 
-from .cli import DEFAULT_DB, ArgumentParser, UsageError, run_command
-from .codegen import class_name_for, render
+from .cli import (
+    DEFAULT_DB,
+    MAX_HORIZON,
+    MAX_ID,
+    ArgumentParser,
+    UsageError,
+    db_arg,
+    finite_float,
+    record_id,
+    run_command,
+)
+from .codegen import LrChoice, check_class_name, class_name_for, render, visible
+from .search.config import SearchConfig
+from .search.funnel import TASK as FUNNEL_TASK
+from .search.funnel import validated_lrs
+from .tasks.budget import DEFAULT_BUDGET_FPE, steps_for
 
 BUILTIN_LR = {"sgd": 0.01, "momentum": 0.01, "nesterov": 0.01, "lion": 1e-4, "rso": 1.0}
 DEFAULT_LR = 1e-3
-DEFAULT_TOTAL_STEPS = 200
+SHOWN = 80  # characters of a path or value quoted in an error line
+
+T = TypeVar("T")
+
+
+# ---------------------------------------------------------------------------------------------
+# arguments
+
+
+def _class_name(text: str) -> str:
+    try:
+        check_class_name(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def _parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m nos.export", description=__doc__.split("\n")[0])
-    p.add_argument("id", nargs="?", type=int, help="individual id in the database")
+    p.add_argument("id", nargs="?", type=record_id, help="individual id in the database")
     p.add_argument("--builtin", choices=BUILTINS, help="export a classic optimizer instead")
-    p.add_argument("-o", "--output", type=Path, required=True, help="the .py file to write")
-    p.add_argument("--db", default=DEFAULT_DB, help=f"database path or SQLAlchemy URL (default {DEFAULT_DB})")
-    p.add_argument("--class-name", help="name of the optimizer class (default: derived)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="the .py file to write (its directory must exist)")
+    p.add_argument("--db", type=db_arg, default=DEFAULT_DB, help=f"database path or SQLAlchemy URL (default {DEFAULT_DB})")
+    p.add_argument("--class-name", type=_class_name, help="name of the optimizer class (default: derived)")
+    p.add_argument("--horizon", type=finite_float(0.0, MAX_HORIZON, "a horizon t_max", lo_open=True), metavar="H",
+                   help="default lr: the one chosen on validation seeds for rollout horizon t_max = H in the "
+                        "individual's run's funnel (default: the lr chosen in the search)")
     return p
 
 
-def export_individual(store: Store, ind_id: int) -> tuple[Genome, str, float, int, dict]:
-    ind = store.get_individual(ind_id)
+# ---------------------------------------------------------------------------------------------
+# the output file: checked before any work, written all at once or not at all
+
+
+def _shown(path: Path | str) -> str:
+    return visible(os.fspath(path), SHOWN)
+
+
+def check_output(path: Path, db: str | None = None) -> Path:
+    """The file to write `path` to (symbolic links followed); UsageError, before anything is
+    read or written, for a path that could not be written."""
+    try:
+        target = Path(os.path.realpath(path))
+        parent = target.parent
+        if target.is_dir():
+            raise UsageError(f"output {_shown(path)} is a directory; give a file name ending in .py")
+        if not parent.exists():
+            raise UsageError(f"output {_shown(path)}: directory {_shown(parent)} does not exist")
+        if not parent.is_dir():
+            raise UsageError(f"output {_shown(path)}: {_shown(parent)} is not a directory")
+        name_max = os.pathconf(parent, "PC_NAME_MAX")
+        if len(os.fsencode(target.name)) > name_max:
+            raise UsageError(f"output {_shown(path)}: file name longer than {name_max} bytes")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise UsageError(f"output {_shown(path)}: directory {_shown(parent)} is not writable")
+        if target.exists():
+            if not target.is_file():
+                raise UsageError(f"output {_shown(path)} exists and is not a regular file")
+            if not os.access(target, os.W_OK):
+                raise UsageError(f"output {_shown(path)} exists and is not writable")
+            if db is not None and "://" not in db and Path(db).exists() and os.path.samefile(target, db):
+                raise UsageError(f"output {_shown(path)} is the database; refusing to overwrite it")
+    except OSError as e:  # e.g. a path too long to even look at
+        raise UsageError(f"output {_shown(path)}: {e.strerror or e}") from None
+    except ValueError as e:  # a NUL byte in the path
+        raise UsageError(f"output {_shown(path)}: {e}") from None
+    return target
+
+
+def write_atomically(target: Path, text: str) -> None:
+    """Write `text` to `target` through a temporary file beside it, so `target` is either the
+    whole new file or untouched; UsageError if the file system refuses."""
+    fd, tmp = -1, ""
+    try:
+        mode = target.stat().st_mode & 0o777 if target.exists() else 0o666 & ~_umask()
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".nos-export-", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fd = -1
+            fh.write(text)
+        os.chmod(tmp, mode)
+        os.replace(tmp, target)
+        tmp = ""
+    except OSError as e:
+        raise UsageError(f"cannot write {_shown(target)}: {e.strerror or e}") from None
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------
+# reading an individual back: every stored value is checked like user input
+
+
+def _stored(what: str, read: Callable[[], T]) -> T:
+    """A row read from the database; one that does not even parse (a JSON column that is
+    not JSON, or nested thousands deep; a value of the wrong type) is a UsageError."""
+    try:
+        return read()
+    except RecursionError:
+        raise UsageError(f"{what}: a stored JSON value is nested too deeply; the database is damaged") from None
+    except ValueError as e:  # json.JSONDecodeError, db.models.StoredValueError
+        raise UsageError(f"{what}: the database is damaged: {visible(e, 160)}") from None
+
+
+def _stored_int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_ID:
+        raise UsageError(f"{what} is {visible(repr(value), 40)}, not a positive integer; the database is damaged")
+    return value
+
+
+def _stored_lr(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < math.inf:
+        raise UsageError(f"{what} is {visible(repr(value), 40)}, not a positive finite number; the database is damaged")
+    return float(value)
+
+
+def _stored_genome(value: Any, what: str) -> Genome:
+    try:
+        return from_json(value)
+    except RecursionError:
+        raise UsageError(f"{what} is nested too deeply; the database is damaged") from None
+    except (GenomeError, TypeError, ValueError) as e:
+        raise UsageError(f"{what} is not a valid genome ({visible(e, 120)}); the database is damaged") from None
+
+
+def trained_steps(genome: Genome, config: Any, what: str) -> int:
+    """The steps `genome` was trained for in a run with this stored config: `steps_for` of its
+    `budget_fpe`, else its stored `total_steps`, else the default budget."""
+    if config is None:
+        config = {}
+    if not isinstance(config, dict):
+        raise UsageError(f"{what} config is not a JSON object; the database is damaged")
+    if config.get("budget_fpe") is not None:
+        return steps_for(genome, _stored_int(config["budget_fpe"], f"{what} config budget_fpe"))
+    if config.get("total_steps") is not None:
+        return _stored_int(config["total_steps"], f"{what} config total_steps")
+    return steps_for(genome, DEFAULT_BUDGET_FPE)
+
+
+def _stored_horizons(value: Any) -> tuple[float, ...]:
+    """A stored config's search horizons, for the docstring; () when they are not a plain list
+    of positive numbers (an old run, or one written by hand: then the docstring omits them)."""
+    if not isinstance(value, list) or not 1 <= len(value) <= 100:
+        return ()
+    ok = all(not isinstance(h, bool) and isinstance(h, (int, float)) and 0.0 < h < math.inf for h in value)
+    return tuple(float(h) for h in value) if ok else ()
+
+
+def funnel_lrs(store: Store, run_id: int, config: Any, ind_id: int, evaluations: Any = ()) -> dict[float, float]:
+    """horizon -> the lr the run's funnel chose for the individual on the validation seeds
+    (`nos.search.funnel.validated_lrs`); empty when it was not in the funnel. A config or a
+    row that cannot be read, or a horizon of the individual's validation `evaluations` without
+    a chosen lr (every lr stored there is unreadable), is a UsageError."""
+    what = f"run {run_id}"
+    if config is None:
+        config = {}
+    try:
+        cfg = SearchConfig.from_json(config)
+        lrs = _stored(f"{what}: the funnel's rows", lambda: validated_lrs(store, run_id, cfg, ind_id))
+    except RecursionError:
+        raise UsageError(f"{what}: a stored value is nested too deeply; the database is damaged") from None
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise UsageError(f"{what}: cannot read its funnel's choices ({visible(e, 120)}); the database is damaged") from None
+    out = {}
+    for h, lr in lrs.items():
+        if isinstance(h, bool) or not isinstance(h, (int, float)) or not 0.0 < h < math.inf:
+            raise UsageError(f"{what}: a funnel horizon is {visible(repr(h), 40)}; the database is damaged")
+        out[float(h)] = _stored_lr(lr, f"{what}: the lr validated at t_max = {h:g}")
+    rows = evaluations if isinstance(evaluations, (list, tuple)) else ()
+    funnel = {e.get("horizon") for e in rows if isinstance(e, dict) and e.get("task") == FUNNEL_TASK
+              and e.get("split") == "validation"}
+    missing = sorted((h for h in funnel if h not in out), key=repr)
+    if missing:
+        shown = f"{missing[0]:g}" if isinstance(missing[0], float) else visible(repr(missing[0]), 40)
+        raise UsageError(f"{what}: individual {ind_id} has validation rows at t_max = {shown} but "
+                         "no readable lr there; the database is damaged")
+    return out
+
+
+def _pick_horizon(lrs: dict[float, float], horizon: float, what: str, run: str) -> float:
+    """The stored horizon `horizon` names (as the funnel stored it); one line otherwise."""
+    for h in lrs:
+        if math.isclose(h, horizon, rel_tol=1e-9, abs_tol=0.0):
+            return h
+    if not lrs:
+        raise UsageError(f"--horizon {horizon:g}: {what} was not in the funnel of run {run}, so no lr was chosen "
+                         "on validation seeds; export without --horizon for the lr chosen in the search")
+    have = ", ".join(f"{h:g}" for h in sorted(lrs))
+    raise UsageError(f"--horizon {horizon:g}: {what} has no lr validated at t_max = {horizon:g}; "
+                     f"it has one at t_max = {have}")
+
+
+@dataclass(frozen=True)
+class Exported:
+    """What the file of an individual is made from."""
+
+    genome: Genome
+    class_name: str
+    lr: float  # the constructor's default
+    total_steps: int
+    provenance: dict
+    lr_choice: LrChoice
+
+
+def export_individual(store: Store, ind_id: int, horizon: float | None = None) -> Exported:
+    """A stored, evaluated individual, its default lr the search's or (with `horizon`) the one
+    its run's funnel chose for that horizon on the validation seeds."""
+    what = f"individual {ind_id}"
+    ind = _stored(what, lambda: store.get_individual(ind_id))
     if ind is None:
-        raise UsageError(f"no individual with id {ind_id} in {store.url}")
-    if ind["status"] != "evaluated" or ind.get("lr") is None:
-        raise UsageError(f"individual {ind_id} has status {ind['status']!r}: only evaluated candidates have a tuned lr")
-    genome = from_json(ind["genome"])
-    run = store.get_run(ind["run_id"]) or {}
-    total_steps = int(run.get("config", {}).get("total_steps", DEFAULT_TOTAL_STEPS))
-    provenance = {
+        raise UsageError(f"no individual with id {ind_id} in {_shown(store.url)}")
+    if ind.get("status") != "evaluated":
+        status = visible(repr(ind.get("status")), 40)
+        raise UsageError(f"{what} has status {status}: only evaluated candidates have a tuned lr")
+    if ind.get("lr") is None:
+        raise UsageError(f"{what} is evaluated but has no stored lr; the database is damaged")
+    lr = _stored_lr(ind["lr"], f"{what}: the stored lr")
+    genome = _stored_genome(ind.get("genome"), f"{what}: the stored genome")
+    run_id = _stored_int(ind.get("run_id"), f"{what}: the stored run id")
+    run = _stored(f"run {run_id}", lambda: store.get_run(run_id)) or {}
+    total_steps = trained_steps(genome, run.get("config"), f"run {run_id}:")
+    validated = funnel_lrs(store, run_id, run.get("config"), ind_id, ind.get("evaluations"))
+    search_horizons = _stored_horizons((run.get("config") or {}).get("horizons"))
+    if horizon is not None:
+        horizon = _pick_horizon(validated, horizon, what, visible(repr(run.get("name")), 60))
+    lr_choice = LrChoice(lr, validated, search_horizons, horizon)
+    provenance = {  # codegen escapes every value that goes into the file
         "title": f"Optimizer {ind_id} discovered by nos (run {run.get('name')!r})",
         "run": run.get("name"),
         "individual": ind_id,
@@ -51,27 +289,37 @@ def export_individual(store: Store, ind_id: int) -> tuple[Genome, str, float, in
         "fitness (geometric mean of loss / tuned Adam's loss over the search horizons; lower is better)": ind.get("fitness"),
         "particle / timestep / mutation": f"{ind.get('particle')} / {ind.get('timestep')} / {ind.get('mutation')}",
     }
-    return genome, f"NosOptimizer{ind_id}", float(ind["lr"]), total_steps, provenance
+    return Exported(genome, f"NosOptimizer{ind_id}", lr_choice.default, total_steps, provenance, lr_choice)
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if (args.id is None) == (args.builtin is None):
         raise UsageError("give either an individual ID or --builtin NAME")
+    if args.builtin and args.horizon is not None:
+        raise UsageError("--horizon picks the lr a run's funnel validated for an individual; not with --builtin")
+    target = check_output(args.output, None if args.builtin else args.db)
+    lr_choice: LrChoice | None = None  # where an individual's default lr comes from
     if args.builtin:
         genome = builtin(args.builtin)
-        name, lr, total = class_name_for(args.builtin), BUILTIN_LR.get(args.builtin, DEFAULT_LR), DEFAULT_TOTAL_STEPS
+        name, lr = class_name_for(args.builtin), BUILTIN_LR.get(args.builtin, DEFAULT_LR)
+        total = steps_for(genome, DEFAULT_BUDGET_FPE)
         provenance = {"title": f"{args.builtin}, a classic optimizer written as a nos genome", "builtin": args.builtin}
     else:
         store = Store(args.db, create=False)
         try:
-            genome, name, lr, total, provenance = export_individual(store, args.id)
+            ex = export_individual(store, args.id, args.horizon)
         finally:
             store.close()
-    code = render(genome, class_name=args.class_name or name, lr=lr, total_steps=total, provenance=provenance)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(code)
-    print(f"wrote {args.output} (class {args.class_name or name})", file=sys.stderr)
+        genome, name, lr, total, provenance, lr_choice = (
+            ex.genome, ex.class_name, ex.lr, ex.total_steps, ex.provenance, ex.lr_choice)
+    class_name = args.class_name or name
+    code = render(genome, class_name=class_name, lr=lr, total_steps=total, provenance=provenance, lr_choice=lr_choice)
+    write_atomically(target, code)
+    print(f"wrote {visible(os.fspath(args.output))} (class {class_name})", file=sys.stderr)
     return 0
 
 
