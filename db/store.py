@@ -334,7 +334,7 @@ class Store:
                 return  # another process created it meanwhile; the caller re-checks
             Base.metadata.create_all(conn)
             conn.execute(
-                Meta.__table__.insert(),
+                insert(Meta),
                 [{"key": "app", "value": APP}, {"key": "schema_version", "value": SCHEMA_VERSION}],
             )
 
@@ -741,7 +741,8 @@ class Store:
                    Claim.heartbeat == seen[1])
             .values(owner=owner, heartbeat=0, claimed_at=utcnow())
         )
-        return self._transaction("take_over", lambda s: s.execute(stmt).rowcount == 1, write=True)
+        return self._transaction("take_over", lambda s: s.execute(stmt).rowcount == 1,  # type: ignore[attr-defined]
+                                 write=True)
 
     def heartbeat(self, run_id: int, owner: str) -> None:
         """Show that ``owner`` is alive: bump the heartbeat of all its claims in the run."""
@@ -869,7 +870,7 @@ def _row(obj: Base) -> dict[str, Any]:
     checked against its column's type: a tampered row is a StoredValueError."""
     mapper = inspect(obj).mapper
     return {
-        attr.key: check_stored(mapper.local_table.name, attr.columns[0], getattr(obj, attr.key))
+        attr.key: check_stored(str(obj.__tablename__), attr.columns[0], getattr(obj, attr.key))
         for attr in mapper.column_attrs
     }
 

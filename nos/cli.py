@@ -62,7 +62,7 @@ def one_line(message: str, limit: int = MAX_LINE) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def shown(text: str, limit: int = 40) -> str:
+def shown(text: object, limit: int = 40) -> str:
     """A user's value quoted for a message: repr-escaped and cut to about ``limit`` characters."""
     r = repr(text[: limit + 1] if isinstance(text, str) else text)
     return r if len(r) <= limit + 2 else r[:limit] + "..." + r[-1]
@@ -201,7 +201,7 @@ def number_list(text: str, conv: Callable[[str], Any] = float, *, lo: float | No
             raise ValueError(f"expected comma-separated {what}: {shown(x)} is not {kind}")
         if (lo is not None and v < lo) or (hi is not None and v > hi):
             raise ValueError(f"expected comma-separated {what}: {shown(x)} is outside [{_num(lo)}, {_num(hi)}]")
-        values.append(conv(v))
+        values.append(v)
     return tuple(values)
 
 
