@@ -81,6 +81,24 @@ def _fitness(losses: dict[tuple[float, int], list[float | None]], adam: AdamRefe
     return best
 
 
+def top10_dropped(full: Sequence[float | None], cheap: Sequence[float | None], promote: float, chunk: int,
+                  draws: int = 50) -> float:
+    """Share of the full fitness's top 10% that a cheap stage promoting the best `promote` of
+    each chunk would drop, over `draws` random chunk compositions."""
+    ok = [i for i in range(len(full)) if full[i] is not None and cheap[i] is not None]
+    top = set(sorted(ok, key=lambda i: full[i])[: max(1, math.ceil(0.1 * len(ok)))])  # type: ignore[arg-type, return-value]
+    dropped = trials = 0
+    for draw in range(draws):
+        order = ok[:]
+        random.Random(draw).shuffle(order)
+        for c in range(0, len(order), chunk):
+            part = order[c : c + chunk]
+            keep = set(sorted(part, key=lambda i: cheap[i])[: max(1, math.ceil(promote * len(part)))])  # type: ignore[arg-type, return-value]
+            dropped += len((set(part) & top) - keep)
+            trials += len(set(part) & top)
+    return dropped / max(1, trials)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     device = resolve_device(args.device)
@@ -116,21 +134,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         out["search_seeds"][k] = {"spearman_vs_heldout": float(rho), "n": len(ok)}
     full = [_fitness(L, adam, [(h, s) for h in HORIZONS for s in search[:2]]) for L in losses]
     cheap = [_fitness(L, adam, [(min(HORIZONS), search[0])]) for L in losses]
-    ok = [i for i in range(len(genomes)) if full[i] is not None and cheap[i] is not None]
-    top = set(sorted(ok, key=lambda i: full[i])[: max(1, math.ceil(0.1 * len(ok)))])  # type: ignore[arg-type, return-value]
     cost_cheap = seconds[min(HORIZONS)] / len(ev.setup.seeds)  # one seed at the short horizon
     cost_full = sum(seconds.values()) * 2 / len(ev.setup.seeds)  # two seeds at both horizons
     for f in PROMOTE:
-        dropped, trials = 0, 0
-        for rep in range(50):  # random chunk compositions
-            order = ok[:]
-            random.Random(rep).shuffle(order)
-            for c in range(0, len(order), args.chunk):
-                chunk = order[c : c + args.chunk]
-                keep = set(sorted(chunk, key=lambda i: cheap[i])[: max(1, math.ceil(f * len(chunk)))])  # type: ignore[arg-type, return-value]
-                dropped += len((set(chunk) & top) - keep)
-                trials += len(set(chunk) & top)
-        out["fidelity"][f"{f:.3g}"] = {"top10_dropped": dropped / max(1, trials),
+        out["fidelity"][f"{f:.3g}"] = {"top10_dropped": top10_dropped(full, cheap, f, args.chunk),
                                        "cost_vs_full": (cost_cheap + f * cost_full) / cost_full}
     out["full_fitness_seeds"] = 2
     out["cheap_cost_vs_full"] = cost_cheap / cost_full

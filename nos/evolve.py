@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from datetime import datetime
@@ -51,7 +53,7 @@ from .evaluation.protocol import Seeds
 from .ga.particle import STRATEGIES
 from .report_table import comparison_text
 from .search import PRESETS, Cooperation, Progress, Run, RunError, SearchConfig
-from .search.config import ALGORITHMS, CHEAP_DEFAULTS, DEFAULT_SEEDS
+from .search.config import ALGORITHMS, DEFAULT_FIDELITY, DEFAULT_SEEDS
 from .search.funnel import candidate_id
 from .tasks.budget import describe
 
@@ -59,17 +61,16 @@ log = logging.getLogger("nos.evolve")  # not __name__: it is __main__ under pyth
 
 
 def _promote_default() -> str:
-    p = SearchConfig().fidelity
-    return "1: off" if not p else f"{p['promote']:g}"
+    return f"{DEFAULT_FIDELITY['promote']:.3g}"
 
 
 def _fidelity(args, cfg: SearchConfig) -> dict | None:
-    """The cheap stage of a multi-fidelity search from the flags (None: one stage)."""
-    default = cfg.fidelity or {}
-    promote = args.promote if args.promote is not None else default.get("promote", 1.0)
+    """The cheap stage of a multi-fidelity search from the flags (None: one stage). Unset flags
+    take DEFAULT_FIDELITY, its horizon the shortest search horizon, its budget the full one."""
+    promote = args.promote if args.promote is not None else DEFAULT_FIDELITY["promote"]
     if promote >= 1:
         return None
-    seeds = args.cheap_seeds or default.get("seeds", CHEAP_DEFAULTS["seeds"])
+    seeds = args.cheap_seeds or DEFAULT_FIDELITY["seeds"]
     if seeds > len(cfg.search_seeds):
         raise UsageError(f"--cheap-seeds {seeds}: the run has only {len(cfg.search_seeds)} search seed(s)")
     return {"seeds": seeds, "horizons": list(args.cheap_horizons or [min(cfg.horizons)]),
@@ -120,7 +121,7 @@ def _parser() -> ArgumentParser:
                    help=f"fraction of each chunk's candidates promoted from the cheap stage to the full fitness "
                         f"({_promote_default()}; 1 = no cheap stage)")
     f.add_argument("--cheap-seeds", type=bounded_int(1, 100, "--cheap-seeds"),
-                   help=f"search seeds of the cheap stage ({CHEAP_DEFAULTS['seeds']})")
+                   help=f"search seeds of the cheap stage ({DEFAULT_FIDELITY['seeds']})")
     f.add_argument("--cheap-horizons", type=horizons, help="horizons of the cheap stage (the shortest search horizon)")
     f.add_argument("--cheap-budget", type=bounded_int(MIN_BUDGET, MAX_BUDGET, "--cheap-budget"),
                    help="forward-pass equivalents per training run in the cheap stage (the full budget)")
@@ -229,8 +230,18 @@ class Bar:
         self.bar.close()
 
 
+def _stop_on_sigterm() -> None:
+    """SIGTERM (a scheduler, `kill`) stops the run like Ctrl-C: marked interrupted, resumable."""
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    _stop_on_sigterm()
     if args.scheduler and args.workers:
         raise UsageError("--scheduler and --workers: give one (a remote cluster or a local one)")
     if args.timeout <= 0 or args.claim_timeout <= 0 or args.db_timeout < 0:

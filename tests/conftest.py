@@ -200,6 +200,7 @@ def make_nos_db(path: Path) -> dict[str, int]:
 
 # a particle search small enough for a test: 10 initial, 2 particles, 2 x 3, no funnel
 EVOLVE_TINY = [
+    "--promote", "1",  # one stage (test_evolve's PROMOTED runs the cheap first stage)
     "--initial", "10", "--particles", "2", "--timesteps", "2", "--mutations", "3", "--funnel", "0",
     "--horizons", "1", "--budget", "90", "--sine-pretrain-steps", "150", "--sine-width", "16",
     "--device", "cpu",

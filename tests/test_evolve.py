@@ -181,7 +181,8 @@ def _start_and_wait(tmp: Path, db: Path, min_rows: int, *args: str) -> subproces
 
 def test_ctrl_c_stops_cleanly_and_leaves_a_resumable_run(tmp_path: Path) -> None:
     db = tmp_path / "c.sqlite"
-    proc = _start_and_wait(tmp_path, db, 1, *TINY, "--name", "ctrlc")
+    # six timesteps: plenty left to interrupt once the first rows are in, even on a loaded machine
+    proc = _start_and_wait(tmp_path, db, 1, *TINY, "--timesteps", "6", "--name", "ctrlc")
     assert proc.poll() is None, "the run ended before it could be interrupted"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)

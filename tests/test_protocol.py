@@ -48,11 +48,14 @@ def two_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess
     db, cache = base / "nos.sqlite", base / "cache"
     evolve(db, cache, "first")
     with Store(db, create=False) as store:
-        n_baselines = len(store.baselines())
+        shared = [b for b in store.baselines() if b["protocol"] is not None]
     second = evolve(db, cache, "second", "--seed", "7")
     with Store(db, create=False) as store:
-        # only the second run's own Adam reference: 1 search horizon x 2 search seeds
-        assert len(store.baselines()) - n_baselines == 2
+        # no new protocol rows; the second run adds only its own Adam references: the full stage
+        # (1 search horizon x 2 search seeds) and the cheap stage (1 seed)
+        assert [b for b in store.baselines() if b["protocol"] is not None] == shared
+        own = store.baselines(store.get_run("second")["id"])
+        assert sorted(b["task"] for b in own) == ["sine_search", "sine_search", "sine_search_cheap"]
     return db, second
 
 
@@ -90,8 +93,8 @@ def test_splits_are_disjoint_and_recorded(two_runs) -> None:
 
 def test_baselines_are_computed_once_per_protocol_and_reused(two_runs) -> None:
     db, second = two_runs
-    assert "reusing stored validation baselines" in second.stderr
-    assert "reusing stored test baselines" in second.stderr
+    assert "reusing stored validation rows of adam, adam_clip, adam_wc, adam_clip_wc and RandOpt" in second.stderr
+    assert "reusing stored test rows of adam, adam_clip, adam_wc, adam_clip_wc and RandOpt" in second.stderr
     con = sqlite3.connect(db)
     keys = con.execute("select distinct protocol from baselines where protocol is not null").fetchall()
     assert len(keys) == 2  # one validation key, one test key, shared by both runs

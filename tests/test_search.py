@@ -135,3 +135,16 @@ def test_random_search_run_is_stored_as_random(tmp_path: Path) -> None:
     assert run["config"]["algorithm"] == "random" and run["status"] == "finished"
     assert all(r["parent_id"] is None and r["mutation_kind"] is None for r in rows)
     assert {r["timestep"] for r in rows} == {0, 1}
+
+
+def test_calibration_counts_dropped_top_candidates() -> None:
+    from nos.calibrate import top10_dropped
+
+    full = [float(i) for i in range(40)]
+    # a perfect cheap stage keeping 4 of each 10 drops none of the 4 best
+    assert top10_dropped(full, full, 0.4, chunk=10) == 0.0
+    # ... but keeping 1 of each 10 drops those that share a chunk with a better one
+    assert 0 < top10_dropped(full, full, 0.1, chunk=10) < 1
+    # a cheap stage that ranks backwards keeps only the worst of each chunk: every top-4 is dropped
+    assert top10_dropped(full, [-x for x in full], 0.1, chunk=10) == 1.0
+    assert top10_dropped(full, [None] * 40, 0.5, chunk=12) == 0.0  # nothing comparable, nothing dropped

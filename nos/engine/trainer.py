@@ -67,7 +67,6 @@ def train(
     opt = BatchedOptimizer(genomes, lrs, total, seed_list, task.segments, task.device)
     theta = task.init_params(C)
     rows = torch.arange(C, device=theta.device)  # original index of each live row
-    losses: list[float | None] = [None] * C
     failed_at: dict[int, int] = {}
     curves: list[list[float]] | None = [[] for _ in range(C)] if record_curves else None
 
@@ -99,24 +98,10 @@ def train(
                         break
             if any_dead:
                 grad = torch.where(dead[:, None], 0.0, grad)
-            new = theta.detach() - opt.direction(theta.detach(), grad)
-            delta = opt.perturbation(new)
-            if delta is not None:
-                trial = new + delta
-                if opt.any_if_better:
-                    better = task.loss(trial) < loss
-                    trial = torch.where((better | ~opt.if_better)[:, None], trial, new)
-                new = trial
-            theta = new
+            theta = _with_noise(task, opt, theta.detach() - opt.direction(theta.detach(), grad), loss)
             opt.advance()
 
-    params = torch.full((C, task.segments.n_params), float("nan"), device=theta.device)
-    with torch.no_grad():
-        if rows.numel():
-            params[rows] = theta.detach()
-            final = task.loss(theta.detach())
-            for r, v, d in zip(rows.tolist(), final.tolist(), dead.tolist()):
-                losses[r] = v if not d and math.isfinite(v) else None
+    losses, params = _final(task, theta, rows, dead, C)
     return TrainResult(
         losses=losses,
         steps=total,
@@ -126,3 +111,30 @@ def train(
         failed_at=failed_at,
         params=params,
     )
+
+
+def _with_noise(task: Task, opt: BatchedOptimizer, new: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+    """The step's noise (if any rule is active); `if_better` rows keep it only when the loss improves."""
+    delta = opt.perturbation(new)
+    if delta is None:
+        return new
+    trial = new + delta
+    if opt.any_if_better:
+        better = task.loss(trial) < loss
+        trial = torch.where((better | ~opt.if_better)[:, None], trial, new)
+    return trial
+
+
+def _final(task: Task, theta: torch.Tensor, rows: torch.Tensor, dead: torch.Tensor,
+           C: int) -> tuple[list[float | None], torch.Tensor]:
+    """Final loss per original candidate (None for failed ones) and the [C, P] parameters (NaN rows
+    for candidates dropped from the batch)."""
+    losses: list[float | None] = [None] * C
+    params = torch.full((C, task.segments.n_params), float("nan"), device=theta.device)
+    with torch.no_grad():
+        if rows.numel():
+            params[rows] = theta.detach()
+            final = task.loss(theta.detach())
+            for r, v, d in zip(rows.tolist(), final.tolist(), dead.tolist()):
+                losses[r] = v if not d and math.isfinite(v) else None
+    return losses, params
