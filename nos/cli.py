@@ -123,6 +123,43 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def add_threads(p: argparse.ArgumentParser) -> None:
+    """``--threads N``: torch's intra-op threads for the training in this process (see `apply_threads`)."""
+    p.add_argument("--threads", type=bounded_int(1, 1024, "a number of threads"), default=None,
+                   help="torch intra-op threads (default: half the CPU cores, at least 1; "
+                        "OMP_NUM_THREADS, when set, is kept)")
+
+
+def apply_threads(args: argparse.Namespace) -> int:
+    """Set torch's intra-op thread count from ``args.threads`` (or the default); returns it.
+
+    The default is half the CPU cores this process may run on, at least 1 -- not torch's own
+    default (every core). Measured by ``python -m nos.bench`` on this project's 2-core machine,
+    interpreter running Adam on 256 candidates at t_max = 5: alone, 1 thread is about as fast as
+    2 (small per-candidate tensors leave the second core little to do), but beside one other busy
+    torch process, 2 threads collapse (an OpenMP thread that waits for its descheduled sibling
+    spins; ~15x slower) while 1 thread only shares the CPU (< 2x slower); see README
+    "Benchmarks". Half the cores leaves room for a neighbour. ``OMP_NUM_THREADS``, when set and no
+    ``--threads`` is given, is respected (torch has already read it). Dask worker processes are
+    not affected: Dask's nanny starts each with OMP_NUM_THREADS=1.
+    """
+    import os
+
+    import torch
+
+    n = getattr(args, "threads", None)
+    if n is None:
+        if os.environ.get("OMP_NUM_THREADS"):
+            return torch.get_num_threads()
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # not Linux
+            cores = os.cpu_count() or 1
+        n = max(1, cores // 2)
+    torch.set_num_threads(n)
+    return n
+
+
 _INT = re.compile(r"[+-]?[0-9]{1,30}")  # ASCII digits only: int() also takes "٣", "1_0", " 1 "
 _FLOAT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 
@@ -303,14 +340,17 @@ def fmt_value(v: Any) -> str:
     return escape(str(v))  # stored text reaches a terminal: no raw control characters
 
 
+def render_table(cells: Sequence[Sequence[str]], headers: Sequence[str], fmt: str = "plain") -> str:
+    """The one table renderer of nos (tabulate): "plain" aligned columns or GitHub "markdown"."""
+    from tabulate import tabulate  # here: most commands print no table
+
+    return tabulate(cells, headers=list(headers), tablefmt="github" if fmt == "markdown" else "simple",
+                    disable_numparse=True)
+
+
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], headers: Sequence[str] | None = None) -> str:
-    headers = list(headers or columns)
-    cells = [[fmt_value(r.get(c)) for c in columns] for r in rows]
-    widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(headers)]
-    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
-    out = [line, "  ".join("-" * w for w in widths)]
-    out += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
-    return "\n".join(out)
+    """Rows of values as a plain table, each value shown by `fmt_value`."""
+    return render_table([[fmt_value(r.get(c)) for c in columns] for r in rows], list(headers or columns))
 
 
 def format_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:

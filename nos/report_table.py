@@ -1,15 +1,13 @@
 """The comparison as tables (plain text for terminals, Markdown for summary.md and the README).
 
-One renderer for every table nos prints: `render` (tabulate), and one number format: `num`.
+Tables go through nos.cli.render_table (the one renderer); losses and ratios through `num`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
-from tabulate import tabulate
-
+from .cli import render_table as render
 from .evaluation.compare import Comparison, method_label
 from .evaluation.protocol import BASELINES, BEFORE, PUBLISHED
 
@@ -21,12 +19,6 @@ def num(x: float | None, digits: int = 2) -> str:
     if x == 0 or 1e-2 <= abs(x) < 1e3:
         return f"{x:.{digits}g}"
     return f"{x:.{max(0, digits - 1)}e}"
-
-
-def render(rows: Sequence[Sequence[Any]], headers: Sequence[str], fmt: str = "plain") -> str:
-    """A table: `fmt` "plain" (aligned columns) or "markdown" (GitHub pipes)."""
-    return tabulate(rows, headers=headers, tablefmt="github" if fmt == "markdown" else "simple",
-                    disable_numparse=True)
 
 
 def methods_table(cmp: Comparison, fmt: str = "plain", candidates: Sequence[str] | None = None) -> str:
