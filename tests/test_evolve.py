@@ -179,12 +179,14 @@ def _start_and_wait(tmp: Path, db: Path, min_rows: int, *args: str) -> subproces
     return proc
 
 
-def test_ctrl_c_stops_cleanly_and_leaves_a_resumable_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_stops_cleanly_and_leaves_a_resumable_run(tmp_path: Path, sig: signal.Signals) -> None:
+    """Ctrl-C, or SIGTERM from a scheduler or `kill`: the run stops, is marked interrupted, resumes."""
     db = tmp_path / "c.sqlite"
     # six timesteps: plenty left to interrupt once the first rows are in, even on a loaded machine
     proc = _start_and_wait(tmp_path, db, 1, *TINY, "--timesteps", "6", "--name", "ctrlc")
     assert proc.poll() is None, "the run ended before it could be interrupted"
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
     assert "--resume ctrlc" in err and "Traceback" not in err
@@ -193,6 +195,21 @@ def test_ctrl_c_stops_cleanly_and_leaves_a_resumable_run(tmp_path: Path) -> None
     evolve(tmp_path, "--resume", "ctrlc", db="c.sqlite")
     with Store(str(db), create=False) as store:
         assert store.get_run("ctrlc")["status"] == "finished"
+
+
+@pytest.mark.slow  # Dask waits 30 s for the scheduler
+def test_unreachable_scheduler_leaves_no_run(tmp_path: Path) -> None:
+    """The cluster is reached before the run exists: an unreachable one leaves no `running` run
+    that would block the name."""
+    import socket
+
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    res = evolve(tmp_path, *TINY, "--name", "lost", "--scheduler", f"tcp://127.0.0.1:{port}", check=False)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr[-2000:]
+    with Store(str(tmp_path / "nos.sqlite"), create=False) as store:
+        assert store.get_run("lost") is None
 
 
 STANDALONE = """
