@@ -14,6 +14,8 @@ import unicodedata
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from tabulate import tabulate
+
 if TYPE_CHECKING:
     import torch
 
@@ -342,8 +344,6 @@ def fmt_value(v: Any) -> str:
 
 def render_table(cells: Sequence[Sequence[str]], headers: Sequence[str], fmt: str = "plain") -> str:
     """The one table renderer of nos (tabulate): "plain" aligned columns or GitHub "markdown"."""
-    from tabulate import tabulate  # here: most commands print no table
-
     return tabulate(cells, headers=list(headers), tablefmt="github" if fmt == "markdown" else "simple",
                     disable_numparse=True)
 

@@ -36,6 +36,8 @@ from .cli import (
     UsageError,
     add_device,
     add_format,
+    add_threads,
+    apply_threads,
     bounded_int,
     db_arg,
     finite_float,
@@ -158,6 +160,7 @@ def _parser() -> ArgumentParser:
     g.add_argument("--db-timeout", type=finite_float(0, 1e6, "--db-timeout (seconds)"), default=10.0,
                    help="seconds an SQLite writer waits for the lock (10)")
     add_device(p)
+    add_threads(p)
     add_format(p)
     return p
 
@@ -231,16 +234,20 @@ class Bar:
 
 
 def _stop_on_sigterm() -> None:
-    """SIGTERM (a scheduler, `kill`) stops the run like Ctrl-C: marked interrupted, resumable."""
+    """SIGTERM (a scheduler, `kill`) stops the run like Ctrl-C: marked interrupted, resumable.
+    Ctrl-C gets Python's own handler back even when the process inherited SIGINT ignored (a
+    background job of a non-interactive shell), so it always stops the run cleanly."""
     def handler(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    apply_threads(args)
     _stop_on_sigterm()
     if args.scheduler and args.workers:
         raise UsageError("--scheduler and --workers: give one (a remote cluster or a local one)")
