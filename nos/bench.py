@@ -1,4 +1,4 @@
-"""`python -m nos.bench`: throughput of candidate evaluation, batched vs one at a time.
+"""`python -m nos.bench`: throughput of candidate evaluation, batched vs one at a time, and vs its floor.
 
 Everything is measured in one run on one machine, so the printed ratios compare like with like.
 A "candidate-step" is one training step of one candidate optimizer (forward + backward of the
@@ -6,8 +6,28 @@ rollout and the interpreted update). Candidates are distinct random genomes that
 integrity check (a realistic mix of ops), each at one learning rate.
 
     python -m nos.bench                      # 64 candidates at horizon 5 is the headline row
-    python -m nos.bench --format json        # keys: naive_candidate_steps_per_s, batched_..., speedup
+    python -m nos.bench --format json        # one JSON document on stdout (keys below)
+    python -m nos.bench --quick              # small sizes, a few seconds (for tests)
+    python -m nos.bench --threads 2          # torch threads (default: `nos.cli.apply_threads`)
     python -m nos.bench --no-scaling         # skip the Dask row (1 vs 2 local worker processes)
+
+What it reports (JSON keys):
+
+- rows: one-at-a-time vs batched rates of random genomes per (t_max, candidates); the headline
+  row's `naive_candidate_steps_per_s`, `batched_candidate_steps_per_s` and `speedup` at top level.
+- The floor: on a `StackedSineTask` (seeds 0, 1, 2 stacked on the candidate axis) with 256
+  candidates at t_max = 5, the interpreter training the Adam genome (`interpreter_adam_...`) vs
+  `reference_adam`, a hand-written batched Adam on the same task (`reference_adam_...`):
+  `interpreter_vs_reference` = reference rate / interpreter rate (1 = at the floor), and
+  `adam_loss_max_rel_diff`, the largest relative difference of their final losses (same lr).
+- Random genomes on the same task: `random_vs_adam_cost` (cost per candidate-step relative to
+  Adam's), `random_update_share` (the share of it outside the task's forward + backward) and
+  the ops by self CPU time (torch.profiler): `random_top_ops` / `adam_top_ops` of whole training
+  steps, `random_update_top_ops` of the interpreter's update alone (`update_only`).
+- Sharing the CPU: the interpreter's Adam rate alone and then beside a second busy torch process
+  (large matmuls, torch's default threads), at this run's thread count and at the others
+  compared (1 and torch's default): `shared_cpu_slowdown` = alone / shared at this run's
+  threads, `shared_cpu_slowdown_threads_N` at N threads.
 
 The scaling row: candidates per second evaluating the fitness of the same 32 candidates (small
 budget, horizon 1) through `nos.distributed.DaskFitness` on a local Dask cluster of 1 and of 2
@@ -17,30 +37,47 @@ worker processes (one thread each), after a warm-up that pretrains the task on e
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import random
+import select
+import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 
+from search_space.builtins import builtin
 from search_space.genome import Genome
 from search_space.mutation import random_genome
 
 from .cli import (
+    MAX_HORIZON,
+    MIN_HORIZON,
     ArgumentParser,
     add_device,
     add_format,
+    add_threads,
+    apply_threads,
+    bounded_int,
     format_table,
-    positive_int,
+    number_list,
+    path_arg,
     print_json,
     resolve_device,
     run_command,
 )
 from .engine import integrity
-from .engine.trainer import train
+from .engine.interpreter import BatchedOptimizer
+from .engine.trainer import Task, train
 from .evaluation.sine import SearchSetup, SineEvaluator
-from .tasks.sine import DEFAULT_CACHE_DIR, SineConfig, SineTask
+from .tasks.sine import DEFAULT_CACHE_DIR, SineConfig, SineTask, StackedSineTask
+
+log = logging.getLogger("nos.bench")  # not __name__: it is __main__ under python -m
 
 
 def _sync(device: torch.device) -> None:
@@ -60,7 +97,7 @@ def passing_genomes(n: int, seed: int = 0, device: torch.device | str = "cpu") -
     return out
 
 
-def rate(task: SineTask, genomes: Sequence[Genome], steps: int, device: torch.device) -> float:
+def rate(task: Task, genomes: Sequence[Genome], steps: int, device: torch.device) -> float:
     """Candidate-steps per second training `genomes` together in one batch."""
     train(task, genomes[:1], [1e-3], steps=2)  # warm-up (allocator, kernels)
     _sync(device)
@@ -70,7 +107,7 @@ def rate(task: SineTask, genomes: Sequence[Genome], steps: int, device: torch.de
     return len(genomes) * steps / (time.perf_counter() - start)
 
 
-def naive_rate(task: SineTask, genomes: Sequence[Genome], steps: int, device: torch.device) -> float:
+def naive_rate(task: Task, genomes: Sequence[Genome], steps: int, device: torch.device) -> float:
     """Candidate-steps per second training the same genomes one at a time."""
     train(task, genomes[:1], [1e-3], steps=2)
     _sync(device)
@@ -107,41 +144,316 @@ def scaling(genomes: Sequence[Genome], cache_dir: str, workers: Sequence[int] = 
             start = time.perf_counter()
             fitness(genomes, adam)
             out[f"workers_{n}_candidates_per_s"] = len(genomes) / (time.perf_counter() - start)
-        print(f"  dask workers={n}: {out[f'workers_{n}_candidates_per_s']:.2f} candidates/s", file=sys.stderr)
+        log.info(f"  dask workers={n}: {out[f'workers_{n}_candidates_per_s']:.2f} candidates/s")
     if len(workers) > 1:
         out["speedup"] = out[f"workers_{workers[-1]}_candidates_per_s"] / out[f"workers_{workers[0]}_candidates_per_s"]
     return out
 
 
+# ---------------------------------------------------------------------------------- the floor
+
+ADAM_BETAS = (0.9, 0.999)  # the adam builtin's moments (search_space.operands)
+ADAM_EPS = 1e-8  # the `div` op's epsilon
+ADAM_LR = 1e-3
+
+
+@dataclass(frozen=True)
+class FloorSizes:
+    """What the floor, random-genome and shared-CPU measurements run on."""
+
+    candidates: int = 256
+    horizon: float = 5.0
+    seeds: tuple[int, ...] = (0, 1, 2)  # pretraining = target seed, stacked on the candidate axis
+    steps: int = 10
+    repeats: int = 3  # best of, interleaved (interpreter, reference, interpreter, ...)
+
+
+QUICK_FLOOR = FloorSizes(candidates=16, horizon=1.0, seeds=(0,), steps=3, repeats=1)
+
+
+def stacked_task(sizes: FloorSizes, device: torch.device, cache_dir: str) -> StackedSineTask:
+    """`sizes.candidates` rows over the tasks of `sizes.seeds` (row i on seed i mod n)."""
+    tasks = [SineTask(SineConfig(), s, s, sizes.horizon, device, cache_dir) for s in sizes.seeds]
+    return StackedSineTask(tasks, torch.arange(sizes.candidates) % len(tasks))
+
+
+def reference_adam(task: StackedSineTask | SineTask, candidates: int, lr: float, steps: int) -> list[float]:
+    """Hand-written batched Adam (bias-corrected, torch.optim.Adam's update) on [C, P]
+    parameters: the floor of training Adam on `task`. Returns the final loss per candidate."""
+    b1, b2 = ADAM_BETAS
+    theta = task.init_params(candidates)
+    m, v = torch.zeros_like(theta), torch.zeros_like(theta)
+    for t in range(1, steps + 1):
+        theta.requires_grad_(True)
+        task.loss(theta).sum().backward()
+        g = theta.grad
+        assert g is not None
+        with torch.no_grad():
+            m.mul_(b1).add_(g, alpha=1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            denom = (v / (1 - b2**t)).sqrt_().add_(ADAM_EPS)
+            theta = theta.detach().addcdiv_(m / (1 - b1**t), denom, value=-lr)
+    with torch.no_grad():
+        return task.loss(theta).tolist()
+
+
+def task_only(task: StackedSineTask | SineTask, candidates: int, steps: int) -> None:
+    """The task's forward + backward alone, `steps` times (no update): what every optimizer pays."""
+    theta = task.init_params(candidates)
+    for _ in range(steps):
+        theta.requires_grad_(True)
+        task.loss(theta).sum().backward()
+        theta = theta.detach()
+
+
+def update_only(task: StackedSineTask, genomes: Sequence[Genome], steps: int) -> None:
+    """The interpreter's update alone (`direction` and `perturbation`), `steps` times, on a fixed
+    gradient: what the trainer adds to the task's forward + backward, less the `if_better` trials."""
+    C = len(genomes)
+    opt = BatchedOptimizer(genomes, [ADAM_LR] * C, [steps] * C, [0] * C, task.segments, task.device)
+    theta = task.init_params(C)
+    grad = 1e-3 * torch.randn(theta.shape, generator=torch.Generator().manual_seed(0)).to(theta.device)
+    with torch.no_grad():
+        for _ in range(steps):
+            theta = theta - opt.direction(theta, grad)
+            delta = opt.perturbation(theta)
+            if delta is not None:
+                theta = theta + delta
+            opt.advance()
+
+
+def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
+    _sync(device)
+    start = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return time.perf_counter() - start, out
+
+
+def best_rates(fns: dict[str, Callable[[], Any]], work: int, repeats: int,
+               device: torch.device) -> tuple[dict[str, float], dict[str, Any]]:
+    """Rate (work / s) of each function, the best of `repeats` interleaved runs after one warm-up
+    run each (interleaving spreads a passing load over all of them); and each one's last result."""
+    best = {k: float("inf") for k in fns}
+    results: dict[str, Any] = {}
+    for k, fn in fns.items():
+        results[k] = fn()  # warm-up (allocator, kernels, thread pool)
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            seconds, results[k] = _timed(fn, device)
+            best[k] = min(best[k], seconds)
+    return {k: work / s for k, s in best.items()}, results
+
+
+def max_rel_diff(a: Sequence[float | None], b: Sequence[float]) -> float:
+    """max |a - b| / |b| over candidates (inf where `a` failed)."""
+    return max((abs(x - y) / max(abs(y), 1e-30) if x is not None else float("inf")) for x, y in zip(a, b))
+
+
+def top_ops(fn: Callable[[], Any], k: int = 8) -> list[dict]:
+    """The k torch ops with the most self CPU time while running `fn` (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = list(prof.key_averages())
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+    return [{"op": e.key, "self_cpu_share": e.self_cpu_time_total / total, "calls": e.count} for e in events[:k]]
+
+
+def floor(task: StackedSineTask, sizes: FloorSizes, random_pool: Sequence[Genome], device: torch.device) -> dict:
+    """The interpreter's Adam vs `reference_adam`, and random genomes vs Adam, on one task."""
+    C, T = sizes.candidates, sizes.steps
+    adam = [builtin("adam")] * C
+    randoms = list(random_pool[:C])
+    rates, results = best_rates({
+        "interpreter": lambda: train(task, adam, [ADAM_LR] * C, steps=T),
+        "reference": lambda: reference_adam(task, C, ADAM_LR, T),
+        "random": lambda: train(task, randoms, [ADAM_LR] * C, steps=T),
+        "task": lambda: task_only(task, C, T),
+    }, C * T, sizes.repeats, device)
+    out = {
+        "interpreter_adam_candidate_steps_per_s": rates["interpreter"],
+        "reference_adam_candidate_steps_per_s": rates["reference"],
+        "interpreter_vs_reference": rates["reference"] / rates["interpreter"],
+        "adam_loss_max_rel_diff": max_rel_diff(results["interpreter"].losses, results["reference"]),
+        "random_genome_candidate_steps_per_s": rates["random"],
+        "random_vs_adam_cost": rates["interpreter"] / rates["random"],
+        "task_only_candidate_steps_per_s": rates["task"],
+        "random_update_share": max(0.0, 1.0 - rates["random"] / rates["task"]),
+        "random_top_ops": top_ops(lambda: train(task, randoms, [ADAM_LR] * C, steps=T)),
+        "random_update_top_ops": top_ops(lambda: update_only(task, randoms, T)),
+        "adam_top_ops": top_ops(lambda: train(task, adam, [ADAM_LR] * C, steps=T)),
+    }
+    log.info(f"  floor (C={C}, t_max={sizes.horizon:g}): interpreter Adam {rates['interpreter']:.0f}, "
+             f"reference {rates['reference']:.0f} candidate-steps/s ({out['interpreter_vs_reference']:.2f}x); "
+             f"random genomes {rates['random']:.0f} ({out['random_vs_adam_cost']:.2f}x Adam's cost)")
+    return out
+
+
+# ---------------------------------------------------------------------------------- sharing the CPU
+
+_BUSY = """\
+import os, sys, time
+import torch
+a = torch.randn(1024, 1024)
+parent, deadline = os.getppid(), time.monotonic() + float(sys.argv[1])
+a @ a
+print("ready", flush=True)
+while time.monotonic() < deadline and os.getppid() == parent:
+    a @ a
+"""
+
+
+@contextmanager
+def busy_neighbour(max_s: float = 600.0, start_timeout_s: float = 120.0) -> Iterator[subprocess.Popen]:
+    """A second process busy with large matmuls at torch's default threads while the block runs.
+
+    It stops by itself after `max_s` seconds or when this process dies, and is killed on leaving
+    the block (also on an exception or Ctrl-C)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    # Its own session, as another user's or terminal's process: with Linux's autogroup scheduling
+    # the CPU is shared fairly between sessions first, then between the threads of each.
+    proc = subprocess.Popen([sys.executable, "-c", _BUSY, str(max_s)], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], start_timeout_s)
+        if not ready or proc.stdout.readline().strip() != b"ready":
+            raise RuntimeError(f"the busy neighbour process did not start within {start_timeout_s:g} s")
+        time.sleep(0.5)  # let it get going
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def shared_cpu(task: StackedSineTask, sizes: FloorSizes, threads: Sequence[int], device: torch.device,
+               budget_s: float = 30.0) -> dict:
+    """The interpreter's Adam rate alone and beside a busy neighbour, at each thread count.
+
+    Returns {threads: {"alone": rate, "shared": rate, "slowdown": alone / shared, and the steps
+    each rate was timed over}}: `sizes.steps`, fewer where that would take over `budget_s`
+    seconds. The thread count in force before the call is restored."""
+    C, T = sizes.candidates, sizes.steps
+    adam = [builtin("adam")] * C
+    before = torch.get_num_threads()
+
+    def rate_at(n: int) -> tuple[float, int]:
+        """(rate, steps timed): a 1-step run (also the new thread pool's warm-up) sizes the timed
+        one to at most `budget_s` seconds (a collapsed rate would otherwise take minutes)."""
+        torch.set_num_threads(n)
+        probe, _ = _timed(lambda: train(task, adam, [ADAM_LR] * C, steps=1), device)
+        steps = max(1, min(T, int(budget_s / probe)))
+        seconds, _ = _timed(lambda: train(task, adam, [ADAM_LR] * C, steps=steps), device)
+        return C * steps / seconds, steps
+
+    out: dict[int, dict[str, float]] = {}
+    try:
+        for n in threads:
+            out[n] = dict(zip(("alone", "alone_steps"), rate_at(n)))
+        with busy_neighbour():
+            for n in threads:
+                out[n].update(zip(("shared", "shared_steps"), rate_at(n)))
+    finally:
+        torch.set_num_threads(before)
+    for n, r in out.items():
+        r["slowdown"] = r["alone"] / r["shared"]
+        log.info(f"  {n} thread(s): {r['alone']:.0f} alone, {r['shared']:.0f} beside a busy process "
+                 f"({r['slowdown']:.1f}x slower)")
+    return out
+
+
+# ---------------------------------------------------------------------------------- the command
+
+MAX_CANDIDATES = 4096  # per batch (and timed one at a time)
+MAX_STEPS = 100_000
+
+
 def _parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m nos.bench", description=__doc__.split("\n")[0])
-    p.add_argument("--batch-sizes", default="8,64,256", help="candidates per batch (default 8,64,256)")
-    p.add_argument("--horizons", default="1,5", help="rollout horizons t_max (default 1,5)")
-    p.add_argument("--steps", type=positive_int, default=10, help="training steps per measurement (10)")
-    p.add_argument("--naive", type=positive_int, default=8, help="candidates timed one at a time (8)")
-    p.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR)
+    p.add_argument("--batch-sizes", default=None, help="candidates per batch (default 8,64,256; --quick: 8)")
+    p.add_argument("--horizons", default=None, help="rollout horizons t_max (default 1,5; --quick: 1)")
+    p.add_argument("--steps", type=bounded_int(1, MAX_STEPS, "a number of steps"), default=None,
+                   help="training steps per measurement (10; --quick: 3)")
+    p.add_argument("--naive", type=bounded_int(1, MAX_CANDIDATES, "a number of candidates"), default=None,
+                   help="candidates timed one at a time (8; --quick: 2)")
+    p.add_argument("--quick", action="store_true",
+                   help="small sizes (16 candidates at t_max 1 for the floor, no Dask row): seconds, for tests")
+    p.add_argument("--cache-dir", type=path_arg("cache directory"), default=DEFAULT_CACHE_DIR)
     p.add_argument("--scaling", action=argparse.BooleanOptionalAction, default=None,
-                   help="add the Dask row: 32 candidates with 1 and 2 local workers (default: on when Dask is installed)")
+                   help="add the Dask row: 32 candidates with 1 and 2 local workers "
+                        "(default: on when Dask is installed, off with --quick)")
     add_device(p)
+    add_threads(p)
     add_format(p)
     return p
+
+
+def _print_table(out: dict) -> None:
+    rows, scale = out["rows"], out["scaling"]
+    print(format_table(rows, ["horizon", "candidates", "naive_candidate_steps_per_s", "batched_candidate_steps_per_s", "speedup"],
+                       ["t_max", "candidates", "one-at-a-time /s", "batched /s", "speedup"]))
+    print(f"\nintegrity check of 1,000 random genomes (x 6 lrs x 2 signs, 35 steps): {out['integrity_check_1000_random_s']:.2f} s")
+    head = out["headline"]
+    print(f"headline (C={head['candidates']}, t_max={head['horizon']:g}): speedup {out['speedup']:.1f}x")
+    f = out["floor"]
+    print(f"\nthe floor (C={f['candidates']}, t_max={f['horizon']:g}, seeds {','.join(map(str, f['seeds']))} stacked, "
+          f"{f['steps']} steps, {out['threads']} thread(s)):")
+    print(format_table([
+        {"what": "interpreter, Adam genome", "rate": out["interpreter_adam_candidate_steps_per_s"]},
+        {"what": "hand-written batched Adam", "rate": out["reference_adam_candidate_steps_per_s"]},
+        {"what": "task forward + backward only", "rate": out["task_only_candidate_steps_per_s"]},
+        {"what": "interpreter, random genomes", "rate": out["random_genome_candidate_steps_per_s"]},
+    ], ["what", "rate"], ["", "candidate-steps/s"]))
+    print(f"interpreter vs reference: {out['interpreter_vs_reference']:.2f}x "
+          f"(final losses agree to {out['adam_loss_max_rel_diff']:.1e} relative)")
+    print(f"random genomes: {out['random_vs_adam_cost']:.2f}x Adam's cost per candidate-step, "
+          f"{100 * out['random_update_share']:.0f}% of it outside the task's forward + backward; top ops by self CPU:")
+    for key, what in (("random_top_ops", "whole steps"), ("random_update_top_ops", "the update alone")):
+        print(f"\n{what}:")
+        print(format_table([{**r, "self_cpu_share": 100 * r["self_cpu_share"]} for r in out[key]],
+                           ["op", "self_cpu_share", "calls"], ["op", "self CPU %", "calls"]))
+    print("\nsharing the CPU with a busy torch process (interpreter, Adam genome, candidate-steps/s):")
+    print(format_table([{"threads": int(n), **r} for n, r in out["shared_cpu"].items()],
+                       ["threads", "alone", "shared", "slowdown"], ["threads", "alone", "shared", "slowdown"]))
+    print(f"shared_cpu_slowdown at this run's {out['threads']} thread(s): {out['shared_cpu_slowdown']:.2f}x")
+    if scale is not None:
+        print("\nscaling (Dask, local worker processes, 1 thread each; 32 candidates, horizon 1, budget 300):")
+        print(format_table([{"workers": n, "candidates_per_s": scale[f"workers_{n}_candidates_per_s"]} for n in (1, 2)],
+                           ["workers", "candidates_per_s"], ["workers", "candidates/s"]))
+        print(f"2 vs 1 workers: {scale['speedup']:.2f}x")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = _parser()
     args = p.parse_args(argv)
+    quick = args.quick
     try:
-        sizes = [int(x) for x in args.batch_sizes.split(",") if x]
-        horizons = [float(x) for x in args.horizons.split(",") if x]
-    except ValueError:
-        p.error("--batch-sizes and --horizons take comma-separated numbers")
+        sizes = list(number_list(args.batch_sizes or ("8" if quick else "8,64,256"), int, lo=1, hi=MAX_CANDIDATES,
+                                 max_items=10, what="batch sizes"))
+        horizons = list(number_list(args.horizons or ("1" if quick else "1,5"), lo=MIN_HORIZON, hi=MAX_HORIZON,
+                                    max_items=10, what="horizons"))
+    except ValueError as e:
+        p.error(f"--batch-sizes / --horizons: {e}")
     if not sizes or min(sizes) < 1 or not horizons or min(horizons) <= 0:
         p.error("need positive batch sizes and horizons")
+    steps = args.steps or (3 if quick else 10)
+    naive_n = args.naive or (2 if quick else 8)
+    do_scaling = (_has_dask() and not quick) if args.scaling is None else args.scaling
+    if do_scaling and not _has_dask():
+        p.error("--scaling needs Dask: pip install 'nos[distributed]'")
     device = resolve_device(args.device)
-    print(f"bench on {device} ({torch.get_num_threads()} threads)", file=sys.stderr)
+    torch_default_threads = torch.get_num_threads()
+    threads = apply_threads(args)
+    log.info(f"bench on {device} ({threads} threads; torch's default {torch_default_threads})")
+    fsizes = QUICK_FLOOR if quick else FloorSizes()
 
     start = time.perf_counter()
-    pool = passing_genomes(max(sizes + [args.naive]), device=device)
+    pool = passing_genomes(max(sizes + [naive_n, fsizes.candidates]), device=device)
     check_pool = [random_genome(random.Random(1)) for _ in range(1000)]
     t0 = time.perf_counter()
     integrity.check(check_pool, device=device)
@@ -150,43 +462,45 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = []
     headline = None
     for h in horizons:
-        task = SineTask(SineConfig(), 0, 0, h, device, args.cache_dir)
-        naive = naive_rate(task, pool[: args.naive], args.steps, device)
+        # cast: SineTask.segments is a read-only property, the trainer's Task protocol names a plain attribute
+        task = cast(Task, SineTask(SineConfig(), 0, 0, h, device, args.cache_dir))
+        naive = naive_rate(task, pool[:naive_n], steps, device)
         for n in sizes:
-            batched = rate(task, pool[:n], args.steps, device)
+            batched = rate(task, pool[:n], steps, device)
             row = {"horizon": h, "candidates": n, "naive_candidate_steps_per_s": naive,
                    "batched_candidate_steps_per_s": batched, "speedup": batched / naive}
             rows.append(row)
-            print(f"  t_max={h:g} C={n}: {batched:.0f} vs {naive:.0f} candidate-steps/s", file=sys.stderr)
+            log.info(f"  t_max={h:g} C={n}: {batched:.0f} vs {naive:.0f} candidate-steps/s")
             if n == 64 and h == 5:
                 headline = row
     headline = headline or rows[-1]
-    do_scaling = _has_dask() if args.scaling is None else args.scaling
-    if do_scaling and not _has_dask():
-        p.error("--scaling needs Dask: pip install 'nos[distributed]'")
+
+    stack = stacked_task(fsizes, device, args.cache_dir)
+    fl = floor(stack, fsizes, pool, device)
+    compared = sorted({1, threads, torch_default_threads}) if device.type == "cpu" else [threads]
+    shared = shared_cpu(stack, fsizes, compared, device)
     scale = scaling(passing_genomes(32, seed=7, device=device), args.cache_dir) if do_scaling else None
     out = {
         "device": str(device),
-        "threads": torch.get_num_threads(),
+        "threads": threads,
+        "threads_torch_default": torch_default_threads,
         **{k: headline[k] for k in ("naive_candidate_steps_per_s", "batched_candidate_steps_per_s", "speedup")},
         "headline": {"candidates": headline["candidates"], "horizon": headline["horizon"]},
         "integrity_check_1000_random_s": integrity_s,
         "rows": rows,
+        "floor": {"candidates": fsizes.candidates, "horizon": fsizes.horizon, "seeds": list(fsizes.seeds),
+                  "steps": fsizes.steps, "lr": ADAM_LR, "best_of": fsizes.repeats},
+        **fl,
+        "shared_cpu_slowdown": shared[threads]["slowdown"],
+        **{f"shared_cpu_slowdown_threads_{n}": r["slowdown"] for n, r in shared.items()},
+        "shared_cpu": {str(n): r for n, r in shared.items()},
         "scaling": scale,
         "seconds": time.perf_counter() - start,
     }
     if args.format == "json":
         print_json(out)
-        return 0
-    print(format_table(rows, ["horizon", "candidates", "naive_candidate_steps_per_s", "batched_candidate_steps_per_s", "speedup"],
-                       ["t_max", "candidates", "one-at-a-time /s", "batched /s", "speedup"]))
-    print(f"\nintegrity check of 1,000 random genomes (x 6 lrs x 2 signs, 35 steps): {integrity_s:.2f} s")
-    print(f"headline (C={headline['candidates']}, t_max={headline['horizon']:g}): speedup {headline['speedup']:.1f}x")
-    if scale is not None:
-        print("\nscaling (Dask, local worker processes, 1 thread each; 32 candidates, horizon 1, budget 300):")
-        print(format_table([{"workers": n, "candidates_per_s": scale[f"workers_{n}_candidates_per_s"]} for n in (1, 2)],
-                           ["workers", "candidates_per_s"], ["workers", "candidates/s"]))
-        print(f"2 vs 1 workers: {scale['speedup']:.2f}x")
+    else:
+        _print_table(out)
     return 0
 
 

@@ -136,14 +136,14 @@ def apply_threads(args: argparse.Namespace) -> int:
     """Set torch's intra-op thread count from ``args.threads`` (or the default); returns it.
 
     The default is half the CPU cores this process may run on, at least 1 -- not torch's own
-    default (every core). Measured by ``python -m nos.bench`` on this project's 2-core machine,
-    interpreter running Adam on 256 candidates at t_max = 5: alone, 1 thread is about as fast as
-    2 (small per-candidate tensors leave the second core little to do), but beside one other busy
-    torch process, 2 threads collapse (an OpenMP thread that waits for its descheduled sibling
-    spins; ~15x slower) while 1 thread only shares the CPU (< 2x slower); see README
-    "Benchmarks". Half the cores leaves room for a neighbour. ``OMP_NUM_THREADS``, when set and no
-    ``--threads`` is given, is respected (torch has already read it). Dask worker processes are
-    not affected: Dask's nanny starts each with OMP_NUM_THREADS=1.
+    default (every core). Measured by ``python -m nos.bench`` on this project's 2-core machine
+    (interpreter running Adam on 256 candidates at t_max = 5, candidate-steps/s): alone, 2 threads
+    give 1,991 and 1 thread 1,341; beside one other busy torch process, 2 threads collapse to 27
+    (74x slower: an OpenMP thread waiting for its descheduled sibling spins) while 1 thread keeps
+    1,264 (1.06x). So 1 thread here: a third slower on an idle machine, never a collapse on a
+    shared one (README "Benchmarks"). ``OMP_NUM_THREADS``, when set and no ``--threads`` is
+    given, is respected (torch has already read it). Dask worker processes are not affected:
+    Dask's nanny starts each with OMP_NUM_THREADS=1.
     """
     import os
 

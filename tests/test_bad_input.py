@@ -491,7 +491,7 @@ def test_baselines_refuses_a_bad_database_before_the_work(tmp_path: Path) -> Non
     "args",
     [["--batch-sizes", "0"], ["--batch-sizes", "99999999999"], ["--batch-sizes", "8,x"], ["--horizons", "nan"],
      ["--horizons", "0"], ["--steps", "0"], ["--steps", "99999999999999999999"], ["--naive", "10000000"],
-     ["--cache-dir", "a\x00b"]],
+     ["--cache-dir", "a\x00b"], ["--threads", "0"], ["--threads", "99999"], ["--threads", "1.5"]],
 )
 def test_bench_bad_arguments(args: list[str]) -> None:
     assert_one_line_error(*run_entry(command("bench"), [*args, "--device", "cpu"]))

@@ -185,7 +185,7 @@ EVOLVE_FLAGS = ["--initial", "--particles", "--timesteps", "--mutations", "--max
                 "--sine-width", "--chunk", "--timestep-chunk", "--workers", "--batch-size", "--timeout",
                 "--claim-timeout", "--db-retries", "--db-timeout", "--name", "--resume", "--scheduler", "--cache-dir"]
 BASELINE_FLAGS = ["--horizons", "--validation-seeds", "--test-seeds", "--budget"]
-BENCH_FLAGS = ["--batch-sizes", "--horizons", "--steps", "--naive", "--cache-dir"]
+BENCH_FLAGS = ["--batch-sizes", "--horizons", "--steps", "--naive", "--cache-dir", "--threads"]
 INTEGRITY_FLAGS = ["--random", "--seed"]
 
 
