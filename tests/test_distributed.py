@@ -64,6 +64,7 @@ def test_two_local_workers_give_the_single_process_lineage(tmp_path: Path, refer
     same_lineage(lineage_key(tmp_path / "nos.sqlite", "ref"), reference)
 
 
+@pytest.mark.slow  # a Dask cluster, a fault, a restart: the heaviest end-to-end tests
 def test_killed_worker_loses_nothing(tmp_path: Path) -> None:
     import random
 
@@ -109,6 +110,7 @@ def test_killed_worker_loses_nothing(tmp_path: Path) -> None:
             assert math.isclose(got.fitness, want.fitness, rel_tol=1e-6) and got.lr == want.lr
 
 
+@pytest.mark.slow  # a Dask cluster, a fault, a restart: the heaviest end-to-end tests
 def test_hanging_candidate_times_out_as_error(tmp_path: Path, reference: list[tuple]) -> None:
     db = tmp_path / "nos.sqlite"
     res = evolve(tmp_path, *TINY, *CHUNK, "--name", "hang", "--seed", SEED, "--workers", "2", "--batch-size", "1",
