@@ -13,6 +13,7 @@ and per-generation statistics, with DEAP's `creator` classes registered on first
 from __future__ import annotations
 
 import statistics
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,7 +21,7 @@ from .._deap import candidate_class
 from ..search.records import Batch, Candidate, Generation
 
 
-class Strategy:
+class Strategy(ABC):
     """Base class: subclasses implement `ask` and `_after` (what to do with judged candidates)."""
 
     def __init__(self, hall_size: int) -> None:
@@ -33,9 +34,9 @@ class Strategy:
         self.logbook = tools.Logbook()
         self.logbook.header = ["timestep", "candidates", "evaluated", "duplicates", "min", "median"]
 
+    @abstractmethod
     def ask(self) -> Batch | None:
         """The next proposals to judge, or None when the search is over."""
-        raise NotImplementedError
 
     def tell(self, judged: Sequence[Candidate]) -> list[Generation]:
         """Learn the fate of the last batch (in proposal order); returns the generations this
@@ -43,8 +44,9 @@ class Strategy:
         self.hall.update([_individual(c) for c in judged if c.evaluated])
         return self._after(judged)
 
+    @abstractmethod
     def _after(self, judged: Sequence[Candidate]) -> list[Generation]:
-        raise NotImplementedError
+        """What the strategy does with the judged candidates of its last batch."""
 
     def best(self) -> list[Candidate]:
         """The hall of fame: the best distinct evaluated candidates so far, best first."""
