@@ -54,6 +54,7 @@ class ParticleGA(Strategy):
         self.toolbox.register("mutate", mutate)
         self._told: list[Candidate] = []
         self._finished: list[Generation] = []
+        self._parents: dict[int, Genome] = {}  # position id -> its genome
         self._plan = self._batches()
         self._next = next(self._plan, None)
 
@@ -99,7 +100,9 @@ class ParticleGA(Strategy):
 
     def _child(self, t: int, p: int, m: int, a: int, parent: Candidate) -> Proposal:
         """Try `a` of mutation `m` of particle `p` at timestep `t`: a mutant of its position."""
-        genome = from_json(dict(parent.genome))
+        genome = self._parents.get(parent.id)
+        if genome is None:  # parsed once per position, not once per child and attempt
+            genome = self._parents[parent.id] = from_json(dict(parent.genome))
 
         def make(rng: random.Random) -> tuple[Genome, str | None]:
             return self.toolbox.mutate(genome, rng)
