@@ -35,8 +35,8 @@ from .cli import (
     run_command,
 )
 from .evaluation.compare import compare
+from .evaluation.fitness import HORIZONS
 from .evaluation.protocol import Protocol, Seeds
-from .evaluation.sine import HORIZONS
 from .report_table import comparison_text
 from .search.config import DEFAULT_SEEDS
 from .search.funnel import before_of, tuned_baselines

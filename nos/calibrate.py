@@ -39,11 +39,11 @@ from .cli import (
     run_command,
 )
 from .engine import integrity
-from .evaluation.sine import (
+from .evaluation.fitness import (
     SEARCH_LRS,
     AdamReference,
     SearchSetup,
-    SineEvaluator,
+    TaskEvaluator,
     geometric_mean_ratio,
 )
 from .tasks.sine import DEFAULT_CACHE_DIR, SineConfig
@@ -106,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                             ("width", args.sine_width)) if v})
     search = tuple(range(args.search_seeds))
     heldout = tuple(range(500, 500 + args.heldout_seeds))  # disjoint from every default split
-    ev = SineEvaluator(SearchSetup(horizons=HORIZONS, seeds=search + heldout, sine=sine, cache_dir=args.cache_dir),
+    ev = TaskEvaluator(SearchSetup(horizons=HORIZONS, seeds=search + heldout, sine=sine, cache_dir=args.cache_dir),
                        device)
     rng = random.Random(args.seed)
     genomes: list[Genome] = []

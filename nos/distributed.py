@@ -3,7 +3,7 @@
 The run (`nos.search.run.Run`, driving the GA) stays in one coordinator process: it creates, screens
 and deduplicates candidates and decides which children survive. Only the expensive part -- the
 sine-rollout fitness of the candidates that passed the integrity check -- is shipped to Dask
-workers as batches. Each worker rebuilds the batched `SineEvaluator` for the run's `SearchSetup`
+workers as batches. Each worker rebuilds the batched `TaskEvaluator` for the run's `SearchSetup`
 on its own device (once per process: pretrained tasks are reused) and returns plain numbers.
 
 Why Dask: it already knows how to find workers across machines, re-run the tasks of a worker
@@ -31,7 +31,8 @@ import torch
 
 from search_space.genome import Genome, from_json
 
-from .evaluation.sine import AdamReference, Fitness, SearchSetup, SineEvaluator
+from .evaluation.fitness import AdamReference, Fitness, MultiEvaluator, SearchSetup, TaskEvaluator
+from .tasks.registry import is_code, resolve
 from .tasks.sine import SineConfig
 
 log = logging.getLogger(__name__)
@@ -40,12 +41,14 @@ log = logging.getLogger(__name__)
 # whose JSON mentions this op name sleeps forever, as a candidate stuck in a kernel would.
 HANG_ENV = "NOS_TEST_HANG_OP"
 
-_EVALUATORS: dict[tuple[str, str], SineEvaluator] = {}  # per worker process: tasks stay pretrained
+_EVALUATORS: dict[tuple[str, str], TaskEvaluator | MultiEvaluator] = {}  # per worker process: tasks stay pretrained
 
 
 def setup_to_json(setup: SearchSetup) -> dict[str, Any]:
-    """A SearchSetup as plain data (what is sent to workers, and keys their evaluator cache)."""
-    return dataclasses.asdict(setup)
+    """A SearchSetup as plain data (what is sent to workers, and keys their evaluator cache); the
+    family travels as its spec (a worker resolves it; a user's file must be readable there too)."""
+    d = {f.name: getattr(setup, f.name) for f in dataclasses.fields(setup) if f.name != "family"}
+    return {**d, "sine": dataclasses.asdict(setup.sine)}
 
 
 def setup_from_json(d: dict[str, Any]) -> SearchSetup:
@@ -57,8 +60,26 @@ def setup_from_json(d: dict[str, Any]) -> SearchSetup:
     return SearchSetup(
         horizons=tuple(d["horizons"]), lrs=tuple(d["lrs"]), budget_fpe=int(d["budget_fpe"]),
         seeds=tuple(int(x) for x in d["seeds"]), sine=SineConfig(**sine), cache_dir=str(d["cache_dir"]),
-        task=str(d.get("task", "sine")),
+        task=str(d.get("task", "sine")), spec=str(d.get("spec", "sine")),
     )
+
+
+def _evaluator(setup_json: dict[str, Any] | list[dict[str, Any]], device: str) -> TaskEvaluator | MultiEvaluator:
+    """This worker's evaluator of a setup (or of several: a multi-task search), kept between tasks."""
+    key = (json.dumps(setup_json, sort_keys=True), device)
+    if key not in _EVALUATORS:
+        parts = []
+        for d in setup_json if isinstance(setup_json, list) else [setup_json]:
+            setup = setup_from_json(d)
+            if is_code(setup.spec):  # the coordinator's user named this task on its command line
+                resolve(setup.spec, allow_code=True)
+            parts.append(TaskEvaluator(setup, _worker_device(device)))
+        _EVALUATORS[key] = MultiEvaluator(parts) if isinstance(setup_json, list) else parts[0]
+    return _EVALUATORS[key]
+
+
+def _reference(ref: AdamReference) -> AdamReference:
+    return {(float(h), int(s)): (float(v[0]), float(v[1])) for (h, s), v in ref.items()}
 
 
 def _worker_device(device: str) -> torch.device:
@@ -76,20 +97,19 @@ def fitness_from_json(d: dict[str, Any]) -> Fitness:
     return Fitness(d["fitness"], d["lr"], d["evaluations"])
 
 
-def evaluate_batch(setup_json: dict[str, Any], genomes_json: list[dict], adam_ref: AdamReference,
+def evaluate_batch(setup_json: dict[str, Any] | list[dict[str, Any]], genomes_json: list[dict], adam_ref: AdamReference,
                    device: str) -> list[dict[str, Any]]:
     """Dask task: fitness of a batch of genomes on this worker's device, as plain dicts."""
     hang = os.environ.get(HANG_ENV)
     if hang and any(f'"{hang}"' in json.dumps(g) for g in genomes_json):
         while True:  # fault injection (tests only): a candidate that never finishes
             time.sleep(3600)
-    key = (json.dumps(setup_json, sort_keys=True), device)
-    evaluator = _EVALUATORS.get(key)
-    if evaluator is None:
-        evaluator = _EVALUATORS[key] = SineEvaluator(setup_from_json(setup_json), _worker_device(device))
+    evaluator = _evaluator(setup_json, device)
     genomes = [from_json(g) for g in genomes_json]
-    adam = {(float(h), int(s)): (float(v[0]), float(v[1])) for (h, s), v in adam_ref.items()}
-    return [fitness_to_json(f) for f in evaluator.fitness(genomes, adam)]
+    if isinstance(evaluator, MultiEvaluator):
+        multi = {str(t): _reference(r) for t, r in adam_ref.items()}  # type: ignore[arg-type]
+        return [fitness_to_json(f) for f in evaluator.fitness(genomes, multi)]
+    return [fitness_to_json(f) for f in evaluator.fitness(genomes, _reference(adam_ref))]
 
 
 def _executing_keys(dask_worker: Any) -> list[str]:
@@ -104,10 +124,11 @@ class DaskFitness:
     when a worker is seen running it, so queued tasks do not count).
     """
 
-    def __init__(self, client: Any, setup: SearchSetup, device: str = "auto", batch_size: int = 16,
-                 timeout_s: float = 600.0, retries: int = 2, poll_s: float = 0.5) -> None:
+    def __init__(self, client: Any, setup: SearchSetup | Sequence[SearchSetup], device: str = "auto",
+                 batch_size: int = 16, timeout_s: float = 600.0, retries: int = 2, poll_s: float = 0.5) -> None:
         self.client = client
-        self.setup_json = setup_to_json(setup)
+        self.setup_json: dict[str, Any] | list[dict[str, Any]] = (
+            setup_to_json(setup) if isinstance(setup, SearchSetup) else [setup_to_json(s) for s in setup])
         self.device = device
         self.batch_size = max(1, batch_size)
         self.timeout_s = timeout_s

@@ -44,6 +44,7 @@ from .cli import (
     list_of,
     path_arg,
     print_json,
+    render_table,
     resolve_device,
     run_command,
     run_name,
@@ -51,13 +52,17 @@ from .cli import (
     text_arg,
 )
 from .evaluation.compare import Comparison
+from .evaluation.fitness import MultiEvaluator
 from .evaluation.protocol import Seeds
 from .ga.particle import STRATEGIES
 from .report_table import comparison_text
 from .search import PRESETS, Cooperation, Progress, Run, RunError, SearchConfig
 from .search.config import ALGORITHMS, DEFAULT_FIDELITY, DEFAULT_SEEDS
 from .search.funnel import candidate_id
+from .tasks.api import TaskFamily
 from .tasks.budget import describe
+from .tasks.registry import TaskError, is_code
+from .tasks.registry import resolve as resolve_task
 
 log = logging.getLogger("nos.evolve")  # not __name__: it is __main__ under python -m
 
@@ -129,8 +134,16 @@ def _parser() -> ArgumentParser:
                    help="forward-pass equivalents per training run in the cheap stage (the full budget)")
     p.add_argument("--published", action="store_true",
                    help="also tune and report NOS's published optimizers (Opt5, Opt6, Opt7, AdamClip) in the funnel")
+    t = p.add_argument_group("tasks (shipped names: nos evolve --list-tasks; or your own FILE.py:FACTORY / module:factory)")
+    t.add_argument("--task", metavar="SPEC", type=text_arg("--task"),
+                   help="search on one task (sine); a user's task is imported because it is named here")
+    t.add_argument("--tasks", metavar="A,B,...", type=text_arg("--tasks"),
+                   help="search on a mix of tasks: the fitness is the geometric mean over all of them")
+    t.add_argument("--test-tasks", metavar="C,D,...", type=text_arg("--test-tasks"),
+                   help="held-out tasks: reported by the funnel, never read by any choice of champion")
+    t.add_argument("--list-tasks", action="store_true", help="list the shipped tasks and exit")
     p.add_argument("--sine-pretrain-steps", type=bounded_int(1, 1_000_000, "--sine-pretrain-steps"),
-                   help="pretraining steps of the sine MLP (3000)")
+                   help="pretraining steps of the wave tasks' MLP (3000)")
     p.add_argument("--sine-width", type=bounded_int(1, 4096, "--sine-width"), help="hidden width of the sine MLP (64)")
     p.add_argument("--cache-dir", type=path_arg("--cache-dir"), default="runs/cache",
                    help="pretrained-weight cache (runs/cache)")
@@ -191,10 +204,38 @@ def _config(args) -> SearchConfig:
         cfg.sine["pretrain_steps"] = args.sine_pretrain_steps
     if args.sine_width:
         cfg.sine["width"] = args.sine_width
+    families = _named_tasks(args)
+    if families:
+        search = _specs(args.task or args.tasks) if (args.task or args.tasks) else cfg.tasks
+        cfg.tasks, cfg.test_tasks = tuple(search), tuple(_specs(args.test_tasks)) if args.test_tasks else ()
+        cfg.add_task_info({s: f for s, f in families.items() if is_code(s)})
     try:  # the same checks a stored config gets when it is read back
         return SearchConfig.from_json(cfg.to_json())
     except (ValueError, TypeError) as e:
         raise UsageError(f"configuration: {e}") from None
+
+
+def _specs(text: str) -> list[str]:
+    specs = [s.strip() for s in text.split(",")]
+    if not all(specs):
+        raise UsageError(f"expected comma-separated task names, got {text!r}")
+    return specs
+
+
+def _named_tasks(args) -> dict[str, TaskFamily]:
+    """The tasks named by --task / --tasks / --test-tasks, resolved (a user's code imported: the user
+    named it). One line, exit 2, for a bad name, a missing file or factory, a factory that fails."""
+    if args.task and args.tasks:
+        raise UsageError("--task and --tasks: give one (--tasks A,B searches on several)")
+    specs = [*(_specs(args.task) if args.task else []), *(_specs(args.tasks) if args.tasks else []),
+             *(_specs(args.test_tasks) if args.test_tasks else [])]
+    out = {}
+    for spec in specs:
+        try:
+            out[spec] = resolve_task(spec, allow_code=True)
+        except TaskError as e:
+            raise UsageError(str(e)) from None
+    return out
 
 
 class Bar:
@@ -247,6 +288,11 @@ def _stop_on_sigterm() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.list_tasks:
+        from .tasks.registry import listing
+
+        print(render_table(listing(), ["task", "what"]))
+        return 0
     apply_threads(args)
     _stop_on_sigterm()
     if args.scheduler and args.workers:
@@ -265,6 +311,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
     client = cluster = None
     try:
+        if args.resume:
+            _named_tasks(args)  # a user's task named again, so that the resumed run can train on it
         cfg = None if args.resume else _config(args)
         if distributed:
             from .distributed import connect
@@ -292,7 +340,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .distributed import DaskFitness
 
             for stage in run.stages:  # every fidelity stage evaluates on the cluster
-                stage.fitness_fn = DaskFitness(client, stage.evaluator.setup, args.device, args.batch_size, args.timeout)
+                ev = stage.evaluator
+                setups = [e.setup for e in ev.evaluators] if isinstance(ev, MultiEvaluator) else ev.setup
+                stage.fitness_fn = DaskFitness(client, setups, args.device, args.batch_size, args.timeout)
         log.info(f"run {run.name!r} (id {run.id}) -> {store.url}")
         return _search(run, bar, args.format)
     finally:

@@ -49,8 +49,8 @@ from .cli import (  # noqa: E402
 )
 from .engine.trainer import train  # noqa: E402
 from .evaluation.compare import Comparison, MethodResult, method_label  # noqa: E402
+from .evaluation.fitness import TaskEvaluator  # noqa: E402
 from .evaluation.protocol import BEFORE, baseline_genome  # noqa: E402
-from .evaluation.sine import SineEvaluator  # noqa: E402
 from .report_table import comparison_text  # noqa: E402
 from .search import SearchConfig  # noqa: E402
 from .search.diagnostics import diagnostics  # noqa: E402
@@ -58,6 +58,7 @@ from .search.funnel import candidate_id, candidate_name, comparison  # noqa: E40
 from .search.metrics import duplicate_rate, integrity_pass_rate  # noqa: E402
 from .tasks.budget import describe, randopt_population  # noqa: E402
 from .tasks.randopt import DEFAULT_TOP_K, randopt  # noqa: E402
+from .tasks.sine import SineTask  # noqa: E402
 
 log = logging.getLogger("nos.report")  # not __name__: it is __main__ under python -m
 
@@ -344,7 +345,7 @@ class Rollouts:
     curves: dict[str, tuple[str, torch.Tensor | None, float | None]]  # key -> (label, [n - k], MSE)
 
 
-def rollouts(data: RunData, evaluator: SineEvaluator, horizon: float, seed: int) -> Rollouts:
+def rollouts(data: RunData, evaluator: TaskEvaluator, horizon: float, seed: int) -> Rollouts:
     """Retrain as the funnel did (same task, seed, budget, validated lr / sigma / layers) and roll
     out: the champion, tuned Adam, tuned RandOpt, and the pretrained net as it is. This is the
     only place the report trains anything: the numbers themselves are read from the database."""
@@ -352,6 +353,8 @@ def rollouts(data: RunData, evaluator: SineEvaluator, horizon: float, seed: int)
     assert best is not None and cmp is not None
     name = candidate_name(best["id"])
     task = evaluator.task(horizon, pretrain_seed=seed, target_seed=seed)
+    if not isinstance(task, SineTask):
+        raise ValueError("rollouts are drawn for the wave tasks only")
     champ, adam, ro = (cmp.result(m, horizon) for m in (name, "adam", "randopt"))
     gradient = [(key, r, g) for key, r, g in (("best", champ, from_json(best["genome"])),
                                               ("adam", adam, baseline_genome("adam")))

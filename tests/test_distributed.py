@@ -71,13 +71,13 @@ def test_killed_worker_loses_nothing(tmp_path: Path) -> None:
     from distributed import Client, LocalCluster
 
     from nos.distributed import DaskFitness, _executing_keys
-    from nos.evaluation.sine import SearchSetup, SineEvaluator
+    from nos.evaluation.fitness import SearchSetup, TaskEvaluator
     from nos.tasks.sine import SineConfig
     from search_space.mutation import random_genome
 
     setup = SearchSetup(horizons=(1.0,), budget_fpe=300, sine=SineConfig(width=16, pretrain_steps=150),
                         cache_dir=str(tmp_path / "cache"))
-    local = SineEvaluator(setup, "cpu")
+    local = TaskEvaluator(setup, "cpu")
     adam = local.adam_reference()
     genomes = [random_genome(random.Random(f"kill:{i}")) for i in range(12)]
     expected = [local.fitness([g], adam)[0] for g in genomes]

@@ -18,7 +18,7 @@ import torch
 from db.store import Store
 from nos.evaluation.compare import compare
 from nos.evaluation.protocol import Protocol, Row, Seeds, baseline_genome, choose
-from nos.evaluation.sine import SearchSetup, SineEvaluator
+from nos.evaluation.fitness import SearchSetup, TaskEvaluator
 from nos.evaluation.stats import settle, summarize, versus
 from nos.search import SearchConfig
 from nos.search.funnel import before_of, stored_candidate_rows
@@ -162,9 +162,15 @@ def test_compare_json_follows_the_contract(two_runs) -> None:
     assert all(len(m["per_seed"]) == 6 for m in doc["methods"])
     v = doc["versus"][0]
     assert {"candidate", "baseline", "horizon", "gmean_ratio", "ci_low", "ci_high", "wins", "n", "p_value"} <= set(v)
+    assert all(m["task"] == "sine" for m in doc["methods"])
+    horizons = {m["horizon"] for m in doc["methods"]}
     for v in doc["versus"]:
-        assert v["ci_low"] <= v["gmean_ratio"] <= v["ci_high"] and v["n"] == 6
+        # per (task, horizon): 6 test seeds; the aggregate over the task's horizons pools them all
+        n = 6 if v["task"] == "sine" else 6 * len(horizons)
+        assert v["task"] in ("sine", "all") and (v["horizon"] is None) == (v["task"] == "all")
+        assert v["ci_low"] <= v["gmean_ratio"] <= v["ci_high"] and v["n"] == n
         assert (v["verdict"] == "wins") == (v["ci_high"] < 1)
+    assert any(v["task"] == "all" for v in doc["versus"])
     table = subprocess.run([sys.executable, "-m", "nos.query", "compare", "first", "--db", str(db)], cwd=ROOT,
                            capture_output=True, text=True, timeout=120).stdout
     assert "Adam + clip + warmup-cosine" in table and "95% bootstrap CI" in table
@@ -230,7 +236,7 @@ def test_loss_does_not_depend_on_batch_companions(tmp_path: Path, horizon: float
     """The same (genome, lr, seed) alone, in a batch of 5, and in a batch of 25 with two seeds
     stacked: the same loss to 1e-6 relative."""
     setup = SearchSetup(budget_fpe=30, seeds=(3,), sine=SineConfig(pretrain_steps=50, width=8), cache_dir=str(tmp_path))
-    ev = SineEvaluator(setup, "cpu")
+    ev = TaskEvaluator(setup, "cpu")
     import random
     others = [random_genome(random.Random(i)) for i in range(12)]
     adam, task, task2 = builtin("adam"), ev.task(horizon, 3, 3), ev.task(horizon, 4, 4)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nos.evaluation.sine import Fitness
+from nos.evaluation.fitness import Fitness
 from nos.ga.particle import ParticleGA, RandomSearch
 from nos.search import Candidate, SearchConfig
 from nos.search.judge import Stage, staged_fitness

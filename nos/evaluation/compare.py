@@ -25,7 +25,7 @@ from .protocol import (
     best_randopt,
     choose,
 )
-from .stats import Versus, gmean, settle, summarize, versus
+from .stats import Versus, gmean, settle, stratified_versus, summarize, versus
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,7 @@ class MethodResult:
     diverged: int
     variant: str | None = None  # RandOpt's chosen layers ("all", "first", ...)
     validation_score: float | None = None  # geometric mean over validation seeds at the choice
+    task: str = "sine"  # the task family's name
 
     def json(self) -> dict[str, Any]:
         return asdict(self)
@@ -51,8 +52,9 @@ class MethodResult:
 class VersusRow:
     candidate: str
     baseline: str
-    horizon: float
+    horizon: float | None  # None: an aggregate over every horizon of its task(s)
     stats: Versus
+    task: str = "sine"  # a task's name, or AGGREGATE / the test tasks joined by "," (aggregates)
 
     @property
     def verdict(self) -> str:
@@ -60,42 +62,61 @@ class VersusRow:
 
     def json(self) -> dict[str, Any]:
         s = self.stats
-        return {"candidate": self.candidate, "baseline": self.baseline, "horizon": self.horizon,
+        return {"task": self.task, "candidate": self.candidate, "baseline": self.baseline, "horizon": self.horizon,
                 "gmean_ratio": s.gmean_ratio, "ci_low": s.ci_low, "ci_high": s.ci_high, "wins": s.wins,
                 "n": s.n, "p_value": s.p_value, "verdict": s.verdict}
+
+
+AGGREGATE = "all"  # the task of aggregate rows over every task (and horizon) of a run
 
 
 @dataclass
 class Comparison:
     seeds: Seeds
-    horizons: tuple[float, ...]
+    horizons: tuple[float, ...]  # the first task's (every task's: `task_horizons`)
     methods: list[MethodResult] = field(default_factory=list)
-    versus: list[VersusRow] = field(default_factory=list)
+    versus: list[VersusRow] = field(default_factory=list)  # per task and horizon
     candidates: tuple[str, ...] = ()
     champion: str | None = None
     validation_scores: dict[str, float] = field(default_factory=dict)
+    task: str = "sine"  # the first task
+    task_horizons: dict[str, tuple[float, ...]] = field(default_factory=dict)  # task -> its horizons
+    search_tasks: tuple[str, ...] = ("sine",)
+    test_tasks: tuple[str, ...] = ()
+    aggregate: list[VersusRow] = field(default_factory=list)  # over tasks x horizons x seeds
 
-    def result(self, method: str, horizon: float) -> MethodResult | None:
-        return next((m for m in self.methods if m.method == method and m.horizon == horizon), None)
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return (*self.search_tasks, *self.test_tasks)
 
-    def verdicts(self, candidate: str) -> dict[float, dict[str, str]]:
-        """horizon -> baseline -> wins / ties / loses."""
+    def result(self, method: str, horizon: float, task: str | None = None) -> MethodResult | None:
+        task = task or self.task
+        return next((m for m in self.methods if m.method == method and m.horizon == horizon and m.task == task), None)
+
+    def verdicts(self, candidate: str, task: str | None = None) -> dict[float, dict[str, str]]:
+        """horizon -> baseline -> wins / ties / loses (on one task: the first by default)."""
+        task = task or self.task
         out: dict[float, dict[str, str]] = {}
         for v in self.versus:
-            if v.candidate == candidate:
+            if v.candidate == candidate and v.task == task and v.horizon is not None:
                 out.setdefault(v.horizon, {})[v.baseline] = v.verdict
         return out
 
-    def beats_all(self, candidate: str) -> dict[float, bool]:
+    def beats_all(self, candidate: str, task: str | None = None) -> dict[float, bool]:
         """horizon -> does the candidate win (CI upper end < 1) against every baseline?"""
-        return {h: bool(vs) and all(x == "wins" for x in vs.values()) for h, vs in self.verdicts(candidate).items()}
+        return {h: bool(vs) and all(x == "wins" for x in vs.values())
+                for h, vs in self.verdicts(candidate, task).items()}
 
     def json(self, run: str | None = None) -> dict[str, Any]:
         return {"run": run, "seeds": {"search": list(self.seeds.search), "validation": list(self.seeds.validation),
                                       "test": list(self.seeds.test)},
-                "horizons": list(self.horizons), "candidates": list(self.candidates), "champion": self.champion,
+                "tasks": {"search": list(self.search_tasks), "test": list(self.test_tasks)},
+                "horizons": list(self.horizons),
+                "task_horizons": {t: list(hs) for t, hs in self.task_horizons.items()},
+                "candidates": list(self.candidates), "champion": self.champion,
                 "validation_scores": self.validation_scores,
-                "methods": [m.json() for m in self.methods], "versus": [v.json() for v in self.versus]}
+                "methods": [m.json() for m in self.methods],
+                "versus": [v.json() for v in (*self.versus, *self.aggregate)]}
 
 
 def validation_scores(choices: Mapping[tuple[str, float], Choice], candidates: Sequence[str],
@@ -116,10 +137,12 @@ def champion(scores: Mapping[str, float]) -> str | None:
 
 
 def compare(rows: Sequence[Row], before: Mapping[tuple[float, int], float], seeds: Seeds,
-            horizons: Sequence[float], candidates: Sequence[str] = (), bootstrap_seed: int = 0) -> Comparison:
-    """The comparison from stored rows: choices on validation, numbers on test."""
+            horizons: Sequence[float], candidates: Sequence[str] = (), bootstrap_seed: int = 0,
+            task: str = "sine") -> Comparison:
+    """The comparison on one task from stored rows: choices on validation, numbers on test."""
     choices = choose(rows, before)
-    out = Comparison(seeds, tuple(horizons), candidates=tuple(candidates))
+    out = Comparison(seeds, tuple(horizons), candidates=tuple(candidates), task=task,
+                     task_horizons={task: tuple(horizons)}, search_tasks=(task,))
     out.validation_scores = validation_scores(choices, candidates, horizons)
     out.champion = champion(out.validation_scores)
     test = {(r.method, r.horizon, r.hparam, r.seed): r.loss for r in rows if r.split == "test"}
@@ -127,7 +150,8 @@ def compare(rows: Sequence[Row], before: Mapping[tuple[float, int], float], seed
         fallback = [before[(h, s)] for s in seeds.test]
         settled: dict[str, list[float]] = {}
         bsum = summarize(fallback)
-        out.methods.append(MethodResult(BEFORE, h, None, tuple(fallback), bsum.median, bsum.gmean, bsum.log_std, 0))
+        out.methods.append(MethodResult(BEFORE, h, None, tuple(fallback), bsum.median, bsum.gmean, bsum.log_std, 0,
+                                        task=task))
         picks: list[tuple[str, Choice | None, str | None]] = [(m, choices.get((m, h)), None) for m in BASELINES[:-1]]
         ro = best_randopt(choices, h)
         picks.append(("randopt", ro, ro.method[len("randopt_"):] if ro else None))
@@ -143,11 +167,67 @@ def compare(rows: Sequence[Row], before: Mapping[tuple[float, int], float], seed
             settled[name] = losses
             summ = summarize(losses)
             out.methods.append(MethodResult(name, h, choice.hparam, raw, summ.median, summ.gmean, summ.log_std,
-                                            diverged, variant, choice.score))
+                                            diverged, variant, choice.score, task))
         for c in candidates:
             for b in BASELINES:
                 if c in settled and b in settled:
-                    out.versus.append(VersusRow(c, b, h, versus(settled[c], settled[b], seed=bootstrap_seed)))
+                    out.versus.append(VersusRow(c, b, h, versus(settled[c], settled[b], seed=bootstrap_seed), task))
+    out.aggregate = _aggregate(out, (task,), AGGREGATE, bootstrap_seed)
+    return out
+
+
+def _settled(cmp: Comparison, method: str, task: str, horizon: float) -> list[float] | None:
+    """A method's test losses on one task and horizon, diverged runs settled as `compare` does."""
+    res, before = cmp.result(method, horizon, task), cmp.result(BEFORE, horizon, task)
+    if res is None or before is None:
+        return None
+    return settle(res.per_seed, [float(x) for x in before.per_seed if x is not None])[0]
+
+
+def _strata(cmp: Comparison, c: str, b: str, tasks: Sequence[str]) -> list[tuple[list[float], list[float]]] | None:
+    """(candidate, baseline) test losses per (task, horizon); None if any is missing."""
+    strata = []
+    for t in tasks:
+        for h in cmp.task_horizons.get(t, ()):
+            cs, bs = _settled(cmp, c, t, h), _settled(cmp, b, t, h)
+            if cs is None or bs is None:
+                return None
+            strata.append((cs, bs))
+    return strata or None
+
+
+def _aggregate(cmp: Comparison, tasks: Sequence[str], label: str, bootstrap_seed: int) -> list[VersusRow]:
+    """Each candidate against each baseline over every (task, horizon) of `tasks` x test seeds."""
+    out = []
+    for c in cmp.candidates:
+        for b in BASELINES:
+            strata = _strata(cmp, c, b, tasks)
+            if strata is not None:
+                out.append(VersusRow(c, b, None, stratified_versus(strata, seed=bootstrap_seed), label))
+    return out
+
+
+def combine(per_task: Sequence[Comparison], search_tasks: Sequence[str], test_tasks: Sequence[str],
+            bootstrap_seed: int = 0) -> Comparison:
+    """One comparison from per-task ones: every task's rows, aggregates over all tasks (task
+    AGGREGATE) and over the test tasks (their names joined by ","), and the champion chosen on the
+    search tasks' validation scores alone (their geometric mean): test tasks never enter a choice."""
+    first = per_task[0]
+    if len(per_task) == 1 and not test_tasks:
+        return first
+    out = Comparison(first.seeds, first.horizons, candidates=first.candidates, task=first.task,
+                     search_tasks=tuple(search_tasks), test_tasks=tuple(test_tasks))
+    for cmp in per_task:
+        out.methods += cmp.methods
+        out.versus += cmp.versus
+        out.task_horizons.update(cmp.task_horizons)
+    by_task = {cmp.task: cmp.validation_scores for cmp in per_task}
+    out.validation_scores = {c: gmean([by_task[t][c] for t in search_tasks]) for c in first.candidates
+                             if all(c in by_task.get(t, {}) for t in search_tasks)}
+    out.champion = champion(out.validation_scores)
+    out.aggregate = _aggregate(out, out.tasks, AGGREGATE, bootstrap_seed)
+    if test_tasks:
+        out.aggregate += _aggregate(out, test_tasks, ",".join(test_tasks), bootstrap_seed)
     return out
 
 

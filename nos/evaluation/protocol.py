@@ -1,12 +1,17 @@
 """The evaluation protocol: disjoint seed splits, tuned baselines, choices on validation only.
 
-A run has three disjoint sets of (pretraining seed, target seed) pairs -- here seed s means the
-network pretrained with seed s, fine-tuned on the target trajectory of seed s:
+A protocol belongs to one task family (`nos.tasks.api`; variants are called horizons here, after
+the sine task's t_max). A run has three disjoint sets of instance seeds -- for the wave tasks seed s
+means the network pretrained with seed s, fine-tuned on the target trajectory of seed s:
 
-- *search* seeds give the fitness (`nos.evaluation.sine.SineEvaluator.fitness`);
+- *search* seeds give the fitness (`nos.evaluation.fitness.TaskEvaluator.fitness`);
 - *validation* seeds make every choice: each method's lr / sigma / RandOpt layer variant per
   horizon, and the champion among the funnel's candidates;
 - *test* seeds are only reported: each method runs once per horizon at its validated choice.
+
+A search on several tasks has one protocol per task; its *test tasks* get the same treatment as
+any task (every method's lr chosen on that task's validation seeds), but no choice of champion
+ever reads them (`nos.search.funnel`).
 
 The baselines (Adam, Adam + clip 1.0, and both with linear warmup + cosine decay, a schedule the
 search space itself can express; RandOpt with its layer variant chosen too) are tuned exactly like
@@ -18,6 +23,7 @@ once per protocol key and reused (see `nos.search.baselines_cache`).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Callable, Mapping, Sequence
@@ -28,10 +34,12 @@ import torch
 from search_space.builtins import builtin
 from search_space.genome import Genome
 
+from ..tasks.api import TaskFamily
 from ..tasks.budget import randopt_population
 from ..tasks.randopt import DEFAULT_TOP_K, randopt
+from ..tasks.registry import WAVES
 from ..tasks.sine import DEFAULT_CACHE_DIR, SineConfig
-from .sine import HORIZONS, LR_GRID, SIGMAS, SearchSetup, SineEvaluator, _finite
+from .fitness import HORIZONS, LR_GRID, SIGMAS, SearchSetup, TaskEvaluator, _finite
 from .stats import gmean, settle
 
 SPLITS = ("search", "validation", "test")
@@ -102,7 +110,10 @@ class Seeds:
 
 @dataclass(frozen=True)
 class Protocol:
-    """Everything a baseline result depends on (and nothing else)."""
+    """Everything a baseline result depends on (and nothing else).
+
+    `spec` names the task family (the sine task by default; `sine` holds the wave families'
+    knobs); `family` may carry it resolved (`Protocol.of` fills the grids from the family)."""
 
     sine: SineConfig
     seeds: Seeds
@@ -113,20 +124,45 @@ class Protocol:
     randopt_layers: tuple[str, ...] = RANDOPT_LAYERS
     top_k: int = DEFAULT_TOP_K
     cache_dir: str = field(default=DEFAULT_CACHE_DIR, compare=False)  # where, not what
+    spec: str = "sine"
+    identity: str = ""  # the family's identity (a non-wave task's key); "" = resolve the family
+    name: str = ""  # the family's name (the `task` of its rows); "" = resolve the family
+    family: TaskFamily | None = field(default=None, compare=False, repr=False)
+
+    @classmethod
+    def of(cls, family: TaskFamily, spec: str, seeds: Seeds, budget_fpe: int, cache_dir: str = DEFAULT_CACHE_DIR,
+           horizons: tuple[float, ...] | None = None, sine: SineConfig | None = None) -> Protocol:
+        """The protocol of a family: its variants (or `horizons`), lr grid, sigmas and layers."""
+        return cls(sine=sine or SineConfig(), seeds=seeds, horizons=horizons or family.variants,
+                   budget_fpe=budget_fpe, lrs=family.lr_grid, sigmas=family.sigmas,
+                   randopt_layers=family.randopt_layers(), cache_dir=cache_dir, spec=spec,
+                   identity=family.identity(), name=family.name, family=family)
+
+    @property
+    def task(self) -> str:
+        """The `task` of this protocol's stored rows: the family's name ("sine")."""
+        return self.spec if self.spec in WAVES else self.name or self.setup().resolved().name
 
     def key(self, split: str) -> str:
         """Identifies the baseline results of one split ("validation" or "test"): equal keys,
         equal numbers. Search seeds never enter: baselines do not depend on them."""
         # test rows are run at the choices made on validation: their key covers both seed sets
         seeds = [*self.seeds.validation, "|", *self.seeds.test] if split == "test" else list(self.seeds.of(split))
-        doc = {"version": PROTOCOL_VERSION, "sine": self.sine.key(), "seeds": seeds,
+        # a wave task is named by its pretraining config's key (the sine task's keys predate the
+        # task API and stay valid); any other family by its identity
+        task = ({"sine": dataclasses.replace(self.sine, wave=self.spec).key()} if self.spec in WAVES
+                else {"task": self.identity or self.setup().resolved().identity()})
+        doc = {"version": PROTOCOL_VERSION, **task, "seeds": seeds,
                "horizons": list(self.horizons), "budget_fpe": self.budget_fpe, "lrs": list(self.lrs),
                "sigmas": list(self.sigmas), "layers": list(self.randopt_layers), "top_k": self.top_k}
         return f"{split}:" + hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
-    def evaluator(self, device: torch.device | str = "cpu") -> SineEvaluator:
-        return SineEvaluator(SearchSetup(horizons=self.horizons, lrs=self.lrs, budget_fpe=self.budget_fpe,
-                                         sine=self.sine, cache_dir=self.cache_dir), device)
+    def setup(self) -> SearchSetup:
+        return SearchSetup(horizons=self.horizons, lrs=self.lrs, budget_fpe=self.budget_fpe, sine=self.sine,
+                           cache_dir=self.cache_dir, task=self.task, spec=self.spec, family=self.family)
+
+    def evaluator(self, device: torch.device | str = "cpu") -> TaskEvaluator:
+        return TaskEvaluator(self.setup(), device)
 
 
 # ------------------------------------------------------------------------------- results
@@ -185,8 +221,8 @@ def best_randopt(choices: Mapping[tuple[str, float], Choice], horizon: float) ->
 Progress = Callable[[str], None]
 
 
-def before_losses(evaluator: SineEvaluator, horizons: Sequence[float], seeds: Sequence[int]) -> dict[tuple[float, int], float]:
-    """The pretrained network's loss (no fine-tuning) per (horizon, seed)."""
+def before_losses(evaluator: TaskEvaluator, horizons: Sequence[float], seeds: Sequence[int]) -> dict[tuple[float, int], float]:
+    """The initial parameters' loss (for the waves: the pretrained network's) per (horizon, seed)."""
     out = {}
     for h in horizons:
         for s in seeds:
@@ -196,7 +232,7 @@ def before_losses(evaluator: SineEvaluator, horizons: Sequence[float], seeds: Se
     return out
 
 
-def gradient_rows(evaluator: SineEvaluator, methods: Mapping[str, Genome], horizon: float,
+def gradient_rows(evaluator: TaskEvaluator, methods: Mapping[str, Genome], horizon: float,
                   seeds: Sequence[int], lrs: Mapping[str, Sequence[float]], split: str) -> list[Row]:
     """Train every method at each of its lrs on every seed (one stacked batch per horizon)."""
     names = list(methods)
@@ -214,7 +250,7 @@ def gradient_rows(evaluator: SineEvaluator, methods: Mapping[str, Genome], horiz
     return rows
 
 
-def randopt_rows(evaluator: SineEvaluator, protocol: Protocol, horizon: float, seeds: Sequence[int],
+def randopt_rows(evaluator: TaskEvaluator, protocol: Protocol, horizon: float, seeds: Sequence[int],
                  variants: Mapping[str, Sequence[float]], split: str) -> list[Row]:
     """RandOpt with each layer variant at each of its sigmas (all sigmas share the draws)."""
     n = randopt_population(protocol.budget_fpe)
@@ -228,7 +264,7 @@ def randopt_rows(evaluator: SineEvaluator, protocol: Protocol, horizon: float, s
     return rows
 
 
-def validation_baselines(protocol: Protocol, evaluator: SineEvaluator, progress: Progress | None = None,
+def validation_baselines(protocol: Protocol, evaluator: TaskEvaluator, progress: Progress | None = None,
                          gradient: Sequence[str] = GRADIENT_BASELINES, with_randopt: bool = True) -> list[Row]:
     """Every baseline at every grid value on the validation seeds, at every horizon."""
     seeds = protocol.seeds.validation
@@ -245,7 +281,7 @@ def validation_baselines(protocol: Protocol, evaluator: SineEvaluator, progress:
     return rows
 
 
-def test_baselines(protocol: Protocol, evaluator: SineEvaluator, choices: Mapping[tuple[str, float], Choice],
+def test_baselines(protocol: Protocol, evaluator: TaskEvaluator, choices: Mapping[tuple[str, float], Choice],
                    progress: Progress | None = None, gradient: Sequence[str] = GRADIENT_BASELINES,
                    with_randopt: bool = True) -> list[Row]:
     """Each baseline once per horizon on the test seeds, at its validated choice."""

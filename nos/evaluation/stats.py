@@ -102,3 +102,26 @@ def versus(candidate: Sequence[float], baseline: Sequence[float], seed: int = 0)
     else:
         p = float(stats.wilcoxon(_logs(candidate), _logs(baseline)).pvalue)
     return Versus(ratio, lo, hi, int(np.sum(d < 0)), len(d), p)
+
+
+def stratified_versus(strata: Sequence[tuple[Sequence[float], Sequence[float]]], seed: int = 0) -> Versus:
+    """Paired comparison pooled over strata (e.g. every task x horizon), each stratum weighing alike.
+
+    The ratio is exp(mean over strata of the stratum's mean log ratio); its 95% interval is the
+    percentile interval of a *stratified* bootstrap (seeds resampled within each stratum, as
+    rliable does over tasks: Agarwal et al., 2021); wins and n count every (stratum, seed) pair, and
+    the Wilcoxon p-value is over all of them."""
+    diffs = [_logs(c) - _logs(b) for c, b in strata if len(c) == len(b) and len(c)]
+    if not diffs or len(diffs) != len(strata):
+        raise ValueError("every stratum needs the same, non-zero number of seeds for both methods")
+    point = float(np.mean([d.mean() for d in diffs]))
+    rng = np.random.default_rng(seed)
+    boot = np.zeros(N_RESAMPLES)
+    for d in diffs:
+        boot += d[rng.integers(0, len(d), size=(N_RESAMPLES, len(d)))].mean(axis=1)
+    boot /= len(diffs)
+    alpha = (1 - CONFIDENCE) / 2
+    lo, hi = (float(np.exp(q)) for q in np.quantile(boot, [alpha, 1 - alpha]))
+    pooled = np.concatenate(diffs)
+    p = 1.0 if np.all(pooled == 0) else float(stats.wilcoxon(pooled).pvalue)
+    return Versus(float(np.exp(point)), lo, hi, int(np.sum(pooled < 0)), len(pooled), p)

@@ -10,9 +10,11 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from ..evaluation.fitness import HORIZONS, SEARCH_LRS, SearchSetup
 from ..evaluation.protocol import Protocol, Seeds
-from ..evaluation.sine import HORIZONS, SEARCH_LRS, SearchSetup
+from ..tasks.api import TaskFamily
 from ..tasks.budget import DEFAULT_BUDGET_FPE, gradient_steps
+from ..tasks.registry import WAVES, TaskError, check_spec, is_shipped, resolve
 from ..tasks.sine import DEFAULT_CACHE_DIR, SineConfig
 
 # Defaults by measurement (README, "Evaluation protocol"): 2 search seeds, 3 validation, 10 test
@@ -29,6 +31,8 @@ MAX_INT = 2**63 - 1
 
 def _same_kind(want: Any, value: Any) -> bool:
     """Does a stored `value` have the kind of the default `want`?"""
+    if isinstance(want, tuple) and not want:  # an empty default: a list of names (test_tasks)
+        return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
     if isinstance(want, tuple):
         return isinstance(value, (list, tuple)) and bool(value) and all(_same_kind(want[0], v) for v in value)
     if isinstance(want, (bool, str, dict)):
@@ -75,6 +79,14 @@ class SearchConfig:
     # (`nos evolve` turns DEFAULT_FIDELITY on unless --promote 1; a config built in code has one stage)
     fidelity: dict[str, Any] | None = None
     published: bool = False  # also tune and report NOS's published optimizers in the funnel
+    # The tasks (`nos.tasks.registry` specs): the search mix, and held-out test tasks that no choice
+    # ever reads. `horizons`, `lrs` and `heldout_horizons` above are the wave tasks' (t_max); every
+    # other family brings its own variants and grids. `task_info` snapshots the contract (identity,
+    # variants, grids) of a user's task when the run is created, so that query, report and export
+    # know it without importing its code, and a resume can check the code is the same.
+    tasks: tuple[str, ...] = ("sine",)
+    test_tasks: tuple[str, ...] = ()
+    task_info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def total_steps(self) -> int:
@@ -89,7 +101,8 @@ class SearchConfig:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> SearchConfig:
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        for k in ("horizons", "lrs", "search_seeds", "validation_seeds", "test_seeds", "heldout_horizons"):
+        for k in ("horizons", "lrs", "search_seeds", "validation_seeds", "test_seeds", "heldout_horizons",
+                  "tasks", "test_tasks"):
             if k in known:
                 known[k] = tuple(known[k])
         return cls(**known)
@@ -111,8 +124,8 @@ class SearchConfig:
                 raise ValueError(f"its stored config has a bad {key!r}: {json.dumps(value)[:60]!r}")
         try:
             cfg = cls.from_json(raw)
-            cfg.protocol()  # the sine task and the seed sets it names are valid too
-            cfg.stage_setups()
+            for spec in cfg.all_tasks:
+                cfg.protocol(spec)  # the task, its stored contract and the seed sets are valid too
             return cfg
         except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as e:
             raise ValueError(f"its stored config is not usable ({str(e)[:120]})") from None
@@ -120,6 +133,15 @@ class SearchConfig:
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm: one of {', '.join(ALGORITHMS)}")
+        if not self.tasks:
+            raise ValueError("tasks: at least one search task")
+        for spec in self.all_tasks:
+            check_spec(spec)
+        if len(set(self.all_tasks)) != len(self.all_tasks):
+            raise ValueError("a task appears twice among the search and test tasks")
+        names = [self.task_name(spec) for spec in self.all_tasks if spec in self.task_info or is_shipped(spec)]
+        if len(set(names)) != len(names):
+            raise ValueError(f"two tasks share a name ({', '.join(names)}): rows could not tell them apart")
         self.seeds()  # disjoint and non-empty, or ValueError
         if self.fidelity:
             f = self.fidelity
@@ -132,29 +154,89 @@ class SearchConfig:
     def seeds(self) -> Seeds:
         return Seeds(tuple(self.search_seeds), tuple(self.validation_seeds), tuple(self.test_seeds))
 
-    def setup(self) -> SearchSetup:
-        """The search objective: search horizons and seeds, the search lr grid, the budget."""
+    # ------------------------------------------------------------------ tasks
+    @property
+    def all_tasks(self) -> tuple[str, ...]:
+        """Search tasks, then test tasks."""
+        return (*self.tasks, *self.test_tasks)
+
+    def family(self, spec: str) -> TaskFamily:
+        """The family of one of the run's tasks (a user's code only if named in this process)."""
+        return resolve(spec, self.sine)
+
+    def _info(self, family: TaskFamily, spec: str) -> dict[str, Any]:
+        """The contract of a task as this run uses it (stored in `task_info`)."""
+        wave = spec in WAVES
+        return {"identity": family.identity(), "name": family.name, "variant_label": family.variant_label,
+                "search_variants": list(self.horizons if wave else family.default_search_variants()),
+                "variants": list(self.heldout_horizons if wave else family.variants),
+                "search_lrs": list(self.lrs if wave else family.search_lrs), "lr_grid": list(family.lr_grid),
+                "sigmas": list(family.sigmas), "randopt_layers": list(family.randopt_layers())}
+
+    def add_task_info(self, families: dict[str, TaskFamily]) -> None:
+        """Snapshot the contract of tasks given as resolved families (a user's own, from the CLI)."""
+        for spec, fam in families.items():
+            if spec in self.all_tasks:
+                self.task_info[spec] = self._info(fam, spec)
+
+    def check_task_code(self) -> None:
+        """On resume: every task resolves (a user's file named again) and is what the run used."""
+        for spec in self.all_tasks:
+            live = self._info(self.family(spec), spec)
+            if live["identity"] != self.info(spec)["identity"]:
+                raise TaskError(f"task {spec!r} is now {live['identity']}, but the run used "
+                                f"{self.info(spec)['identity']}: its code or configuration changed")
+
+    def info(self, spec: str) -> dict[str, Any]:
+        """A task's contract: the stored snapshot (a user's task), else the shipped family's now."""
+        if spec not in self.task_info and is_shipped(spec):
+            return self._info(self.family(spec), spec)
+        if spec not in self.task_info:
+            raise TaskError(f"task {spec!r} is user code; name it on the command line (--task {spec})")
+        info = self.task_info[spec]
+        if not isinstance(info, dict) or not {"identity", "name", "search_variants", "variants", "search_lrs",
+                                              "lr_grid", "sigmas", "randopt_layers"} <= set(info):
+            raise ValueError(f"task_info of {spec!r} is incomplete")
+        return info
+
+    def task_name(self, spec: str) -> str:
+        """The `task` of this task's evaluation rows (its family's name)."""
+        return str(self.info(spec)["name"])
+
+    def setup(self, spec: str | None = None) -> SearchSetup:
+        """The search objective on one task: its search variants and seeds, lr grid, the budget."""
+        spec = spec or self.tasks[0]
+        info = self.info(spec)
         return SearchSetup(
-            horizons=self.horizons,
-            lrs=self.lrs,
+            horizons=tuple(float(v) for v in info["search_variants"]),
+            lrs=tuple(float(v) for v in info["search_lrs"]),
             budget_fpe=self.budget_fpe,
             seeds=tuple(self.search_seeds),
             sine=SineConfig(**self.sine),
             cache_dir=self.cache_dir,
+            task=self.task_name(spec),
+            spec=spec,
         )
 
-    def stage_setups(self) -> list[tuple[SearchSetup, float]]:
-        """(setup, promoted fraction) per fidelity stage, the full search fitness last."""
-        full = self.setup()
+    def stage_setups(self) -> list[tuple[list[SearchSetup], float]]:
+        """(one setup per search task, promoted fraction) per fidelity stage, the full fitness last.
+        A cheap stage uses the fidelity's horizons on wave tasks, the shortest search variant on others."""
+        full = [self.setup(spec) for spec in self.tasks]
         if not self.fidelity:
             return [(full, 1.0)]
         f = self.fidelity
-        cheap = replace(full, seeds=tuple(self.search_seeds[: int(f["seeds"])]),
-                        horizons=tuple(float(h) for h in f["horizons"]), budget_fpe=int(f["budget_fpe"]),
-                        task="sine_cheap")
+        cheap = [replace(s, seeds=tuple(self.search_seeds[: int(f["seeds"])]),
+                         horizons=tuple(float(h) for h in f["horizons"]) if s.spec in WAVES else (min(s.horizons),),
+                         budget_fpe=int(f["budget_fpe"]), task=f"{s.task}_cheap") for s in full]
         return [(cheap, float(f["promote"])), (full, 1.0)]
 
-    def protocol(self) -> Protocol:
-        """The held-out protocol: validation and test seeds, all horizons, tuned baselines."""
-        return Protocol(sine=SineConfig(**self.sine), seeds=self.seeds(), horizons=tuple(self.heldout_horizons),
-                        budget_fpe=self.budget_fpe, cache_dir=self.cache_dir)
+    def protocol(self, spec: str | None = None) -> Protocol:
+        """The held-out protocol of one task: validation and test seeds, all its variants, the tuned
+        baselines (on the first search task unless `spec` names another)."""
+        spec = spec or self.tasks[0]
+        info = self.info(spec)
+        return Protocol(sine=SineConfig(**self.sine), seeds=self.seeds(),
+                        horizons=tuple(float(v) for v in info["variants"]), budget_fpe=self.budget_fpe,
+                        lrs=tuple(float(v) for v in info["lr_grid"]), sigmas=tuple(float(v) for v in info["sigmas"]),
+                        randopt_layers=tuple(str(v) for v in info["randopt_layers"]), cache_dir=self.cache_dir,
+                        spec=spec, identity=str(info["identity"]), name=self.task_name(spec))

@@ -7,9 +7,13 @@
    seeds; each candidate's lr per horizon and the champion are chosen there.
 3. Every candidate once per horizon on the test seeds, at its validated lr.
 
-Candidate rows are `evaluations` (task `sine`, split `validation` / `test`). Everything shown
-afterwards -- the evolve summary, `nos query compare`, `nos report` -- is rebuilt from these
-stored rows by `comparison`, so all of them agree.
+Candidate rows are `evaluations` (task = the family's name, e.g. `sine`; split `validation` /
+`test`). Everything shown afterwards -- the evolve summary, `nos query compare`, `nos report` -- is
+rebuilt from these stored rows by `comparison`, so all of them agree.
+
+On several tasks, steps 1-3 run per task (search tasks and test tasks alike: every method's lr on
+a task is chosen on that task's validation seeds), and the champion is chosen on the *search*
+tasks' validation scores alone: no choice ever reads a test task (`compare.combine`).
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from collections.abc import Callable, Mapping, Sequence
 from db.store import Store, StoreError
 from search_space.genome import Genome, from_json
 
-from ..evaluation.compare import Comparison, compare
+from ..evaluation.compare import Comparison, combine, compare
+from ..evaluation.fitness import TaskEvaluator
 from ..evaluation.protocol import (
     BEFORE,
     GRADIENT_BASELINES,
@@ -33,13 +38,12 @@ from ..evaluation.protocol import (
     test_baselines,
     validation_baselines,
 )
-from ..evaluation.sine import SineEvaluator
 from ..tasks.budget import steps_for
 from .config import SearchConfig
 from .records import Candidate
 
-TASK = "sine"  # held-out rows of candidates and baselines (split validation / test)
-SEARCH_TASK = "sine_search"  # the run's stored Adam reference (the fitness normaliser)
+TASK = "sine"  # held-out rows of the sine task's candidates and baselines (split validation / test)
+SEARCH_TASK = "sine_search"  # the sine run's stored Adam reference (the fitness normaliser)
 
 Progress = Callable[[str], None]
 log = logging.getLogger(__name__)
@@ -68,15 +72,15 @@ def _stored(store: Store, key: str) -> list[Row]:
     return [_baseline_row(b) for b in store.baselines(protocol=key)]
 
 
-def _store_rows(store: Store, key: str, rows: Sequence[Row], budget: int) -> None:
+def _store_rows(store: Store, key: str, rows: Sequence[Row], budget: int, task: str = TASK) -> None:
     store.add_baselines([
-        {"run_id": None, "method": r.method, "task": TASK, "horizon": r.horizon, "seed": r.seed,
+        {"run_id": None, "method": r.method, "task": task, "horizon": r.horizon, "seed": r.seed,
          "loss": r.loss, "hparam": r.hparam, "budget": budget, "split": r.split, "protocol": key}
         for r in rows
     ])
 
 
-def _before_rows(evaluator: SineEvaluator, h: float, seeds: Sequence[int], split: str) -> list[Row]:
+def _before_rows(evaluator: TaskEvaluator, h: float, seeds: Sequence[int], split: str) -> list[Row]:
     return [Row(BEFORE, h, s, None, loss, split) for (_, s), loss in before_losses(evaluator, [h], seeds).items()]
 
 
@@ -85,7 +89,7 @@ def before_of(rows: Sequence[Row]) -> dict[tuple[float, int], float]:
     return {(r.horizon, r.seed): float(r.loss) for r in rows if r.method == BEFORE and r.loss is not None}
 
 
-def tuned_baselines(store: Store, protocol: Protocol, evaluator: SineEvaluator,
+def tuned_baselines(store: Store, protocol: Protocol, evaluator: TaskEvaluator,
                     progress: Progress | None = None, published: bool = False) -> list[Row]:
     """Validation and test rows of every baseline under `protocol`, computed once and stored
     (with `published`, also NOS's published optimizers, under keys of their own).
@@ -98,7 +102,7 @@ def tuned_baselines(store: Store, protocol: Protocol, evaluator: SineEvaluator,
     return rows
 
 
-def _tuned(store: Store, protocol: Protocol, evaluator: SineEvaluator, progress: Progress | None, suffix: str,
+def _tuned(store: Store, protocol: Protocol, evaluator: TaskEvaluator, progress: Progress | None, suffix: str,
            gradient: Sequence[str], with_randopt: bool, base: Sequence[Row] = ()) -> list[Row]:
     say = progress or (lambda msg: None)
     rows: list[Row] = []
@@ -120,7 +124,7 @@ def _tuned(store: Store, protocol: Protocol, evaluator: SineEvaluator, progress:
                 known = [*base, *rows]
                 chosen = choose([r for r in known if r.horizon == h], before_of(known))
                 new += test_baselines(one, evaluator, chosen, say, gradient, with_randopt)
-            _store_rows(store, key, new, protocol.budget_fpe)
+            _store_rows(store, key, new, protocol.budget_fpe, protocol.task)
             stored += new
         rows += [r for r in stored if r.horizon in protocol.horizons]
     return rows
@@ -129,62 +133,82 @@ def _tuned(store: Store, protocol: Protocol, evaluator: SineEvaluator, progress:
 # ------------------------------------------------------------------------------- candidates
 
 
-def evaluate_candidates(evaluator: SineEvaluator, protocol: Protocol, candidates: Mapping[str, Genome],
+def evaluate_candidates(evaluator: TaskEvaluator, protocol: Protocol, candidates: Mapping[str, Genome],
                         baseline_rows: Sequence[Row], progress: Progress | None = None) -> list[Row]:
     """Candidates on the validation seeds at every lr, then on the test seeds at the lr chosen
     on validation (per horizon)."""
     say = progress or (lambda msg: None)
     rows: list[Row] = []
+    where = "" if protocol.task == TASK else f"{protocol.task}, "
     for h in protocol.horizons:
-        say(f"funnel: {len(candidates)} candidate(s) on validation seeds, t_max = {h:g}")
+        say(f"funnel: {len(candidates)} candidate(s) on validation seeds, {where}{_variant(protocol)} = {h:g}")
         rows += gradient_rows(evaluator, candidates, h, protocol.seeds.validation,
                               {n: protocol.lrs for n in candidates}, "validation")
     choices = choose(rows, before_of(baseline_rows))
     for h in protocol.horizons:
-        say(f"funnel: candidates on test seeds, t_max = {h:g}")
+        say(f"funnel: candidates on test seeds, {where}{_variant(protocol)} = {h:g}")
         lrs = {n: [choices[(n, h)].hparam] for n in candidates}
         rows += gradient_rows(evaluator, candidates, h, protocol.seeds.test, lrs, "test")  # type: ignore[arg-type]
     return rows
 
 
-def candidate_evaluations(rows: Sequence[Row], genomes: Mapping[str, Genome], budget_fpe: int) -> dict[int, list[dict]]:
+def _variant(protocol: Protocol) -> str:
+    return "t_max" if protocol.spec in ("sine", "square", "sawtooth", "triangle", "damped") else "variant"
+
+
+def candidate_evaluations(rows: Sequence[Row], genomes: Mapping[str, Genome], budget_fpe: int,
+                          task: str = TASK) -> dict[int, list[dict]]:
     """Candidate rows as `evaluations` rows of their individuals."""
     out: dict[int, list[dict]] = {}
     for r in rows:
         ind_id = candidate_id(r.method)
         assert ind_id is not None
         out.setdefault(ind_id, []).append(
-            {"task": TASK, "horizon": r.horizon, "lr": r.hparam, "seed": r.seed, "loss": r.loss,
+            {"task": task, "horizon": r.horizon, "lr": r.hparam, "seed": r.seed, "loss": r.loss,
              "steps": steps_for(genomes[r.method], budget_fpe), "seconds": 0.0, "split": r.split})
     return out
 
 
-def stored_candidate_rows(store: Store, run_id: int) -> list[Row]:
-    """The funnel rows of a run's candidates (empty if the funnel has not run)."""
+def stored_candidate_rows(store: Store, run_id: int, task: str = TASK) -> list[Row]:
+    """The funnel rows of a run's candidates on one task (empty if the funnel has not run)."""
     rows = []
-    for ind_id, e in store.heldout_evaluations(run_id, TASK):
+    for ind_id, e in store.heldout_evaluations(run_id, task):
         rows.append(Row(candidate_name(ind_id), e["horizon"], e["seed"], e["lr"], e["loss"], e["split"]))
     return rows
 
 
-def run_funnel(store: Store, run_id: int, cfg: SearchConfig, evaluator: SineEvaluator,
+def run_funnel(store: Store, run_id: int, cfg: SearchConfig, evaluator_of: Callable[[str], TaskEvaluator],
                best: Sequence[Candidate], progress: Progress | None = None) -> Comparison | None:
-    """Steps 1-3 of the module docstring; idempotent: rows already stored are reused."""
-    protocol = cfg.protocol()
-    base = tuned_baselines(store, protocol, evaluator, progress, published=cfg.published)
-    if not stored_candidate_rows(store, run_id):
-        genomes = {candidate_name(c.id): from_json(dict(c.genome)) for c in best}
-        rows = evaluate_candidates(evaluator, protocol, genomes, base, progress)
-        store.add_evaluations(candidate_evaluations(rows, genomes, protocol.budget_fpe))
+    """Steps 1-3 of the module docstring for every task of the run (`evaluator_of(spec)` trains on
+    a task's held-out seeds); idempotent: the rows of a task already stored are reused."""
+    genomes = {candidate_name(c.id): from_json(dict(c.genome)) for c in best}
+    for spec in cfg.all_tasks:
+        protocol = cfg.protocol(spec)
+        evaluator = evaluator_of(spec)
+        base = tuned_baselines(store, protocol, evaluator, progress, published=cfg.published)
+        if not stored_candidate_rows(store, run_id, protocol.task):
+            rows = evaluate_candidates(evaluator, protocol, genomes, base, progress)
+            store.add_evaluations(candidate_evaluations(rows, genomes, protocol.budget_fpe, protocol.task))
     return comparison(store, run_id, cfg)
 
 
 def comparison(store: Store, run_id: int, cfg: SearchConfig) -> Comparison | None:
-    """The run's comparison rebuilt from stored rows; None when its funnel has not run."""
-    cand = stored_candidate_rows(store, run_id)
+    """The run's comparison rebuilt from stored rows; None when its funnel has not run. On several
+    tasks: per-task rows, aggregates over tasks and the champion of the search tasks (`combine`)."""
+    per_task = []
+    for spec in cfg.all_tasks:
+        one = _task_comparison(store, run_id, cfg, spec)
+        if one is None:
+            return None
+        per_task.append(one)
+    return combine(per_task, [cfg.task_name(s) for s in cfg.tasks], [cfg.task_name(s) for s in cfg.test_tasks])
+
+
+def _task_comparison(store: Store, run_id: int, cfg: SearchConfig, spec: str) -> Comparison | None:
+    protocol = cfg.protocol(spec)
+    cand = stored_candidate_rows(store, run_id, protocol.task)
     if not cand:
         return None
-    protocol = cfg.protocol()
     suffixes = ("", "+published") if cfg.published else ("",)
     base = [r for split in ("validation", "test") for sfx in suffixes for r in _stored(store, protocol.key(split) + sfx)]
     before = before_of(base)
@@ -193,17 +217,18 @@ def comparison(store: Store, run_id: int, cfg: SearchConfig) -> Comparison | Non
         raise StoreError(f"the baselines of this run's protocol ({protocol.key('test')}) are not in the database; "
                          "rerun its funnel (nos evolve --resume) or `nos baselines` with the run's settings")
     names = sorted({r.method for r in cand}, key=lambda n: candidate_id(n) or 0)
-    return compare([*base, *cand], before, protocol.seeds, protocol.horizons, names)
+    return compare([*base, *cand], before, protocol.seeds, protocol.horizons, names, task=protocol.task)
 
 
-def validated_lrs(store: Store, run_id: int, cfg: SearchConfig, ind_id: int) -> dict[float, float]:
-    """horizon -> the lr chosen on the validation seeds for one funnel candidate (empty when the
-    candidate was not in the run's funnel). What `nos export ID --horizon H` makes the default."""
+def validated_lrs(store: Store, run_id: int, cfg: SearchConfig, ind_id: int, spec: str | None = None) -> dict[float, float]:
+    """horizon -> the lr chosen on the validation seeds for one funnel candidate on one task (the
+    first search task by default; empty when the candidate was not in the run's funnel). What
+    `nos export ID --horizon H` makes the default."""
     name = candidate_name(ind_id)
-    rows = [r for r in stored_candidate_rows(store, run_id) if r.method == name and r.split == "validation"]
+    protocol = cfg.protocol(spec)
+    rows = [r for r in stored_candidate_rows(store, run_id, protocol.task) if r.method == name and r.split == "validation"]
     if not rows:
         return {}
-    protocol = cfg.protocol()
     before = before_of(_stored(store, protocol.key("validation")))
     chosen = choose(rows, {k: before.get(k, float("inf")) for k in {(r.horizon, r.seed) for r in rows}})
     return {h: c.hparam for (_, h), c in sorted(chosen.items(), key=lambda kv: kv[0][1]) if c.hparam is not None}

@@ -40,10 +40,10 @@ from search_space.mutation import MutationError
 from search_space.symbolic import symbolic
 
 from ..engine import integrity
-from ..evaluation.sine import AdamReference, Fitness, SineEvaluator
+from ..evaluation.fitness import AdamReference, Fitness, MultiEvaluator, TaskEvaluator
 from .records import Proposal
 
-# Where fitness is computed: this process (SineEvaluator.fitness) or e.g. a Dask cluster
+# Where fitness is computed: this process (TaskEvaluator.fitness) or e.g. a Dask cluster
 # (nos.distributed). It may return an Exception in place of a candidate's Fitness (stored as `error`).
 FitnessFn = Callable[[Sequence[Genome], AdamReference], "list[Fitness | Exception]"]
 ERROR_CHARS = 500  # error texts stored with a row are cut to this length
@@ -86,8 +86,8 @@ class Stage:
     of each chunk's candidates (at least one) goes on to the next, and the last stage is the full
     search fitness. A single stage is a plain search."""
 
-    evaluator: SineEvaluator
-    adam_reference: Callable[[], AdamReference]
+    evaluator: TaskEvaluator | MultiEvaluator
+    adam_reference: Callable[[], Any]  # AdamReference (one task) or MultiReference (several)
     fitness_fn: FitnessFn | None = None  # None: the evaluator's own (looked up at each call)
     promote: float = 1.0
 

@@ -23,11 +23,16 @@ import torch
 from db.store import Store
 
 from ..evaluation.compare import Comparison
-from ..evaluation.sine import AdamReference, SineEvaluator
+from ..evaluation.fitness import (
+    AdamReference,
+    MultiEvaluator,
+    MultiReference,
+    SearchSetup,
+    TaskEvaluator,
+)
 from ..ga.strategy import Strategy
 from . import funnel as funnel_mod
 from .config import SearchConfig
-from .funnel import SEARCH_TASK
 from .judge import Cooperation, FitnessFn, Judge, Progress, Stage
 from .metrics import run_metrics
 from .records import Candidate
@@ -48,16 +53,17 @@ class Run:
         self.progress = progress or Progress()
         self.coop = cooperate
         # one evaluator and Adam reference per fidelity stage; the last stage is the full fitness
+        # (on several search tasks a stage's evaluator combines one evaluator per task)
         setups = config.stage_setups()
-        self.stages = [Stage(SineEvaluator(setup, self.device), self._adam_reference_of(k, len(setups)), promote=promote)
-                       for k, (setup, promote) in enumerate(setups)]
+        self.stages = [Stage(self._evaluator(stage_setups), self._adam_reference_of(k), promote=promote)
+                       for k, (stage_setups, promote) in enumerate(setups)]
         self.stages[-1].fitness_fn = fitness_fn
         self.evaluator = self.stages[-1].evaluator
         self.judge = Judge(store, self.id, config.seed, self.stages, self.device, self.progress, cooperate=cooperate)
         self.funnel_done = config.funnel == 0
         self._adam: dict[str, AdamReference] = {}
         self._best: list[Candidate] = []
-        self._heldout: SineEvaluator | None = None
+        self._heldout: dict[str, TaskEvaluator] = {}
 
     # ------------------------------------------------------------------ create / resume
     @classmethod
@@ -79,6 +85,7 @@ class Run:
             raise RunError(f"run {name!r} already finished")
         try:  # checked before the run is touched: a tampered config is one line, nothing written
             config = SearchConfig.checked(record["config"])
+            config.check_task_code()  # the tasks resolve (a user's named again) and are unchanged
         except ValueError as e:
             raise RunError(f"run {name!r}: {e}") from None
         store.set_run_status(record["id"], "running")
@@ -118,26 +125,39 @@ class Run:
             self.store.set_run_status(self.id, "failed")
 
     # ------------------------------------------------------------------ the search
-    def _adam_reference_of(self, k: int, n_stages: int) -> Callable[[], AdamReference]:
-        task = SEARCH_TASK if k == n_stages - 1 else f"{SEARCH_TASK}_cheap"
-        return lambda: self.adam_reference(task, self.stages[k].evaluator)
+    def _evaluator(self, setups: list[SearchSetup]) -> TaskEvaluator | MultiEvaluator:
+        evaluators = [TaskEvaluator(setup, self.device) for setup in setups]
+        return evaluators[0] if len(evaluators) == 1 else MultiEvaluator(evaluators)
 
-    def adam_reference(self, task: str = SEARCH_TASK, evaluator: SineEvaluator | None = None) -> AdamReference:
-        """Tuned Adam on each search task of a stage (its fitness normaliser), computed once per
-        run and stored (task `sine_search`; `sine_search_cheap` for a cheap first stage)."""
+    def _adam_reference_of(self, k: int) -> Callable[[], AdamReference | MultiReference]:
+        def reference() -> AdamReference | MultiReference:
+            ev = self.stages[k].evaluator
+            if isinstance(ev, MultiEvaluator):
+                return {e.setup.task: self.adam_reference(e.setup.reference, e) for e in ev.evaluators}
+            return self.adam_reference(ev.setup.reference, ev)
+
+        return reference
+
+    def adam_reference(self, task: str | None = None, evaluator: TaskEvaluator | None = None) -> AdamReference:
+        """Tuned Adam on each search instance of one task of a stage (its fitness normaliser),
+        computed once per run and stored (task `sine_search`; `sine_search_cheap` for a cheap
+        first stage; `<name>_search` for other tasks)."""
+        if evaluator is None:
+            ev = self.stages[-1].evaluator
+            evaluator = ev.evaluators[0] if isinstance(ev, MultiEvaluator) else ev
+        task = task or evaluator.setup.reference
         if task not in self._adam:
             def stored_adam() -> list[dict]:
                 return [b for b in self.store.baselines(self.id, task=task) if b["method"] == "adam"]
 
             stored = stored_adam()
             if not stored and self.coop is not None and not self.judge.claim_or_wait(
-                    "adam" if task == SEARCH_TASK else f"adam:{task}", lambda: bool(stored_adam())):
+                    "adam" if task == "sine_search" else f"adam:{task}", lambda: bool(stored_adam())):
                 stored = stored_adam()  # another process tuned it
             if stored:
                 self._adam[task] = {(b["horizon"], b["seed"]): (b["loss"], b["hparam"]) for b in stored}
             else:
-                self.progress.message("tuning Adam on the search task")
-                evaluator = evaluator or self.evaluator
+                self.progress.message(f"tuning Adam on the search task{'' if task == 'sine_search' else f' ({task})'}")
                 self._adam[task] = ref = evaluator.adam_reference()
                 self.store.add_baselines([
                     {"run_id": self.id, "method": "adam", "task": task, "horizon": h, "seed": s,
@@ -186,12 +206,12 @@ class Run:
         self.funnel_done = True
         return result
 
-    @property
-    def heldout_evaluator(self) -> SineEvaluator:
-        """Trains on validation and test seeds (its tasks are cached like the search's)."""
-        if self._heldout is None:
-            self._heldout = self.config.protocol().evaluator(self.device)
-        return self._heldout
+    def heldout_evaluator(self, spec: str | None = None) -> TaskEvaluator:
+        """Trains on one task's validation and test seeds (its instances are cached like the search's)."""
+        spec = spec or self.config.tasks[0]
+        if spec not in self._heldout:
+            self._heldout[spec] = self.config.protocol(spec).evaluator(self.device)
+        return self._heldout[spec]
 
     def comparison(self) -> Comparison | None:
         """The test-seed comparison rebuilt from the stored rows (None before the funnel)."""

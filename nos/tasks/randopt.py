@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from nos.tasks.sine import SineTask
+from nos.tasks.api import TaskInstance
 
 DEFAULT_SIGMAS = (0.002, 0.005, 0.01, 0.02, 0.05)  # Gan & Isola's toy used 0.002 from pretrained
 DEFAULT_TOP_K = 10  # Gan & Isola's toy: K = 5..10; ANCHORS.md section 8: K = 10
@@ -75,10 +75,10 @@ def member_noise(n_params: int, seed: int, indices: Sequence[int],
     return torch.stack(rows).to(device)
 
 
-def perturbed_params(task: SineTask, sigma: float, indices: Sequence[int], layers: str = "all",
+def perturbed_params(task: TaskInstance, sigma: float, indices: Sequence[int], layers: str = "all",
                      seed: int = 0) -> torch.Tensor:
     """Members ``indices`` of the population: theta0 + sigma * eps_i on the chosen layers [len, P]."""
-    mask = task.layout.mask(layers, task.device).to(task.theta0.dtype)
+    mask = task.layer_mask(layers).to(task.theta0.dtype)
     eps = member_noise(task.n_params, seed, indices, task.device)
     return task.theta0 + sigma * (eps * mask)
 
@@ -89,7 +89,7 @@ def _finite_or_inf(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def randopt(task: SineTask, n: int, sigmas: Sequence[float] = DEFAULT_SIGMAS,
+def randopt(task: TaskInstance, n: int, sigmas: Sequence[float] = DEFAULT_SIGMAS,
             top_k: int = DEFAULT_TOP_K, layers: str = "all", seed: int = 0,
             batch: int = 256) -> RandOptResult:
     """Run RandOpt with population ``n`` per sigma, keep ``top_k``, ensemble by the mean.
@@ -102,18 +102,18 @@ def randopt(task: SineTask, n: int, sigmas: Sequence[float] = DEFAULT_SIGMAS,
         raise ValueError(f"need n >= 1 and 1 <= top_k <= n, got n={n}, top_k={top_k}")
     if len(sigmas) == 0 or batch < 1:
         raise ValueError("need at least one sigma and batch >= 1")
-    task.layout.layer_names(layers)  # validate early
-    mask = task.layout.mask(layers, task.device).to(task.theta0.dtype)
+    mask = task.layer_mask(layers).to(task.theta0.dtype)  # validates `layers` early
 
-    # Running top-K per sigma: losses [<=K], member indices [<=K], rollouts [<=K, n_points-k].
+    # Running top-K per sigma: losses [<=K], member indices [<=K], predictions [<=K, ...].
+    shape = task.predict(task.theta0.unsqueeze(0)).shape[1:]
     top = [(task.theta0.new_empty(0), torch.empty(0, dtype=torch.long, device=task.device),
-            task.theta0.new_empty(0, task.n_points - task.config.k)) for _ in sigmas]
+            task.theta0.new_empty(0, *shape)) for _ in sigmas]
     for start in range(0, n, batch):
         idx = list(range(start, min(start + batch, n)))
         eps = member_noise(task.n_params, seed, idx, task.device) * mask  # shared by all sigmas
         idx_t = torch.tensor(idx, dtype=torch.long, device=task.device)
         for s, sigma in enumerate(sigmas):
-            preds = task.rollout(task.theta0 + sigma * eps)
+            preds = task.predict(task.theta0 + sigma * eps)
             losses = _finite_or_inf(task.loss_of_predictions(preds))
             old_l, old_i, old_p = top[s]
             cat_l = torch.cat([old_l, losses])

@@ -31,6 +31,7 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -38,6 +39,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from nos.tasks.api import TaskFamily, TaskInstance
 from nos.tasks.segments import Segments
 
 # Bump when the pretraining procedure changes in a way the config does not capture, so that
@@ -66,6 +68,7 @@ class SineConfig:
     for what the post leaves open (k=8, width 64, tanh, 3,000 steps; ANCHORS.md section 8).
     """
 
+    wave: str = "sine"  # the curve family: one of WAVES (RandOpt's 1-D toy mixes sine, square, sawtooth)
     k: int = 8  # context: number of most recent values fed to the MLP
     width: int = 64  # hidden width of both hidden layers (k -> width -> width -> 1)
     activation: str = "tanh"  # "tanh" (ours) or "relu" (Gan & Isola's toy)
@@ -80,6 +83,8 @@ class SineConfig:
     pretrain_batch: int = 256  # fresh sequences per step (each gives t_max/dt - k windows)
 
     def __post_init__(self) -> None:
+        if self.wave not in WAVES:
+            raise ValueError(f"wave must be one of {', '.join(WAVES)}")
         if self.activation not in _ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}")
         if self.k < 1 or self.width < 1:
@@ -90,6 +95,8 @@ class SineConfig:
     def key(self) -> str:
         """Short stable hash of all fields (and PRETRAIN_VERSION): names the weight cache."""
         fields = dataclasses.asdict(self)
+        if self.wave == "sine":  # the key of every sine config made before waves had a name
+            del fields["wave"]
         fields["_version"] = PRETRAIN_VERSION
         blob = json.dumps(fields, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
@@ -243,11 +250,35 @@ def sample_sine_params(config: SineConfig, generator: torch.Generator, n: int) -
     return lo + u * (hi - lo)
 
 
+# The wave shapes of one period, as functions of the phase angle x (period 2 pi, values in [-1, 1]).
+# "damped" is a sine whose amplitude decays as exp(-DAMPING t): the far future of a long rollout is
+# quieter than its start, unlike every other shape.
+DAMPING = 0.1
+WAVES = ("sine", "square", "sawtooth", "triangle", "damped")
+
+
+def _frac(x: torch.Tensor) -> torch.Tensor:
+    """Position within the period, in [0, 1)."""
+    return torch.remainder(x / (2 * math.pi), 1.0)
+
+
 def sine_values(config: SineConfig, params: torch.Tensor, n: int) -> torch.Tensor:
-    """Sequences [S, n] at t = 0, dt, ..., (n-1)dt for params [S, 3] = (amp, phase, offset)."""
+    """Sequences [S, n] at t = 0, dt, ..., (n-1)dt for params [S, 3] = (amp, phase, offset);
+    the curve is `config.wave` (a sine by default)."""
     t = torch.arange(n, dtype=params.dtype, device=params.device) * config.dt
     amp, phase, offset = params[:, 0:1], params[:, 1:2], params[:, 2:3]
-    return amp * torch.sin(config.freq * t + phase) + offset
+    x = config.freq * t + phase
+    if config.wave == "sine":
+        shape = torch.sin(x)
+    elif config.wave == "square":
+        shape = torch.where(torch.sin(x) >= 0, 1.0, -1.0).to(x.dtype)
+    elif config.wave == "sawtooth":
+        shape = 2 * _frac(x) - 1
+    elif config.wave == "triangle":
+        shape = 2 * torch.abs(2 * _frac(x) - 1) - 1
+    else:  # damped
+        shape = torch.exp(-DAMPING * t) * torch.sin(x)
+    return amp * shape + offset
 
 
 def one_step_windows(seqs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -345,7 +376,7 @@ def pretrain(config: SineConfig, seed: int, cache_dir: str | os.PathLike = DEFAU
 # The post-training task
 
 
-class SineTask:
+class SineTask(TaskInstance):
     """Post-train the pretrained MLP to roll out one trajectory of ``horizon`` time units.
 
     ``loss(theta [C, P]) -> [C]`` is the post's post-training loss: MSE of the autoregressive
@@ -357,7 +388,7 @@ class SineTask:
                  cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR) -> None:
         self.config = config
         self.pretrain_seed = pretrain_seed
-        self.target_seed = target_seed
+        self.target_seed = self.seed = target_seed
         self.horizon = horizon
         self.device = torch.device(device)
         self.layout = ParamLayout.for_config(config)
@@ -365,13 +396,14 @@ class SineTask:
         self.target = target_trajectory(config, target_seed, horizon, self.device)
         if self.target.numel() <= config.k:
             raise ValueError(f"horizon {horizon} gives {self.target.numel()} points <= k={config.k}")
+        self.layer_groups = {name: self.layout.mask(name, self.device) for name in self.layout.layers}
 
     @property
     def n_params(self) -> int:
         return self.layout.n_params
 
     @property
-    def segments(self) -> Segments:
+    def segments(self) -> Segments:  # type: ignore[override]
         """Per-tensor bounds of the flat vector, as the interpreter wants them."""
         return Segments(tuple((seg.start, seg.end) for seg in self.layout.segments))
 
@@ -395,6 +427,9 @@ class SineTask:
         k, C = self.config.k, theta.shape[0]
         context = self.target[:k].to(theta.dtype).expand(C, k)
         return rollout(self.config, self.layout, theta, context, self.n_points - k)
+
+    def predict(self, theta: torch.Tensor) -> torch.Tensor:
+        return self.rollout(theta)
 
     def loss_of_predictions(self, pred: torch.Tensor) -> torch.Tensor:
         """MSE [C] of predictions [C, n - k] against target[k:]."""
@@ -446,3 +481,42 @@ class StackedSineTask:
     def loss(self, theta: torch.Tensor) -> torch.Tensor:
         pred = self.rollout(theta)
         return ((pred - self.targets[self.row_task, self.config.k :].to(pred.dtype)) ** 2).mean(dim=1)
+
+
+# -----------------------------------------------------------------------------
+# The family: one per wave shape
+
+HORIZONS = (1.0, 2.0, 5.0, 10.0, 20.0)  # the post's t_max
+
+
+class WaveFamily(TaskFamily):
+    """Post-train a pretrained MLP to roll a wave out autoregressively (variants: the horizon t_max).
+
+    Instance (t_max, seed s): the network pretrained with seed s on waves of the configured shape,
+    fine-tuned on the target trajectory of seed s. Today's `sine` task is the default config; the
+    other shapes (square, sawtooth, triangle, damped) are RandOpt's 1-D toy family and its kin.
+    """
+
+    variant_label = "t_max"
+    variants = HORIZONS
+    search_variants = (2.0, 10.0)  # one horizon where Adam shines, one where it struggles
+
+    def __init__(self, config: SineConfig | None = None) -> None:
+        self.sine = config or SineConfig()
+        self.name = self.sine.wave
+
+    def config(self) -> dict:
+        return {"sine": self.sine.key()}
+
+    def instance(self, variant: float, seed: int, device: torch.device | str = "cpu",
+                 cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR) -> SineTask:
+        return SineTask(self.sine, seed, seed, variant, device, cache_dir)
+
+    def stack(self, instances: Sequence[TaskInstance], row_task: torch.Tensor) -> StackedSineTask:
+        return StackedSineTask([t for t in instances if isinstance(t, SineTask)], row_task)
+
+    def randopt_layers(self) -> tuple[str, ...]:
+        return ("all", "first", "middle", "last")
+
+    def describe(self) -> str:
+        return f"post-train a pretrained MLP to roll out a {self.name} wave (t_max {', '.join(f'{h:g}' for h in HORIZONS)})"
