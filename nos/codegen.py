@@ -426,6 +426,13 @@ class LrChoice:
     validated: Mapping[float, float]  # horizon t_max -> the lr chosen on the validation seeds
     search_horizons: tuple[float, ...] = ()  # the horizons of the search's fitness (if known)
     horizon: float | None = None  # the default is validated[horizon]; None: the search lr
+    task: str = "sine"  # the task the funnel validated on (the run's first search task)
+    label: str = "t_max"  # what its variants are called
+
+    def where(self) -> str:
+        """How a variant of the task is named in prose ("rollout horizon t_max")."""
+        return "rollout horizon t_max" if self.label == "t_max" and self.task == "sine" else \
+            f"{self.label} of task {self.task}"
 
     @property
     def default(self) -> float:
@@ -445,19 +452,19 @@ def _horizons(hs: Any) -> str:
 def _lr_doc_lines(choice: LrChoice) -> list[str]:
     search = "chosen in the search, on its search seeds"
     if choice.search_horizons:
-        search += f" (fitness over t_max = {_horizons(choice.search_horizons)})"
+        search += f" (fitness over {choice.label} = {_horizons(choice.search_horizons)})"
     if choice.horizon is None:
         lines = _wrap(f"Learning rate: the default lr={choice.default!r} is the lr {search}.", 0)
     else:
         lines = _wrap(
             f"Learning rate: the default lr={choice.default!r} is the lr chosen on the validation seeds for "
-            f"rollout horizon t_max = {choice.horizon:g} (exported with --horizon {choice.horizon:g}).", 0)
+            f"{choice.where()} = {choice.horizon:g} (exported with --horizon {choice.horizon:g}).", 0)
         lines.append(f"    lr {search}: {choice.search!r}")
     if not choice.validated:
         return lines + ["    Not in its run's funnel: no lr was chosen on the validation seeds."]
-    lines.append("    lr chosen on the validation seeds, per rollout horizon t_max (the funnel's choice):")
+    lines.append(f"    lr chosen on the validation seeds, per {choice.where()} (the funnel's choice):")
     for h, v in sorted(choice.validated.items()):
-        lines.append(f"        t_max = {h:g}: lr = {v!r}" + ("  (the default)" if h == choice.horizon else ""))
+        lines.append(f"        {choice.label} = {h:g}: lr = {v!r}" + ("  (the default)" if h == choice.horizon else ""))
     if choice.horizon is None:
         lines.append("    `python -m nos.export ID --horizon H` makes the lr chosen for horizon H the default.")
     return lines

@@ -302,6 +302,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     distributed = bool(args.scheduler or args.workers)
     # With Dask the workers evaluate on their own devices; this process only screens candidates.
     device = resolve_device("auto" if distributed and args.device == "cuda" else args.device)
+    # every flag and named task is checked before anything is opened: bad input writes nothing
+    if args.resume:
+        _named_tasks(args)  # a user's task named again, so that the resumed run can train on it
+    cfg = None if args.resume else _config(args)
     # --resume never creates a file or a schema: a missing or foreign database is one line
     try:
         store = Store(args.db, create=not args.resume, retries=args.db_retries, busy_timeout=args.db_timeout)
@@ -311,9 +315,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
     client = cluster = None
     try:
-        if args.resume:
-            _named_tasks(args)  # a user's task named again, so that the resumed run can train on it
-        cfg = None if args.resume else _config(args)
         if distributed:
             from .distributed import connect
 

@@ -41,7 +41,6 @@ from .cli import (
 )
 from .codegen import LrChoice, check_class_name, class_name_for, render, visible
 from .search.config import SearchConfig
-from .search.funnel import TASK as FUNNEL_TASK
 from .search.funnel import validated_lrs
 from .tasks.budget import DEFAULT_BUDGET_FPE, steps_for
 
@@ -71,7 +70,7 @@ def _parser() -> ArgumentParser:
     p.add_argument("-o", "--output", type=Path, required=True, help="the .py file to write (its directory must exist)")
     p.add_argument("--db", type=db_arg, default=DEFAULT_DB, help=f"database path or SQLAlchemy URL (default {DEFAULT_DB})")
     p.add_argument("--class-name", type=_class_name, help="name of the optimizer class (default: derived)")
-    p.add_argument("--horizon", type=finite_float(0.0, MAX_HORIZON, "a horizon t_max", lo_open=True), metavar="H",
+    p.add_argument("--horizon", type=finite_float(-MAX_HORIZON, MAX_HORIZON, "a horizon t_max (a task's variant)"), metavar="H",
                    help="default lr: the one chosen on validation seeds for rollout horizon t_max = H in the "
                         "individual's run's funnel (default: the lr chosen in the search)")
     return p
@@ -218,13 +217,14 @@ def funnel_lrs(store: Store, run_id: int, config: Any, ind_id: int, evaluations:
         raise UsageError(f"{what}: a stored value is nested too deeply; the database is damaged") from None
     except (TypeError, ValueError, KeyError, AttributeError) as e:
         raise UsageError(f"{what}: cannot read its funnel's choices ({visible(e, 120)}); the database is damaged") from None
+    funnel_task = _first_task(cfg)[0]
     out = {}
     for h, lr in lrs.items():
-        if isinstance(h, bool) or not isinstance(h, (int, float)) or not 0.0 < h < math.inf:
+        if isinstance(h, bool) or not isinstance(h, (int, float)) or not math.isfinite(h):  # a variant
             raise UsageError(f"{what}: a funnel horizon is {visible(repr(h), 40)}; the database is damaged")
         out[float(h)] = _stored_lr(lr, f"{what}: the lr validated at t_max = {h:g}")
     rows = evaluations if isinstance(evaluations, (list, tuple)) else ()
-    funnel = {e.get("horizon") for e in rows if isinstance(e, dict) and e.get("task") == FUNNEL_TASK
+    funnel = {e.get("horizon") for e in rows if isinstance(e, dict) and e.get("task") == funnel_task
               and e.get("split") == "validation"}
     missing = sorted((h for h in funnel if h not in out), key=repr)
     if missing:
@@ -232,6 +232,16 @@ def funnel_lrs(store: Store, run_id: int, config: Any, ind_id: int, evaluations:
         raise UsageError(f"{what}: individual {ind_id} has validation rows at t_max = {shown} but "
                          "no readable lr there; the database is damaged")
     return out
+
+
+def _first_task(cfg: SearchConfig) -> tuple[str, str, Any]:
+    """(name, variant label, search variants) of the run's first search task, whose funnel lrs the
+    export offers (a damaged stored contract is a UsageError)."""
+    try:
+        info = cfg.info(cfg.tasks[0])
+        return str(info["name"]), str(info.get("variant_label", "variant")), list(info["search_variants"])
+    except (TypeError, ValueError, KeyError) as e:
+        raise UsageError(f"cannot read the run's task ({visible(e, 120)}); the database is damaged") from None
 
 
 def _pick_horizon(lrs: dict[float, float], horizon: float, what: str, run: str) -> float:
@@ -277,10 +287,11 @@ def export_individual(store: Store, ind_id: int, horizon: float | None = None) -
     run = _stored(f"run {run_id}", lambda: store.get_run(run_id)) or {}
     total_steps = trained_steps(genome, run.get("config"), f"run {run_id}:")
     validated = funnel_lrs(store, run_id, run.get("config"), ind_id, ind.get("evaluations"))
-    search_horizons = _stored_horizons((run.get("config") or {}).get("horizons"))
+    task, label, searched = _first_task(SearchConfig.from_json(run.get("config") or {}))
+    search_horizons = _stored_horizons(searched)
     if horizon is not None:
         horizon = _pick_horizon(validated, horizon, what, visible(repr(run.get("name")), 60))
-    lr_choice = LrChoice(lr, validated, search_horizons, horizon)
+    lr_choice = LrChoice(lr, validated, search_horizons, horizon, task, label)
     provenance = {  # codegen escapes every value that goes into the file
         "title": f"Optimizer {ind_id} discovered by nos (run {run.get('name')!r})",
         "run": run.get("name"),

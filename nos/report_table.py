@@ -22,8 +22,8 @@ def num(x: float | None, digits: int = 2) -> str:
     return f"{x:.{max(0, digits - 1)}e}"
 
 
-def _variant(task: str) -> str:
-    return "t_max" if task in WAVES else "variant"
+def _variant(cmp: Comparison, task: str) -> str:
+    return cmp.labels.get(task) or ("t_max" if task in WAVES else "variant")
 
 
 def methods_table(cmp: Comparison, fmt: str = "plain", candidates: Sequence[str] | None = None,
@@ -56,7 +56,7 @@ def methods_table(cmp: Comparison, fmt: str = "plain", candidates: Sequence[str]
                 cell += f" @{r.hparam:g}" + (f" {r.variant}" if r.variant else "")
             cells.append(cell)
         rows.append(cells)
-    return render(rows, ["method"] + [f"{_variant(task)}={h:g}" for h in horizons], fmt)
+    return render(rows, ["method"] + [f"{_variant(cmp, task)}={h:g}" for h in horizons], fmt)
 
 
 def _versus_cell(v: VersusRow | None) -> str:
@@ -85,7 +85,7 @@ def versus_table(cmp: Comparison, candidate: str, fmt: str = "plain", task: str 
         if aggregates:
             cells.append(_versus_cell(next((a for a in aggregates if a.baseline == b), None)))
         rows.append(cells)
-    return render(rows, [candidate] + [f"{_variant(task)}={h:g}" for h in horizons]
+    return render(rows, [candidate] + [f"{_variant(cmp, task)}={h:g}" for h in horizons]
                   + (["all horizons"] if aggregates else []), fmt)
 
 

@@ -17,8 +17,8 @@ import torch
 
 from db.store import Store
 from nos.evaluation.compare import compare
-from nos.evaluation.protocol import Protocol, Row, Seeds, baseline_genome, choose
 from nos.evaluation.fitness import SearchSetup, TaskEvaluator
+from nos.evaluation.protocol import Protocol, Row, Seeds, baseline_genome, choose
 from nos.evaluation.stats import settle, summarize, versus
 from nos.search import SearchConfig
 from nos.search.funnel import before_of, stored_candidate_rows

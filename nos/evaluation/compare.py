@@ -84,6 +84,7 @@ class Comparison:
     search_tasks: tuple[str, ...] = ("sine",)
     test_tasks: tuple[str, ...] = ()
     aggregate: list[VersusRow] = field(default_factory=list)  # over tasks x horizons x seeds
+    labels: dict[str, str] = field(default_factory=dict)  # task -> what its variants are ("t_max")
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -112,7 +113,7 @@ class Comparison:
                                       "test": list(self.seeds.test)},
                 "tasks": {"search": list(self.search_tasks), "test": list(self.test_tasks)},
                 "horizons": list(self.horizons),
-                "task_horizons": {t: list(hs) for t, hs in self.task_horizons.items()},
+                "task_horizons": {t: list(hs) for t, hs in self.task_horizons.items()}, "variant_labels": self.labels,
                 "candidates": list(self.candidates), "champion": self.champion,
                 "validation_scores": self.validation_scores,
                 "methods": [m.json() for m in self.methods],
@@ -221,6 +222,7 @@ def combine(per_task: Sequence[Comparison], search_tasks: Sequence[str], test_ta
         out.methods += cmp.methods
         out.versus += cmp.versus
         out.task_horizons.update(cmp.task_horizons)
+        out.labels.update(cmp.labels)
     by_task = {cmp.task: cmp.validation_scores for cmp in per_task}
     out.validation_scores = {c: gmean([by_task[t][c] for t in search_tasks]) for c in first.candidates
                              if all(c in by_task.get(t, {}) for t in search_tasks)}

@@ -14,7 +14,7 @@ from ..evaluation.fitness import HORIZONS, SEARCH_LRS, SearchSetup
 from ..evaluation.protocol import Protocol, Seeds
 from ..tasks.api import TaskFamily
 from ..tasks.budget import DEFAULT_BUDGET_FPE, gradient_steps
-from ..tasks.registry import WAVES, TaskError, check_spec, is_shipped, resolve
+from ..tasks.registry import WAVES, TaskError, check_spec, is_code, is_shipped, named, resolve
 from ..tasks.sine import DEFAULT_CACHE_DIR, SineConfig
 
 # Defaults by measurement (README, "Evaluation protocol"): 2 search seeds, 3 validation, 10 test
@@ -161,7 +161,12 @@ class SearchConfig:
         return (*self.tasks, *self.test_tasks)
 
     def family(self, spec: str) -> TaskFamily:
-        """The family of one of the run's tasks (a user's code only if named in this process)."""
+        """The family of one of the run's tasks (a user's code only if named in this process, by
+        this spec or by any path to code of the same identity)."""
+        if is_code(spec) and isinstance(self.task_info.get(spec), dict):
+            same = named(str(self.task_info[spec].get("identity")))
+            if same:
+                return same[0]
         return resolve(spec, self.sine)
 
     def _info(self, family: TaskFamily, spec: str) -> dict[str, Any]:
@@ -182,6 +187,10 @@ class SearchConfig:
     def check_task_code(self) -> None:
         """On resume: every task resolves (a user's file named again) and is what the run used."""
         for spec in self.all_tasks:
+            if is_code(spec) and not named(str(self.info(spec)["identity"])) and named():
+                given = ", ".join(f.identity() for f in named())
+                raise TaskError(f"task {spec!r}: the run used {self.info(spec)['identity']}, the code named on the "
+                                f"command line is {given}: its code or configuration changed")
             live = self._info(self.family(spec), spec)
             if live["identity"] != self.info(spec)["identity"]:
                 raise TaskError(f"task {spec!r} is now {live['identity']}, but the run used "

@@ -217,7 +217,9 @@ def _task_comparison(store: Store, run_id: int, cfg: SearchConfig, spec: str) ->
         raise StoreError(f"the baselines of this run's protocol ({protocol.key('test')}) are not in the database; "
                          "rerun its funnel (nos evolve --resume) or `nos baselines` with the run's settings")
     names = sorted({r.method for r in cand}, key=lambda n: candidate_id(n) or 0)
-    return compare([*base, *cand], before, protocol.seeds, protocol.horizons, names, task=protocol.task)
+    out = compare([*base, *cand], before, protocol.seeds, protocol.horizons, names, task=protocol.task)
+    out.labels[protocol.task] = str(cfg.info(spec).get("variant_label", "variant"))
+    return out
 
 
 def validated_lrs(store: Store, run_id: int, cfg: SearchConfig, ind_id: int, spec: str | None = None) -> dict[float, float]:

@@ -42,7 +42,7 @@ def _supervised(name: str) -> Callable[[Mapping[str, Any]], TaskFamily]:
     def make(overrides: Mapping[str, Any]) -> TaskFamily:
         from . import supervised
 
-        return getattr(supervised, name)()  # type: ignore[no-any-return]
+        return getattr(supervised, name)()
 
     return make
 
@@ -51,7 +51,7 @@ def _functions(name: str) -> Callable[[Mapping[str, Any]], TaskFamily]:
     def make(overrides: Mapping[str, Any]) -> TaskFamily:
         from . import functions
 
-        return getattr(functions, name)()  # type: ignore[no-any-return]
+        return getattr(functions, name)()
 
     return make
 
@@ -109,6 +109,12 @@ def resolve(spec: str, overrides: Mapping[str, Any] | None = None, *, allow_code
         raise TaskError(f"task {spec!r} is user code; name it on the command line again (--task {spec})")
     _NAMED[spec] = family = _load(spec)
     return family
+
+
+def named(identity: str | None = None) -> list[TaskFamily]:
+    """The families of user code named in this process (with `identity`: only those that have it).
+    A resumed run finds its task by identity, whatever path the user typed this time."""
+    return [f for f in _NAMED.values() if identity is None or f.identity() == identity]
 
 
 def _load(spec: str) -> TaskFamily:
