@@ -74,7 +74,7 @@ from .cli import (
 from .engine import integrity
 from .engine.interpreter import BatchedOptimizer
 from .engine.trainer import Task, train
-from .evaluation.sine import SearchSetup, SineEvaluator
+from .evaluation.fitness import SearchSetup, TaskEvaluator
 from .tasks.sine import DEFAULT_CACHE_DIR, SineConfig, SineTask, StackedSineTask
 
 log = logging.getLogger("nos.bench")  # not __name__: it is __main__ under python -m
@@ -133,7 +133,7 @@ def scaling(genomes: Sequence[Genome], cache_dir: str, workers: Sequence[int] = 
     from .distributed import DaskFitness
 
     setup = SearchSetup(horizons=(1.0,), budget_fpe=300, sine=SineConfig(pretrain_steps=300), cache_dir=cache_dir)
-    adam = SineEvaluator(setup, "cpu").adam_reference()  # also fills the pretraining cache
+    adam = TaskEvaluator(setup, "cpu").adam_reference()  # also fills the pretraining cache
     out: dict = {"candidates": len(genomes), "budget_fpe": setup.budget_fpe, "horizon": 1.0}
     for n in workers:
         with LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
@@ -367,6 +367,68 @@ def shared_cpu(task: StackedSineTask, sizes: FloorSizes, threads: Sequence[int],
     return out
 
 
+# ---------------------------------------------------------------------------------- the module adapter
+
+
+def _forward_backward(task: Task, candidates: int, steps: int) -> None:
+    """`steps` forward + backward passes of `candidates` rows of `task` (no update)."""
+    theta = task.init_params(candidates)
+    for _ in range(steps):
+        theta.requires_grad_(True)
+        task.loss(theta).sum().backward()
+        theta = theta.detach()
+
+
+def task_adapter_bench(threads: int, candidates: int = 64, steps: int = 5, repeats: int = 3) -> dict[str, float]:
+    """The torch-module adapter (`nos.tasks.module`), measured in one call at `threads` threads.
+
+    - digits (its search variant): forward + backward of `candidates` rows batched through vmap
+      vs the same rows one at a time (`adapter_batched_candidate_steps_per_s`,
+      `adapter_one_at_a_time_candidate_steps_per_s`, `adapter_batched_vs_one_speedup`);
+    - the sine MLP (width 64, 50 pretraining steps) at t_max = 5 through the adapter vs the
+      hand-stacked `StackedSineTask`, `candidates` rows each: `adapter_sine_vs_hand_stacked` =
+      adapter time per candidate-step / hand-stacked time (1 = as fast; target <= 1.5).
+    Best of `repeats` interleaved runs after a warm-up; the thread count is restored."""
+    import tempfile
+
+    from .tasks.module import sine_module_family
+    from .tasks.supervised import digits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fam = digits()
+        inst = fam.instance(fam.default_search_variants()[0], 0)
+        C, dev = candidates, torch.device("cpu")
+        batched, _ = best_rates({"b": lambda: _forward_backward(inst, C, steps)}, C * steps, repeats, dev)
+
+        def one_at_a_time() -> None:
+            for _ in range(C):
+                _forward_backward(inst, 1, 1)
+
+        one, _ = best_rates({"o": one_at_a_time}, C, repeats, dev)
+
+        config = SineConfig(pretrain_steps=50)
+        with tempfile.TemporaryDirectory() as cache:
+            hand = StackedSineTask([SineTask(config, 0, 0, 5.0, dev, cache)], torch.zeros(C, dtype=torch.long))
+            adapter = sine_module_family(config).instance(5.0, 0, dev, cache)
+        sine, _ = best_rates({"hand": lambda: _forward_backward(hand, C, steps),
+                              "adapter": lambda: _forward_backward(adapter, C, steps)},
+                             C * steps, repeats, dev)
+    finally:
+        torch.set_num_threads(before)
+    out = {
+        "adapter_batched_candidate_steps_per_s": batched["b"],
+        "adapter_one_at_a_time_candidate_steps_per_s": one["o"],
+        "adapter_batched_vs_one_speedup": batched["b"] / one["o"],
+        "adapter_sine_vs_hand_stacked": sine["hand"] / sine["adapter"],
+    }
+    log.info(f"  module adapter: digits {out['adapter_batched_candidate_steps_per_s']:.0f} candidate-steps/s batched, "
+             f"{out['adapter_batched_vs_one_speedup']:.1f}x one at a time; sine "
+             f"{out['adapter_sine_vs_hand_stacked']:.2f}x the hand-stacked task's time")
+    return out
+
+
 # ---------------------------------------------------------------------------------- the command
 
 MAX_CANDIDATES = 4096  # per batch (and timed one at a time)
@@ -421,6 +483,12 @@ def _print_table(out: dict) -> None:
     print(format_table([{"threads": int(n), **r} for n, r in out["shared_cpu"].items()],
                        ["threads", "alone", "shared", "slowdown"], ["threads", "alone", "shared", "slowdown"]))
     print(f"shared_cpu_slowdown at this run's {out['threads']} thread(s): {out['shared_cpu_slowdown']:.2f}x")
+    if "adapter_batched_candidate_steps_per_s" in out:
+        print(f"\ntorch.func adapter (any nn.Module as a task), digits, forward + backward: batched "
+              f"{out['adapter_batched_candidate_steps_per_s']:.0f} vs one at a time "
+              f"{out['adapter_one_at_a_time_candidate_steps_per_s']:.0f} candidate-steps/s "
+              f"({out['adapter_batched_vs_one_speedup']:.1f}x); the sine MLP through the adapter costs "
+              f"{out['adapter_sine_vs_hand_stacked']:.2f}x the hand-stacked sine task per candidate-step")
     if scale is not None:
         print("\nscaling (Dask, local worker processes, 1 thread each; 32 candidates, horizon 1, budget 300):")
         print(format_table([{"workers": n, "candidates_per_s": scale[f"workers_{n}_candidates_per_s"]} for n in (1, 2)],
@@ -480,6 +548,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     compared = sorted({1, threads, torch_default_threads}) if device.type == "cpu" else [threads]
     shared = shared_cpu(stack, fsizes, compared, device)
     scale = scaling(passing_genomes(32, seed=7, device=device), args.cache_dir) if do_scaling else None
+    adapter = task_adapter_bench(threads, steps=2 if quick else 5, repeats=1 if quick else 3) \
+        if device.type == "cpu" else {}
     out = {
         "device": str(device),
         "threads": threads,
@@ -495,6 +565,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         **{f"shared_cpu_slowdown_threads_{n}": r["slowdown"] for n, r in shared.items()},
         "shared_cpu": {str(n): r for n, r in shared.items()},
         "scaling": scale,
+        **adapter,  # the torch.func adapter: batched vs one at a time, and against the hand-stacked sine
         "seconds": time.perf_counter() - start,
     }
     if args.format == "json":

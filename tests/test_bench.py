@@ -79,7 +79,9 @@ def test_bench_quick_json(keep_threads: None) -> None:
     for key in ("naive_candidate_steps_per_s", "batched_candidate_steps_per_s", "speedup",
                 "interpreter_adam_candidate_steps_per_s", "reference_adam_candidate_steps_per_s",
                 "interpreter_vs_reference", "random_genome_candidate_steps_per_s", "random_vs_adam_cost",
-                "task_only_candidate_steps_per_s", "shared_cpu_slowdown", "shared_cpu_slowdown_threads_1"):
+                "task_only_candidate_steps_per_s", "shared_cpu_slowdown", "shared_cpu_slowdown_threads_1",
+                "adapter_batched_candidate_steps_per_s", "adapter_one_at_a_time_candidate_steps_per_s",
+                "adapter_batched_vs_one_speedup", "adapter_sine_vs_hand_stacked"):
         assert _positive(doc[key]), (key, doc[key])
     assert doc["threads"] == 1 and doc["scaling"] is None
     assert 0 <= doc["adam_loss_max_rel_diff"] < 1e-4
