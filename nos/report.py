@@ -51,6 +51,7 @@ from .engine.trainer import train  # noqa: E402
 from .evaluation.compare import Comparison, MethodResult, method_label  # noqa: E402
 from .evaluation.fitness import TaskEvaluator  # noqa: E402
 from .evaluation.protocol import BEFORE, baseline_genome  # noqa: E402
+from .evaluation.stats import settle  # noqa: E402
 from .report_table import comparison_text  # noqa: E402
 from .search import SearchConfig  # noqa: E402
 from .search.diagnostics import diagnostics  # noqa: E402
@@ -58,6 +59,7 @@ from .search.funnel import candidate_id, candidate_name, comparison  # noqa: E40
 from .search.metrics import duplicate_rate, integrity_pass_rate  # noqa: E402
 from .tasks.budget import describe, randopt_population  # noqa: E402
 from .tasks.randopt import DEFAULT_TOP_K, randopt  # noqa: E402
+from .tasks.registry import WAVES  # noqa: E402
 from .tasks.sine import SineTask  # noqa: E402
 
 log = logging.getLogger("nos.report")  # not __name__: it is __main__ under python -m
@@ -464,6 +466,58 @@ def plot_losses(data: RunData, path: Path) -> None:
     plt.close(fig)
 
 
+def profile_curves(cmp: Comparison, methods: Sequence[str]) -> dict[str, tuple[list[float], list[float]]]:
+    """A performance profile (Dolan & More, 2002) over every (task, horizon, test seed): for each
+    method, the fraction of those problems on which its test loss is within a factor tau of the best
+    of `methods` there (diverged runs settled as in the comparison). method -> (taus, fractions)."""
+    problems: dict[tuple[str, float, int], dict[str, float]] = {}
+    for r in cmp.methods:
+        if r.method not in methods:
+            continue
+        before = cmp.result(BEFORE, r.horizon, r.task)
+        fallback = [float(x) for x in before.per_seed if x is not None] if before else []
+        losses = settle(r.per_seed, fallback)[0] if len(fallback) == len(r.per_seed) else []
+        for i, loss in enumerate(losses):
+            problems.setdefault((r.task, r.horizon, i), {})[r.method] = max(loss, 1e-30)
+    complete = [p for p in problems.values() if all(m in p for m in methods)]
+    out: dict[str, tuple[list[float], list[float]]] = {}
+    for m in methods:
+        ratios = sorted(p[m] / min(p.values()) for p in complete)
+        out[m] = (ratios, [(i + 1) / len(ratios) for i in range(len(ratios))])
+    return out
+
+
+def plot_profile(data: RunData, path: Path) -> None:
+    """profile.png: the performance profile of the champion and the five tuned baselines over
+    every task x horizon x test seed of the run (higher and further left is better)."""
+    cmp = data.comparison
+    assert cmp is not None
+    best = cmp.champion
+    methods = [m for m in (best, "adam", "adam_clip", "adam_wc", "adam_clip_wc", "randopt")
+               if m is not None and any(r.method == m for r in cmp.methods)]
+    curves = profile_curves(cmp, methods)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for m in methods:
+        taus, frac = curves[m]
+        if not taus:
+            continue
+        first = next(r for r in cmp.methods if r.method == m)
+        label = f"{m} (champion)" if m == best else method_label(first).split(" (")[0]
+        ax.step(taus, frac, where="post", lw=2.2 if m == best else 1.4, label=label)
+    ax.set_xscale("log")
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("tau: test loss / the best method's loss on the same task, horizon and seed")
+    ax.set_ylabel("fraction of problems within tau")
+    n = len(next(iter(curves.values()))[0]) if curves else 0
+    ax.set_title(f"run {data.run['name']!r}: performance profile over {n} problems "
+                 f"({', '.join(cmp.tasks)} x horizons x test seeds)", fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _hp(r: MethodResult | None) -> str:
     return "-" if r is None or r.hparam is None else f"{r.hparam:g}"
 
@@ -603,12 +657,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         store.close()
     skipped = None
     if heldout:
-        log.info(f"fine-tuning for rollouts.png at t_max = {', '.join(f'{h:g}' for h in horizons)} on {device} ...")
-        plot_rollouts(data, out / "rollouts.png", device, horizons)
+        if data.config.tasks[0] in WAVES:  # rollouts are pictures of the wave tasks
+            log.info(f"fine-tuning for rollouts.png at t_max = {', '.join(f'{h:g}' for h in horizons)} on {device} ...")
+            plot_rollouts(data, out / "rollouts.png", device, horizons)
+            images["rollouts.png"] = (f"Rollouts after fine-tuning (test seed {data.config.test_seeds[0]}, "
+                                      f"t_max = {', '.join(f'{h:g}' for h in horizons)})")
         plot_losses(data, out / "losses.png")
-        images["rollouts.png"] = (f"Rollouts after fine-tuning (test seed {data.config.test_seeds[0]}, "
-                                  f"t_max = {', '.join(f'{h:g}' for h in horizons)})")
-        images["losses.png"] = "Held-out loss per horizon"
+        plot_profile(data, out / "profile.png")
+        images["losses.png"] = f"Held-out loss per horizon (task {data.config.task_name(data.config.tasks[0])})"
+        images["profile.png"] = "Performance profile: champion and the five tuned baselines over tasks x horizons x test seeds"
     else:
         skipped = ("The run has no held-out (funnel) results, so rollouts.png and losses.png were not made "
                    "(`python -m nos.evolve --funnel N` with N >= 1 makes them).")
