@@ -67,8 +67,8 @@ def test_compare_has_per_task_and_aggregate_rows(mixed: Path) -> None:
         for h in hs:
             get = {m["method"]: m for m in doc["methods"] if m["task"] == task and m["horizon"] == h}
             before = get["before"]["per_seed"]
-            settle = lambda xs: [b if x is None else x for x, b in zip(xs, before)]  # noqa: E731
-            strata.append((settle(get[champ]["per_seed"]), settle(get["adam"]["per_seed"])))
+            c, a = ([b if x is None else x for x, b in zip(get[m]["per_seed"], before)] for m in (champ, "adam"))
+            strata.append((c, a))
     agg = next(v for v in doc["versus"] if v["task"] == "all" and v["candidate"] == champ and v["baseline"] == "adam")
     ref = stratified_versus(strata)
     assert math.isclose(agg["gmean_ratio"], ref.gmean_ratio, rel_tol=1e-9)
