@@ -32,7 +32,11 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 APP = "nos"
-SCHEMA_VERSION = "2"  # 2: evaluations.split, baselines.split and .protocol, individuals.fidelity
+# 2: evaluations.split, baselines.split and .protocol, individuals.fidelity
+# 3: evaluations.task_key and baselines.task_key
+SCHEMA_VERSION = "3"
+# The oldest schema `nos db upgrade` (db.migrate) migrates: its Alembic base revision.
+UPGRADABLE_FROM = "2"
 
 RUN_STATUSES = ("running", "finished", "interrupted", "failed")
 MAX_JSON_DEPTH = 64  # genomes nest about 10 deep, configs 3
@@ -345,6 +349,9 @@ class Evaluation(Base):
     steps: Mapped[int]
     seconds: Mapped[float]
     split: Mapped[str] = mapped_column(String(16), default="search")  # search / validation / test
+    # the task's identity ``name@hash`` (schema 3); NULL on rows written before schema 3, which
+    # all belong to the sine task of their run's config
+    task_key: Mapped[str | None] = mapped_column(String(96))
 
     individual: Mapped[Individual] = relationship(back_populates="evaluations")
 
@@ -369,6 +376,9 @@ class Baseline(Base):
     # the evaluation protocol whose results these are (nos.evaluation.protocol.Protocol.key);
     # rows of a protocol are computed once and reused by every run and command with that key
     protocol: Mapped[str | None] = mapped_column(String(64))
+    # the task's identity ``name@hash`` (schema 3); NULL on rows written before schema 3, which
+    # all belong to the sine task of their run's config
+    task_key: Mapped[str | None] = mapped_column(String(96))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

@@ -50,6 +50,7 @@ from db.models import (
     RUN_STATUSES,
     SCHEMA_VERSION,
     SPLITS,
+    UPGRADABLE_FROM,
     Base,
     Baseline,
     Claim,
@@ -298,10 +299,7 @@ class Store:
             )
         version = meta.get("schema_version")
         if version != SCHEMA_VERSION:
-            raise StoreError(
-                f"{self._label} has nos schema_version {version!r}, this nos reads "
-                f"{SCHEMA_VERSION!r}; refusing to modify it (a database of an older nos: use a new --db)"
-            )
+            raise StoreError(schema_mismatch(self._label, version))
         missing = sorted(set(Base.metadata.tables) - tables)
         if missing == ["claims"]:
             # Databases written before cooperating processes existed lack only this table;
@@ -666,9 +664,12 @@ class Store:
         )
 
     def baselines(self, run_id: int | None = None, task: str | None = None,
-                  protocol: str | None = None) -> list[dict]:
-        """Baseline results by id, optionally only those of one run, one task and/or one protocol."""
+                  protocol: str | None = None, task_key: str | None = None) -> list[dict]:
+        """Baseline results by id, optionally only those of one run, one task, one protocol
+        and/or one task key (``name@hash``; rows written before schema 3 have none)."""
         stmt = select(Baseline).order_by(Baseline.id)
+        if task_key is not None:
+            stmt = stmt.where(Baseline.task_key == task_key)
         if run_id is not None:
             stmt = stmt.where(Baseline.run_id == run_id)
         if task is not None:
@@ -771,6 +772,29 @@ def _on_sqlite_begin(conn: Connection) -> None:
     makes them wait (busy_timeout) instead of failing halfway through."""
     immediate = conn.get_execution_options().get("nos_write", False)
     conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+def schema_version_number(version: str | None) -> int | None:
+    """A ``meta.schema_version`` stamp as a number (None: missing or not a plain number)."""
+    if version is None or not (version.isascii() and version.isdigit()) or len(version) > 9:
+        return None
+    return int(version)
+
+
+def schema_mismatch(label: str, version: str | None) -> str:
+    """The one line for a nos database whose schema this nos does not read: an older one
+    names the command that upgrades it, a newer one is left to the nos that wrote it."""
+    have, want = schema_version_number(version), int(SCHEMA_VERSION)
+    if have is not None and int(UPGRADABLE_FROM) <= have < want:
+        return (f"{label} has nos schema {have}, this nos reads {want}: run "
+                f"`nos db upgrade --db {label}` (a backup is written first)")
+    if have is not None and have < want:
+        return (f"{label} has nos schema {have}, this nos reads {want}; `nos db upgrade` migrates "
+                f"schema {UPGRADABLE_FROM} and later only: open it with the older nos that wrote "
+                "it, or use a new --db")
+    shown = _cut(repr(version), 40)
+    return (f"{label} has nos schema_version {shown}, this nos reads {want}; refusing to modify "
+            "it (written by a newer nos? use that nos, or a new --db)")
 
 
 def _parse_url(url: str) -> URL:

@@ -20,6 +20,8 @@ VERBS = {
     "baselines": "the sine-rollout table: Adam, Adam + clip, RandOpt, tuned per horizon",
     "integrity": "the shifted-sphere integrity check of genomes",
     "bench": "throughput of candidate evaluation (ratios measured in one run)",
+    "calibrate": "measure the choices behind the search defaults (search seeds, fidelity)",
+    "db": "upgrade an older database in place (backup first)",
 }
 
 

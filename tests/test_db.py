@@ -125,9 +125,21 @@ def test_wrong_schema_version_is_refused(path: Path) -> None:
         conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")  # an older nos
     conn.close()
     before = path.read_bytes()
-    with pytest.raises(StoreError, match="schema_version '1'.*older nos"):
+    with pytest.raises(StoreError, match="schema 1, this nos reads 3.*older nos"):
         Store(str(path))
     assert path.read_bytes() == before
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")  # upgradable
+    conn.close()
+    before = path.read_bytes()
+    with pytest.raises(StoreError, match=r"schema 2, this nos reads 3: run `nos db upgrade --db "):
+        Store(str(path), readonly=True)
+    assert path.read_bytes() == before
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")  # a newer nos
+    conn.close()
+    with pytest.raises(StoreError, match="schema_version '99'.*newer nos"):
+        Store(str(path))
 
 
 def test_empty_file_is_a_new_database(tmp_path: Path) -> None:

@@ -117,6 +117,7 @@ class TaskEvaluator:
     def __init__(self, setup: SearchSetup, device: torch.device | str = "cpu") -> None:
         self.setup = setup
         self.family = setup.resolved()
+        self.identity = self.family.identity()  # the `task_key` of its rows
         self.device = torch.device(device)
         self._tasks: dict[tuple[int, int, float], TaskInstance] = {}
 
@@ -196,7 +197,7 @@ class TaskEvaluator:
             for h, per_seed in per_h.items():
                 for s, res in zip(seeds, per_seed):
                     each = res.seconds / max(1, len(genomes) * len(lrs))
-                    evaluations += [{"task": self.setup.task, "horizon": h, "lr": lr, "seed": s, "loss": loss,
+                    evaluations += [{"task": self.setup.task, "task_key": self.identity, "horizon": h, "lr": lr, "seed": s, "loss": loss,
                                      "steps": res.steps[j], "seconds": each, "split": "search"}
                                     for lr, loss in zip(lrs, res.losses[j])]
             best: tuple[float, float] | None = None

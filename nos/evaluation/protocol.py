@@ -143,6 +143,11 @@ class Protocol:
         """The `task` of this protocol's stored rows: the family's name ("sine")."""
         return self.spec if self.spec in WAVES else self.name or self.setup().resolved().name
 
+    @property
+    def task_key(self) -> str:
+        """The family's identity (the `task_key` of this protocol's stored rows)."""
+        return self.identity or self.setup().resolved().identity()
+
     def key(self, split: str) -> str:
         """Identifies the baseline results of one split ("validation" or "test"): equal keys,
         equal numbers. Search seeds never enter: baselines do not depend on them."""

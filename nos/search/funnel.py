@@ -72,9 +72,10 @@ def _stored(store: Store, key: str) -> list[Row]:
     return [_baseline_row(b) for b in store.baselines(protocol=key)]
 
 
-def _store_rows(store: Store, key: str, rows: Sequence[Row], budget: int, task: str = TASK) -> None:
+def _store_rows(store: Store, key: str, rows: Sequence[Row], budget: int, task: str = TASK,
+                task_key: str | None = None) -> None:
     store.add_baselines([
-        {"run_id": None, "method": r.method, "task": task, "horizon": r.horizon, "seed": r.seed,
+        {"run_id": None, "method": r.method, "task": task, "task_key": task_key, "horizon": r.horizon, "seed": r.seed,
          "loss": r.loss, "hparam": r.hparam, "budget": budget, "split": r.split, "protocol": key}
         for r in rows
     ])
@@ -124,7 +125,7 @@ def _tuned(store: Store, protocol: Protocol, evaluator: TaskEvaluator, progress:
                 known = [*base, *rows]
                 chosen = choose([r for r in known if r.horizon == h], before_of(known))
                 new += test_baselines(one, evaluator, chosen, say, gradient, with_randopt)
-            _store_rows(store, key, new, protocol.budget_fpe, protocol.task)
+            _store_rows(store, key, new, protocol.budget_fpe, protocol.task, protocol.task_key)
             stored += new
         rows += [r for r in stored if r.horizon in protocol.horizons]
     return rows
@@ -157,14 +158,14 @@ def _variant(protocol: Protocol) -> str:
 
 
 def candidate_evaluations(rows: Sequence[Row], genomes: Mapping[str, Genome], budget_fpe: int,
-                          task: str = TASK) -> dict[int, list[dict]]:
+                          task: str = TASK, task_key: str | None = None) -> dict[int, list[dict]]:
     """Candidate rows as `evaluations` rows of their individuals."""
     out: dict[int, list[dict]] = {}
     for r in rows:
         ind_id = candidate_id(r.method)
         assert ind_id is not None
         out.setdefault(ind_id, []).append(
-            {"task": task, "horizon": r.horizon, "lr": r.hparam, "seed": r.seed, "loss": r.loss,
+            {"task": task, "task_key": task_key, "horizon": r.horizon, "lr": r.hparam, "seed": r.seed, "loss": r.loss,
              "steps": steps_for(genomes[r.method], budget_fpe), "seconds": 0.0, "split": r.split})
     return out
 
@@ -188,7 +189,8 @@ def run_funnel(store: Store, run_id: int, cfg: SearchConfig, evaluator_of: Calla
         base = tuned_baselines(store, protocol, evaluator, progress, published=cfg.published)
         if not stored_candidate_rows(store, run_id, protocol.task):
             rows = evaluate_candidates(evaluator, protocol, genomes, base, progress)
-            store.add_evaluations(candidate_evaluations(rows, genomes, protocol.budget_fpe, protocol.task))
+            store.add_evaluations(candidate_evaluations(rows, genomes, protocol.budget_fpe, protocol.task,
+                                                        protocol.task_key))
     return comparison(store, run_id, cfg)
 
 

@@ -160,7 +160,7 @@ class Run:
                 self.progress.message(f"tuning Adam on the search task{'' if task == 'sine_search' else f' ({task})'}")
                 self._adam[task] = ref = evaluator.adam_reference()
                 self.store.add_baselines([
-                    {"run_id": self.id, "method": "adam", "task": task, "horizon": h, "seed": s,
+                    {"run_id": self.id, "method": "adam", "task": task, "task_key": evaluator.identity, "horizon": h, "seed": s,
                      "loss": loss, "hparam": lr, "budget": evaluator.setup.budget_fpe, "split": "search"}
                     for (h, s), (loss, lr) in ref.items()
                 ])

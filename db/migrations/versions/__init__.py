@@ -1,0 +1,1 @@
+"""The revisions, one module per nos schema version (see `db.migrations`)."""
