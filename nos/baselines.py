@@ -1,4 +1,4 @@
-"""`python -m nos.baselines`: the five tuned baselines of the sine-rollout task, on test seeds.
+"""`python -m nos.baselines`: the five tuned baselines of a task (the sine rollout by default), on test seeds.
 
 Adam, Adam + clip 1.0, both with linear warmup + cosine decay, and RandOpt (layer variant and
 sigma): every lr / sigma / variant chosen per horizon on the validation seeds, then each method
@@ -24,6 +24,7 @@ from .cli import (
     MIN_BUDGET,
     MIN_HORIZON,
     ArgumentParser,
+    UsageError,
     add_device,
     add_format,
     bounded_int,
@@ -33,6 +34,7 @@ from .cli import (
     print_json,
     resolve_device,
     run_command,
+    text_arg,
 )
 from .evaluation.compare import compare
 from .evaluation.fitness import HORIZONS
@@ -41,6 +43,7 @@ from .report_table import comparison_text
 from .search.config import DEFAULT_SEEDS
 from .search.funnel import before_of, tuned_baselines
 from .tasks.budget import DEFAULT_BUDGET_FPE, describe
+from .tasks.registry import WAVES, TaskError, resolve
 from .tasks.sine import DEFAULT_CACHE_DIR, SineConfig
 
 log = logging.getLogger("nos.baselines")  # not __name__: it is __main__ under python -m
@@ -48,8 +51,11 @@ log = logging.getLogger("nos.baselines")  # not __name__: it is __main__ under p
 
 def _parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m nos.baselines", description=__doc__.split("\n")[0])
+    p.add_argument("--task", default="sine", type=text_arg("--task"),
+                   help="a shipped task (nos evolve --list-tasks) or FILE.py:FACTORY (sine)")
     p.add_argument("--horizons", type=list_of(float, lo=MIN_HORIZON, hi=MAX_HORIZON, max_items=20, what="horizons (t_max)"),
-                   default=HORIZONS, help="comma-separated t_max values (1,2,5,10,20)")
+                   default=None, help="comma-separated t_max values of a wave task (1,2,5,10,20); other tasks: all "
+                                      "their variants")
     p.add_argument("--validation-seeds", type=bounded_int(1, 900, "--validation-seeds"),
                    default=len(DEFAULT_SEEDS.validation), help=f"seeds that choose ({len(DEFAULT_SEEDS.validation)})")
     p.add_argument("--test-seeds", type=bounded_int(1, 10_000, "--test-seeds"), default=len(DEFAULT_SEEDS.test),
@@ -72,12 +78,24 @@ def _parser() -> ArgumentParser:
 
 
 def protocol_of(args) -> Protocol:
-    horizons, n_val, n_test = tuple(args.horizons), args.validation_seeds, args.test_seeds
-    if args.quick:
-        horizons, n_val, n_test = tuple(h for h in horizons if h <= 5) or (1.0,), 1, 3
     sine = {k: v for k, v in (("pretrain_steps", args.sine_pretrain_steps), ("width", args.sine_width)) if v}
-    return Protocol(sine=SineConfig(**sine), seeds=Seeds.counted(len(DEFAULT_SEEDS.search), n_val, n_test),
-                    horizons=horizons, budget_fpe=args.budget, cache_dir=args.cache_dir)
+    try:
+        family = resolve(args.task, sine, allow_code=True)  # the user named it on the command line
+    except TaskError as e:
+        raise UsageError(str(e)) from None
+    wave = args.task in WAVES
+    if args.horizons and not wave:
+        raise UsageError(f"--horizons: task {args.task!r} has {family.variant_label} "
+                         f"{', '.join(f'{v:g}' for v in family.variants)}; --horizons is for the wave tasks")
+    horizons = tuple(args.horizons or HORIZONS) if wave else family.variants
+    n_val, n_test = args.validation_seeds, args.test_seeds
+    if args.quick:
+        horizons, n_val, n_test = (tuple(h for h in horizons if h <= 5) or (1.0,)) if wave else horizons[:1], 1, 3
+    seeds = Seeds.counted(len(DEFAULT_SEEDS.search), n_val, n_test)
+    if wave:  # the sine task's protocol exactly as before tasks had names (its stored rows stay valid)
+        return Protocol(sine=SineConfig(**sine), seeds=seeds, horizons=horizons, budget_fpe=args.budget,
+                        cache_dir=args.cache_dir, spec=args.task)
+    return Protocol.of(family, args.task, seeds, args.budget, args.cache_dir, horizons=horizons)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -88,7 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with Store(args.db) as store:  # opened first: a foreign or damaged database is refused before the work
         rows = tuned_baselines(store, protocol, protocol.evaluator(device), progress=log.info, published=args.published)
     seconds = time.perf_counter() - start
-    cmp = compare(rows, before_of(rows), protocol.seeds, protocol.horizons)
+    cmp = compare(rows, before_of(rows), protocol.seeds, protocol.horizons, task=protocol.task)
+    cmp.labels[protocol.task] = protocol.setup().resolved().variant_label
     if args.format == "json":
         print_json({"budget_fpe": protocol.budget_fpe, "protocol": {s: protocol.key(s) for s in ("validation", "test")},
                     "seconds": seconds, **cmp.json()})
