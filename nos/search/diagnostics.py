@@ -19,7 +19,8 @@ from .metrics import best_so_far, rank_correlation
 
 # what makes two runs comparable: everything but the algorithm, the seed and the names
 _SAME = ("initial", "particles", "timesteps", "mutations", "max_tries", "seed_builtins", "horizons", "lrs",
-         "budget_fpe", "search_seeds", "sine", "fidelity")
+         "budget_fpe", "search_seeds", "sine", "fidelity", "tasks")
+_BEFORE_TASKS = {"tasks": ["sine"]}  # what a config written before tasks had names searched on
 
 
 def control_for(store: Store, run: dict) -> dict | None:
@@ -29,7 +30,8 @@ def control_for(store: Store, run: dict) -> dict | None:
         return None
     matches = [r for r in store.list_runs() if r["id"] != run["id"] and r["status"] == "finished"
                and (r["config"] or {}).get("algorithm") == "random"
-               and all((r["config"] or {}).get(k) == cfg.get(k) for k in _SAME)]
+               and all((r["config"] or {}).get(k, _BEFORE_TASKS.get(k)) == cfg.get(k, _BEFORE_TASKS.get(k))
+                       for k in _SAME)]
     return matches[-1] if matches else None
 
 
