@@ -17,7 +17,7 @@ from nos.report_table import num
 from .conftest import RUN, in_process, run_module, tiny_search
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-PLOTS = ("fitness.png", "lineage.png", "search.png", "rollouts.png", "losses.png")
+PLOTS = ("fitness.png", "lineage.png", "search.png", "rollouts.png", "losses.png", "profile.png")
 
 
 @pytest.fixture(scope="session")
