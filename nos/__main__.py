@@ -15,7 +15,7 @@ from .cli import fail, run_command
 VERBS = {
     "evolve": "run a search (the particle GA), then the held-out funnel",
     "query": "read the database: runs, top, show, lineage, stats",
-    "export": "write a discovered or builtin optimizer as a standalone torch.optim file",
+    "export": "write a discovered or builtin optimizer as a standalone PyTorch file (torch.optim)",
     "report": "plots and a markdown summary of one run",
     "baselines": "the sine-rollout table: Adam, Adam + clip, RandOpt, tuned per horizon",
     "integrity": "the shifted-sphere integrity check of genomes",

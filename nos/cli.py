@@ -79,12 +79,11 @@ def fail(message: str, code: int = 2) -> NoReturn:
 def run_command(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
     """Call a command's main, turning user errors into one line + exit 2 and Ctrl-C into 130."""
     from db.store import StoreError  # local: keep `nos.cli` importable without touching the db
-    from search_space.genome import GenomeError
 
     setup_logging()
     try:
         return main(argv)
-    except (UsageError, StoreError, GenomeError, FileNotFoundError, KeyError) as e:
+    except _user_errors(StoreError) as e:  # evaluated only once something was raised
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         fail(str(msg))
     except OSError as e:  # a path the user named: unreadable, a directory, a full disk ...
@@ -93,6 +92,18 @@ def run_command(main: Callable[[Sequence[str] | None], int], argv: Sequence[str]
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _user_errors(store_error: type[Exception]) -> tuple[type[Exception], ...]:
+    """The exceptions `run_command` reports as one line + exit 2: UsageError, StoreError,
+    FileNotFoundError, KeyError and, once `search_space.genome` is loaded, GenomeError.
+
+    GenomeError is not imported for this: its module imports torch, and an exception of a class
+    never imported cannot have been raised, so commands that never touch a genome (``--help``,
+    ``nos query runs``, usage errors) start without torch."""
+    errors: tuple[type[Exception], ...] = (UsageError, store_error, FileNotFoundError, KeyError)
+    genome = sys.modules.get("search_space.genome")
+    return errors if genome is None else (*errors, genome.GenomeError)
 
 
 def setup_logging(level: int = logging.INFO) -> None:

@@ -18,7 +18,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from db.store import Store
 
@@ -37,11 +37,13 @@ from .cli import (
     run_ref,
     shown,
 )
-from .report_table import comparison_text
-from .search.config import SearchConfig
-from .search.diagnostics import diagnostics
-from .search.funnel import comparison as run_comparison
-from .search.metrics import integrity_pass_rate
+
+if TYPE_CHECKING:
+    from .search.config import SearchConfig
+
+# nos.search and nos.report_table import torch (and scipy): they are imported inside the
+# subcommands that need them (stats, compare), so `runs`, `top`, `show`, `lineage`, --help and
+# usage errors start without them.
 
 FORMATS = ("table", "json", "csv")
 
@@ -126,6 +128,8 @@ def find_run(store: Store, name_or_id: str) -> dict:
 
 def run_config(run: dict) -> SearchConfig:
     """The run's stored config, re-validated like user input; else a one-line UsageError."""
+    from .search.config import SearchConfig
+
     try:
         return SearchConfig.checked(run.get("config"))
     except ValueError as e:
@@ -172,6 +176,8 @@ def lineage_rows(store: Store, ind_id: int) -> list[dict]:
 def stats_rows(store: Store, run_id: int) -> list[dict]:
     """``store.timestep_stats`` plus the integrity pass rate (defined once, in nos.search.metrics)
     and the integrity rejections."""
+    from .search.metrics import integrity_pass_rate
+
     rows = []
     for s in store.timestep_stats(run_id):
         n = s["candidates"] or 0
@@ -240,6 +246,8 @@ def cmd_lineage(store: Store, args: argparse.Namespace) -> None:
 
 
 def cmd_stats(store: Store, args: argparse.Namespace) -> None:
+    from .search.diagnostics import diagnostics
+
     run = find_run(store, args.run)
     rows = stats_rows(store, run["id"])
     run_config(run)  # checked here: diagnostics trusts it
@@ -265,6 +273,9 @@ COMPARE_VERSUS_COLUMNS = ["candidate", "baseline", "horizon", "gmean_ratio", "ci
 
 
 def cmd_compare(store: Store, args: argparse.Namespace) -> None:
+    from .report_table import comparison_text
+    from .search.funnel import comparison as run_comparison
+
     run = find_run(store, args.run)
     cmp = run_comparison(store, run["id"], run_config(run))
     if cmp is None:

@@ -222,6 +222,7 @@ def test_readonly_file_in_readonly_directory(template, tmp_path: Path) -> None:
                 "import contextlib, io, json, os, sys\n"
                 "import sqlite3, sqlalchemy.dialects.sqlite.pysqlite\n"
                 "from nos import query\n"
+                "import nos.search.config, nos.search.diagnostics, nos.search.metrics  # stats: lazy\n"
                 "from nos.cli import run_command\n"
                 "import db.store, db.models\n"
                 "os.setgid(65534); os.setuid(65534)\n"
