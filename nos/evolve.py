@@ -398,9 +398,14 @@ def _print_summary(run: Run, summary: dict, best: list, comparison: Comparison |
     print(comparison_text(comparison))
     champ = comparison.champion
     if champ:
-        won = [f"{h:g}" for h, w in comparison.beats_all(champ).items() if w]
-        verdict = f"wins at t_max = {', '.join(won)}" if won else "wins at no horizon"
-        print(f"\n{champ} (champion, chosen on validation) against all five baselines on the test seeds: {verdict}")
+        print()
+        for task in comparison.tasks:  # one line per task (the first task's alone for a one-task run)
+            won = [f"{h:g}" for h, w in comparison.beats_all(champ, task).items() if w]
+            label = comparison.labels.get(task, "t_max")
+            verdict = f"wins at {label} = {', '.join(won)}" if won else f"wins at no {label}"
+            where = f" of task {task}" if len(comparison.tasks) > 1 else ""
+            print(f"{champ} (champion, chosen on validation) against all five baselines on the test seeds{where}: "
+                  f"{verdict}")
         print(f"export it:  python -m nos.export {candidate_id(champ)} -o runs/{run.name}-{candidate_id(champ)}.py")
 
 

@@ -86,7 +86,7 @@ def versus_table(cmp: Comparison, candidate: str, fmt: str = "plain", task: str 
             cells.append(_versus_cell(next((a for a in aggregates if a.baseline == b), None)))
         rows.append(cells)
     return render(rows, [candidate] + [f"{_variant(cmp, task)}={h:g}" for h in horizons]
-                  + (["all horizons"] if aggregates else []), fmt)
+                  + ([f"all {'horizons' if _variant(cmp, task) == 't_max' else 'variants'}"] if aggregates else []), fmt)
 
 
 def aggregate_table(cmp: Comparison, candidate: str, fmt: str = "plain") -> str:
