@@ -110,7 +110,7 @@ class StackedTask:
 
     def select(self, keep: torch.Tensor) -> StackedTask:
         """The same stack restricted to rows `keep` (the trainer drops failed rows)."""
-        return StackedTask(self.instances, self.row_task[keep])
+        return type(self)(self.instances, self.row_task[keep])
 
     def loss(self, theta: torch.Tensor) -> torch.Tensor:
         if len(self.instances) == 1:

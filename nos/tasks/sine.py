@@ -39,7 +39,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from nos.tasks.api import TaskFamily, TaskInstance
+from nos.tasks.api import StackedTask, TaskFamily, TaskInstance
 from nos.tasks.segments import Segments
 
 # Bump when the pretraining procedure changes in a way the config does not capture, so that
@@ -445,33 +445,24 @@ class SineTask(TaskInstance):
                 f"P={self.n_params}, config={self.config.key()})")
 
 
-class StackedSineTask:
+class StackedSineTask(StackedTask):
     """Several SineTasks of one horizon (e.g. held-out seeds) trained in one batch.
 
     Row i of theta belongs to task ``row_task[i]``: it starts from that task's pretrained weights
     and is scored on that task's target. Stacking seeds on the candidate axis makes one batched
-    step serve them all (the rollout is sequential, so fewer, wider steps are much faster).
+    step serve them all (the rollout is sequential, so one rollout of all rows is much faster than
+    one per seed, which is what the generic `StackedTask` would do).
     """
 
-    def __init__(self, tasks: list[SineTask], row_task: torch.Tensor) -> None:
-        first = tasks[0]
-        if any(t.n_points != first.n_points or t.config != first.config for t in tasks):
-            raise ValueError("stacked tasks must share the config and the horizon")
-        self.tasks = tasks
-        self.config, self.layout, self.device = first.config, first.layout, first.device
-        self.segments = first.segments
-        self.row_task = row_task.to(self.device)
-        self.theta0 = torch.stack([t.theta0 for t in tasks])
-        self.targets = torch.stack([t.target for t in tasks])
-
-    def init_params(self, C: int) -> torch.Tensor:
-        if C != len(self.row_task):
-            raise ValueError(f"this stack has {len(self.row_task)} rows, not {C}")
-        return self.theta0[self.row_task].clone()
-
-    def select(self, keep: torch.Tensor) -> StackedSineTask:
-        """The same stack restricted to rows ``keep`` (the trainer drops failed rows)."""
-        return StackedSineTask(self.tasks, self.row_task[keep])
+    def __init__(self, tasks: Sequence[TaskInstance], row_task: torch.Tensor) -> None:
+        sine = [t for t in tasks if isinstance(t, SineTask)]
+        first = sine[0]
+        if len(sine) != len(tasks) or any(t.n_points != first.n_points or t.config != first.config for t in sine):
+            raise ValueError("stacked tasks must be sine tasks sharing the config and the horizon")
+        super().__init__(sine, row_task)
+        self.tasks = sine
+        self.config, self.layout = first.config, first.layout
+        self.targets = torch.stack([t.target for t in sine])
 
     def rollout(self, theta: torch.Tensor) -> torch.Tensor:
         k = self.config.k
@@ -513,7 +504,7 @@ class WaveFamily(TaskFamily):
         return SineTask(self.sine, seed, seed, variant, device, cache_dir)
 
     def stack(self, instances: Sequence[TaskInstance], row_task: torch.Tensor) -> StackedSineTask:
-        return StackedSineTask([t for t in instances if isinstance(t, SineTask)], row_task)
+        return StackedSineTask(instances, row_task)
 
     def randopt_layers(self) -> tuple[str, ...]:
         return ("all", "first", "middle", "last")
