@@ -5,6 +5,7 @@ Stored as JSON in `runs.config`, so a resumed run (or a report) sees exactly wha
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import asdict, dataclass, field, replace
@@ -171,12 +172,7 @@ class SearchConfig:
 
     def _info(self, family: TaskFamily, spec: str) -> dict[str, Any]:
         """The contract of a task as this run uses it (stored in `task_info`)."""
-        wave = spec in WAVES
-        return {"identity": family.identity(), "name": family.name, "variant_label": family.variant_label,
-                "search_variants": list(self.horizons if wave else family.default_search_variants()),
-                "variants": list(self.heldout_horizons if wave else family.variants),
-                "search_lrs": list(self.lrs if wave else family.search_lrs), "lr_grid": list(family.lr_grid),
-                "sigmas": list(family.sigmas), "randopt_layers": list(family.randopt_layers())}
+        return _contract(family, spec, tuple(self.horizons), tuple(self.heldout_horizons), tuple(self.lrs))
 
     def add_task_info(self, families: dict[str, TaskFamily]) -> None:
         """Snapshot the contract of tasks given as resolved families (a user's own, from the CLI)."""
@@ -199,7 +195,8 @@ class SearchConfig:
     def info(self, spec: str) -> dict[str, Any]:
         """A task's contract: the stored snapshot (a user's task), else the shipped family's now."""
         if spec not in self.task_info and is_shipped(spec):
-            return self._info(self.family(spec), spec)
+            return dict(_shipped_info(spec, json.dumps(self.sine, sort_keys=True), tuple(self.horizons),
+                                      tuple(self.heldout_horizons), tuple(self.lrs)))
         if spec not in self.task_info:
             raise TaskError(f"task {spec!r} is user code; name it on the command line (--task {spec})")
         info = self.task_info[spec]
@@ -249,3 +246,22 @@ class SearchConfig:
                         lrs=tuple(float(v) for v in info["lr_grid"]), sigmas=tuple(float(v) for v in info["sigmas"]),
                         randopt_layers=tuple(str(v) for v in info["randopt_layers"]), cache_dir=self.cache_dir,
                         spec=spec, identity=str(info["identity"]), name=self.task_name(spec))
+
+
+@functools.lru_cache(maxsize=64)
+def _shipped_info(spec: str, sine: str, horizons: tuple[float, ...], heldout: tuple[float, ...],
+                  lrs: tuple[float, ...]) -> dict[str, Any]:
+    """A shipped task's contract for a config's wave settings (cached: building a family may build
+    a model to find its layers, and a comparison asks for the contract many times)."""
+    return _contract(resolve(spec, json.loads(sine)), spec, horizons, heldout, lrs)
+
+
+def _contract(family: TaskFamily, spec: str, horizons: tuple[float, ...], heldout: tuple[float, ...],
+              lrs: tuple[float, ...]) -> dict[str, Any]:
+    """A task's contract; the wave tasks take the config's horizons and search lrs (t_max)."""
+    wave = spec in WAVES
+    return {"identity": family.identity(), "name": family.name, "variant_label": family.variant_label,
+            "search_variants": list(horizons if wave else family.default_search_variants()),
+            "variants": list(heldout if wave else family.variants),
+            "search_lrs": list(lrs if wave else family.search_lrs), "lr_grid": list(family.lr_grid),
+            "sigmas": list(family.sigmas), "randopt_layers": list(family.randopt_layers())}
