@@ -79,7 +79,11 @@ def test_a_file_task_is_searched_killed_resumed_exactly_queried_and_exported(wor
     # resuming needs the user's file named again (it is never imported from the database)
     res = nos(workdir, "evolve", "--resume", "mine", "--db", str(db), check=False)
     assert "--task my_task.py:make" in assert_one_line_error(res.returncode, res.stdout, res.stderr)
-    nos(workdir, "evolve", "--resume", "mine", "--task", "my_task.py:make", "--db", str(db), "--threads", "1")
+    # named again by another path (from another directory): the run finds its task by identity
+    other = workdir / "other"
+    other.mkdir(exist_ok=True)
+    nos(other, "evolve", "--resume", "mine", "--task", f"{workdir / 'my_task.py'}:make", "--db", str(db),
+        "--threads", "1")
     assert lineage_key(db, "mine") == lineage_key(finished, "mine")
     with Store(str(db), create=False) as store:
         run = store.get_run("mine")

@@ -222,6 +222,7 @@ class SearchConfig:
             cache_dir=self.cache_dir,
             task=self.task_name(spec),
             spec=spec,
+            family=self._code_family(spec),
         )
 
     def stage_setups(self) -> list[tuple[list[SearchSetup], float]]:
@@ -245,7 +246,18 @@ class SearchConfig:
                         horizons=tuple(float(v) for v in info["variants"]), budget_fpe=self.budget_fpe,
                         lrs=tuple(float(v) for v in info["lr_grid"]), sigmas=tuple(float(v) for v in info["sigmas"]),
                         randopt_layers=tuple(str(v) for v in info["randopt_layers"]), cache_dir=self.cache_dir,
-                        spec=spec, identity=str(info["identity"]), name=self.task_name(spec))
+                        spec=spec, identity=str(info["identity"]), name=self.task_name(spec),
+                        family=self._code_family(spec))
+
+    def _code_family(self, spec: str) -> TaskFamily | None:
+        """A user's task as named in this process (whatever path the user typed this time), or None
+        (shipped tasks resolve by name; an unnamed user task is only read, never trained)."""
+        if not is_code(spec):
+            return None
+        try:
+            return self.family(spec)
+        except TaskError:
+            return None
 
 
 @functools.lru_cache(maxsize=64)
