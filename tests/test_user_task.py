@@ -144,3 +144,17 @@ def test_bad_task_specs_are_one_line(workdir: Path) -> None:
         res = nos(workdir, "evolve", *args, "--db", "bad.sqlite", check=False)
         assert message in assert_one_line_error(res.returncode, res.stdout, res.stderr), (args, res.stderr)
     assert not (workdir / "bad.sqlite").exists()
+
+
+@pytest.mark.slow
+def test_dask_workers_train_a_file_task(workdir: Path) -> None:
+    """Workers resolve the user's task from the spec the coordinator sends (a local cluster)."""
+    nos(workdir, "evolve", "--task", "my_task.py:make", "--name", "dask", "--db", "dask.sqlite", "--workers", "2",
+        "--initial", "4", "--particles", "1", "--timesteps", "1", "--mutations", "2", "--funnel", "1",
+        "--validation-seeds", "1", "--test-seeds", "2", "--budget", "45", "--threads", "1")
+    with Store(str(workdir / "dask.sqlite"), create=False) as store:
+        run = store.get_run("dask")
+        assert run["status"] == "finished"
+        rows = [e for i in store.individuals(run["id"]) for e in (store.get_individual(i["id"]) or {}).get("evaluations", [])]
+    assert rows and {e["task"] for e in rows} <= {"sinsum", "sinsum_cheap"}
+    assert {e["task_key"] for e in rows} == {rows[0]["task_key"]} and rows[0]["task_key"].startswith("sinsum@")
