@@ -73,14 +73,14 @@ class SearchSetup:
             return self.family
         if self.spec in WAVES:
             return WaveFamily(dataclasses.replace(self.sine, wave=self.spec))
-        return resolve(self.spec, allow_code=True)
+        return resolve(self.spec)  # a user's code only if it was named in this process
 
     @property
     def reference(self) -> str:
         """The `task` of the stored Adam reference rows of this setup: `<task>_search`, or
         `<task>_search_cheap` for a cheap first stage (`sine_search`, `sine_search_cheap`)."""
-        name = self.task[: -len("_cheap")] if self.task.endswith("_cheap") else self.task
-        return f"{name}_search" + ("_cheap" if name != self.task else "")
+        base, cheap = (self.task[: -len("_cheap")], "_cheap") if self.task.endswith("_cheap") else (self.task, "")
+        return f"{base}_search{cheap}"
 
 
 # (horizon, search seed) -> (tuned Adam's loss, its lr): the fitness normaliser

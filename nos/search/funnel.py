@@ -39,6 +39,7 @@ from ..evaluation.protocol import (
     validation_baselines,
 )
 from ..tasks.budget import steps_for
+from ..tasks.registry import WAVES
 from .config import SearchConfig
 from .records import Candidate
 
@@ -154,7 +155,7 @@ def evaluate_candidates(evaluator: TaskEvaluator, protocol: Protocol, candidates
 
 
 def _variant(protocol: Protocol) -> str:
-    return "t_max" if protocol.spec in ("sine", "square", "sawtooth", "triangle", "damped") else "variant"
+    return "t_max" if protocol.spec in WAVES else "variant"
 
 
 def candidate_evaluations(rows: Sequence[Row], genomes: Mapping[str, Genome], budget_fpe: int,
