@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import copy
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -127,6 +129,27 @@ class Proc:
         if self.popen.poll() is None:
             self.popen.kill()
             self.popen.communicate()
+
+
+def sigkill_at(proc: subprocess.Popen, db: Path, run: str, individuals: int, timeout: float = 300) -> int:
+    """SIGKILL `proc` once run `run` in database `db` holds at least `individuals` rows; waits for
+    it and returns how many rows there were (0 if the run finished before it could be killed)."""
+    deadline, seen = time.time() + timeout, 0
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+        if not db.exists():
+            continue
+        try:
+            with Store(str(db), create=False) as store:
+                record = store.get_run(run)
+                seen = len(store.individuals(record["id"])) if record else 0
+        except Exception:  # noqa: BLE001 -- the file may be mid-creation
+            continue
+        if seen >= individuals:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+    proc.wait()
+    return seen if proc.returncode == -signal.SIGKILL else 0
 
 
 # ---------------------------------------------------------------------- bad input (one rule)

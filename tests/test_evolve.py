@@ -16,7 +16,7 @@ from db.store import Store
 from nos.search import Proposal, Run, SearchConfig
 from search_space.genome import from_json
 
-from .conftest import EVOLVE_TINY, REPO, lineage_key
+from .conftest import EVOLVE_TINY, REPO, lineage_key, sigkill_at
 
 ROOT = REPO
 TINY = EVOLVE_TINY
@@ -91,22 +91,8 @@ def test_same_seed_same_lineage_and_sigkill_resume(tmp_path: Path, fidelity: str
     cmd = [sys.executable, "-m", "nos.evolve", "--db", str(db), "--cache-dir", str(tmp_path.parent / "cache"),
            *TINY, *extra, "--name", "ref", "--seed", "3"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
-    killed_at = 0
-    while time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-        if db.exists():
-            try:
-                with Store(str(db), create=False) as store:
-                    run = store.get_run("ref")
-                    killed_at = len(store.individuals(run["id"])) if run else 0
-            except Exception:  # noqa: BLE001 -- the file may be mid-creation
-                continue
-            if killed_at >= 10:  # the initial population is in; children are being judged
-                os.kill(proc.pid, signal.SIGKILL)
-                break
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    # the initial population is in; children are being judged
+    assert sigkill_at(proc, db, "ref", 10), "the run finished before it could be killed"
     with Store(str(db), create=False) as store:
         assert store.get_run("ref")["status"] == "running"
         assert store.status_counts(store.get_run("ref")["id"]) != {}

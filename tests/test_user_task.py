@@ -4,19 +4,16 @@ and searched, killed with SIGKILL, resumed exactly, queried and exported -- real
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from db.store import Store
 
-from .conftest import assert_one_line_error, lineage_key
+from .conftest import assert_one_line_error, lineage_key, sigkill_at
 
 ROOT = Path(__file__).resolve().parents[1]
 # small enough for the default suite: 6 initial genomes, one particle, 60 FPE per training run
@@ -58,23 +55,8 @@ def test_a_file_task_is_searched_killed_resumed_exactly_queried_and_exported(wor
     proc = subprocess.Popen([sys.executable, "-m", "nos", "evolve", "--task", "my_task.py:make", "--name", "mine",
                              "--db", str(db), *SMALL, "--seed", "5"], cwd=workdir,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline, killed = time.time() + 300, False
-    while time.time() < deadline and proc.poll() is None:
-        time.sleep(0.1)
-        if not db.exists():
-            continue
-        try:
-            with Store(str(db), create=False) as store:
-                run = store.get_run("mine")
-                n = len(store.individuals(run["id"])) if run else 0
-        except Exception:  # noqa: BLE001 -- the file may be mid-creation
-            continue
-        if n >= 2:  # some chunks are in, the search goes on
-            os.kill(proc.pid, signal.SIGKILL)
-            killed = True
-            break
-    proc.wait()
-    assert killed and proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    # some chunks are in, the search goes on
+    assert sigkill_at(proc, db, "mine", 2), "the run finished before it could be killed"
 
     # resuming needs the user's file named again (it is never imported from the database)
     res = nos(workdir, "evolve", "--resume", "mine", "--db", str(db), check=False)
