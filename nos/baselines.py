@@ -27,6 +27,8 @@ from .cli import (
     UsageError,
     add_device,
     add_format,
+    add_threads,
+    apply_threads,
     bounded_int,
     db_arg,
     list_of,
@@ -39,12 +41,13 @@ from .cli import (
 from .evaluation.compare import compare
 from .evaluation.fitness import HORIZONS
 from .evaluation.protocol import Protocol, Seeds
+from .progress import Stages
 from .report_table import comparison_text
 from .search.config import DEFAULT_SEEDS
 from .search.funnel import before_of, tuned_baselines
 from .tasks.budget import DEFAULT_BUDGET_FPE, describe
 from .tasks.registry import WAVES, TaskError, resolve
-from .tasks.sine import DEFAULT_CACHE_DIR, SineConfig
+from .tasks.sine import DEFAULT_CACHE_DIR, SineConfig, WaveFamily, pretrain_missing
 
 log = logging.getLogger("nos.baselines")  # not __name__: it is __main__ under python -m
 
@@ -73,6 +76,7 @@ def _parser() -> ArgumentParser:
     p.add_argument("--db", type=db_arg, default=DEFAULT_DB,
                    help=f"where the tuned baselines are stored and reused (path or SQLAlchemy URL; {DEFAULT_DB})")
     add_device(p)
+    add_threads(p)
     add_format(p)
     return p
 
@@ -100,17 +104,23 @@ def protocol_of(args) -> Protocol:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    apply_threads(args)
     protocol = protocol_of(args)
     device = resolve_device(args.device)
     start = time.perf_counter()
-    with Store(args.db) as store:  # opened first: a foreign or damaged database is refused before the work
-        rows = tuned_baselines(store, protocol, protocol.evaluator(device), progress=log.info, published=args.published)
+    with Store(args.db) as store, Stages.for_stderr() as stages:  # the store first: a bad one is refused before the work
+        evaluator = protocol.evaluator(device)
+        if isinstance(evaluator.family, WaveFamily):  # the networks of every held-out seed, as a stage of its own
+            seeds = (*protocol.seeds.validation, *protocol.seeds.test)
+            pretrain_missing([(evaluator.family.sine, s, protocol.cache_dir) for s in seeds], device, stages)
+        rows = tuned_baselines(store, protocol, evaluator, progress=stages, published=args.published)
     seconds = time.perf_counter() - start
+    log.info(stages.summary())
     cmp = compare(rows, before_of(rows), protocol.seeds, protocol.horizons, task=protocol.task)
     cmp.labels[protocol.task] = protocol.setup().resolved().variant_label
     if args.format == "json":
         print_json({"budget_fpe": protocol.budget_fpe, "protocol": {s: protocol.key(s) for s in ("validation", "test")},
-                    "seconds": seconds, **cmp.json()})
+                    "seconds": seconds, "stage_seconds": stages.stage_seconds, **cmp.json()})
         return 0
     print(comparison_text(cmp))
     print(f"\n{describe(protocol.budget_fpe)}; {seconds:.0f} s on {device}; stored in {args.db} "

@@ -21,8 +21,6 @@ import time
 from collections.abc import Sequence
 from datetime import datetime
 
-from tqdm import tqdm
-
 from db.store import Store, StoreError
 
 from .cli import (
@@ -41,6 +39,7 @@ from .cli import (
     bounded_int,
     db_arg,
     finite_float,
+    invocation,
     list_of,
     path_arg,
     print_json,
@@ -55,6 +54,7 @@ from .evaluation.compare import Comparison
 from .evaluation.fitness import MultiEvaluator
 from .evaluation.protocol import Seeds
 from .ga.particle import STRATEGIES
+from .progress import Stages
 from .report_table import comparison_text
 from .search import PRESETS, Cooperation, Progress, Run, RunError, SearchConfig
 from .search.config import ALGORITHMS, DEFAULT_FIDELITY, DEFAULT_SEEDS
@@ -238,40 +238,10 @@ def _named_tasks(args) -> dict[str, TaskFamily]:
     return out
 
 
-class Bar:
-    """tqdm progress: candidates judged, pass rate, duplicates, best fitness (on stderr)."""
-
-    def __init__(self, enabled: bool = True) -> None:
-        self.bar = tqdm(total=0, desc="candidates", unit="cand", file=sys.stderr, disable=not enabled or None)
-        self.counts = {"evaluated": 0, "duplicate": 0, "judged": 0}
-        self.best: float | None = None
-
-    def planned(self, n: int) -> None:
-        self.bar.total += n
-        self.bar.refresh()
-
-    def judged(self, rows: list[dict]) -> None:
-        for r in rows:
-            self.counts["judged"] += 1
-            if r["status"] == "evaluated":
-                self.counts["evaluated"] += 1
-                if self.best is None or r["fitness"] < self.best:
-                    self.best = r["fitness"]
-            if r["status"] == "duplicate":
-                self.counts["duplicate"] += 1
-        self.bar.update(len(rows))
-        j = max(1, self.counts["judged"] - self.counts["duplicate"])
-        self.bar.set_postfix(
-            passed=f"{100 * self.counts['evaluated'] / j:.0f}%",
-            dups=self.counts["duplicate"],
-            best="-" if self.best is None else f"{self.best:.3g}",
-        )
-
-    def message(self, msg: str) -> None:
-        self.bar.set_description(msg)
-
-    def close(self) -> None:
-        self.bar.close()
+def _progress(stages: Stages) -> Progress:
+    """The run's progress callbacks drawn by `stages` (bars in a terminal, timestamped lines
+    elsewhere): each stage with its own fixed count, the batch labels as what it is doing now."""
+    return Progress(message=stages.message, stage=stages.stage, advance=stages.advance, end=stages.end)
 
 
 def _stop_on_sigterm() -> None:
@@ -324,8 +294,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise UsageError(f"Dask: {e}") from None
             log.info(f"evaluating on Dask: {client.scheduler.address}")
         cooperate = args.cooperate if args.cooperate is not None else not store.url.startswith("sqlite")
-        bar = Bar()
-        kw = {"progress": Progress(bar.planned, bar.judged, bar.message),
+        stages = Stages.for_stderr()
+        kw = {"progress": _progress(stages),
               "cooperate": Cooperation(stale_s=args.claim_timeout) if cooperate else None}
         try:
             if args.resume:
@@ -335,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 name = args.name or datetime.now().strftime("run-%Y%m%d-%H%M%S")
                 run = Run.create(store, name, cfg, device, **kw)
         except RunError as e:
-            bar.close()
+            stages.close()
             raise UsageError(str(e)) from None
         if client is not None:
             from .distributed import DaskFitness
@@ -345,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 setups = [e.setup for e in ev.evaluators] if isinstance(ev, MultiEvaluator) else ev.setup
                 stage.fitness_fn = DaskFitness(client, setups, args.device, args.batch_size, args.timeout)
         log.info(f"run {run.name!r} (id {run.id}) -> {store.url}")
-        return _search(run, bar, args.format)
+        return _search(run, stages, args.format)
     finally:
         if client is not None:
             client.close()
@@ -354,21 +324,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         store.close()
 
 
-def _search(run: Run, bar: Bar, fmt: str) -> int:
-    """Run the search and the funnel inside the run's lifecycle, then print the summary."""
+def _search(run: Run, stages: Stages, fmt: str) -> int:
+    """Run the search and the funnel inside the run's lifecycle, then print the summary (the time
+    per stage on stderr, and in the JSON document)."""
     start = time.perf_counter()
     try:
         with run:
             best = run.optimize(STRATEGIES[run.config.algorithm](run.config))
-            comparison = run.funnel(best, progress=bar.message)
+            comparison = run.funnel(best)
     except KeyboardInterrupt:
-        bar.close()
-        log.warning(f"\ninterrupted: continue with  python -m nos.evolve --resume {run.name}")
+        stages.close()
+        log.warning(stages.summary())
+        log.warning(f"interrupted: continue with  python -m nos.evolve --resume {run.name}")
         return 130
     finally:
-        bar.close()
+        stages.close()  # ends the last stage before the run's seconds are taken
     seconds = time.perf_counter() - start
-    summary: dict = {"run": run.name, "run_id": run.id, "seconds": seconds, **run.metrics(),
+    log.info(stages.summary())
+    summary: dict = {"run": run.name, "run_id": run.id, "seconds": seconds, "stage_seconds": stages.stage_seconds,
+                     **run.metrics(),
                      "best_search": [{"id": c.id, "fitness": c.fitness, "lr": c.lr, "expression": c.expression}
                                      for c in best]}
     if comparison is not None:
@@ -406,7 +380,7 @@ def _print_summary(run: Run, summary: dict, best: list, comparison: Comparison |
             where = f" of task {task}" if len(comparison.tasks) > 1 else ""
             print(f"{champ} (champion, chosen on validation) against all five baselines on the test seeds{where}: "
                   f"{verdict}")
-        print(f"export it:  python -m nos.export {candidate_id(champ)} -o runs/{run.name}-{candidate_id(champ)}.py")
+        print(invocation(f"export it:  python -m nos.export {candidate_id(champ)} -o runs/{run.name}-{candidate_id(champ)}.py"))
 
 
 if __name__ == "__main__":

@@ -30,14 +30,17 @@ from ..evaluation.protocol import (
     BEFORE,
     GRADIENT_BASELINES,
     PUBLISHED,
+    Progress,
     Protocol,
     Row,
+    baseline_units,
     before_losses,
     choose,
     gradient_rows,
     test_baselines,
     validation_baselines,
 )
+from ..progress import reporter
 from ..tasks.budget import steps_for
 from ..tasks.registry import WAVES
 from .config import SearchConfig
@@ -46,7 +49,6 @@ from .records import Candidate
 TASK = "sine"  # held-out rows of the sine task's candidates and baselines (split validation / test)
 SEARCH_TASK = "sine_search"  # the sine run's stored Adam reference (the fitness normaliser)
 
-Progress = Callable[[str], None]
 log = logging.getLogger(__name__)
 
 
@@ -97,7 +99,8 @@ def tuned_baselines(store: Store, protocol: Protocol, evaluator: TaskEvaluator,
     (with `published`, also NOS's published optimizers, under keys of their own).
 
     Horizons already stored under the protocol's keys are reused (and the log says so); the rest
-    are computed and stored one horizon at a time."""
+    are computed and stored one horizon at a time, each split a stage of `progress` ("baselines
+    (validation)", "baselines (test)", "published (validation)", ...) counting its trainings."""
     rows = _tuned(store, protocol, evaluator, progress, "", GRADIENT_BASELINES, True)
     if published:
         rows += _tuned(store, protocol, evaluator, progress, "+published", PUBLISHED, False, base=rows)
@@ -106,7 +109,7 @@ def tuned_baselines(store: Store, protocol: Protocol, evaluator: TaskEvaluator,
 
 def _tuned(store: Store, protocol: Protocol, evaluator: TaskEvaluator, progress: Progress | None, suffix: str,
            gradient: Sequence[str], with_randopt: bool, base: Sequence[Row] = ()) -> list[Row]:
-    say = progress or (lambda msg: None)
+    say = reporter(progress)
     rows: list[Row] = []
     for split in ("validation", "test"):
         key = protocol.key(split) + suffix
@@ -115,9 +118,12 @@ def _tuned(store: Store, protocol: Protocol, evaluator: TaskEvaluator, progress:
         if have:
             log.info(f"reusing stored {split} rows of {', '.join(gradient)}{' and RandOpt' if with_randopt else ''} "
                      f"(protocol {key}; t_max = {', '.join(f'{h:g}' for h in sorted(have))})")
-        for h in protocol.horizons:
-            if h in have:
-                continue
+        todo = [h for h in protocol.horizons if h not in have]
+        if todo:
+            kind = "published" if suffix else "baselines"
+            say.stage(f"{kind} ({split}{_where(protocol)})",
+                      len(todo) * baseline_units(protocol, split, gradient, with_randopt), "trainings")
+        for h in todo:
             one = Protocol(**{**protocol.__dict__, "horizons": (h,)})
             new = [] if base else _before_rows(evaluator, h, protocol.seeds.of(split), split)
             if split == "validation":
@@ -138,20 +144,31 @@ def _tuned(store: Store, protocol: Protocol, evaluator: TaskEvaluator, progress:
 def evaluate_candidates(evaluator: TaskEvaluator, protocol: Protocol, candidates: Mapping[str, Genome],
                         baseline_rows: Sequence[Row], progress: Progress | None = None) -> list[Row]:
     """Candidates on the validation seeds at every lr, then on the test seeds at the lr chosen
-    on validation (per horizon)."""
-    say = progress or (lambda msg: None)
+    on validation (per horizon); two stages of `progress`, "funnel (validation)" and "funnel
+    (test)", counting horizons."""
+    say = reporter(progress)
     rows: list[Row] = []
     where = "" if protocol.task == TASK else f"{protocol.task}, "
+    unit = "horizons" if _variant(protocol) == "t_max" else "variants"
+    say.stage(f"funnel (validation{_where(protocol)})", len(protocol.horizons), unit)
     for h in protocol.horizons:
-        say(f"funnel: {len(candidates)} candidate(s) on validation seeds, {where}{_variant(protocol)} = {h:g}")
+        say.message(f"{len(candidates)} candidate(s) at every lr, {where}{_variant(protocol)} = {h:g}")
         rows += gradient_rows(evaluator, candidates, h, protocol.seeds.validation,
                               {n: protocol.lrs for n in candidates}, "validation")
+        say.advance(1)
     choices = choose(rows, before_of(baseline_rows))
+    say.stage(f"funnel (test{_where(protocol)})", len(protocol.horizons), unit)
     for h in protocol.horizons:
-        say(f"funnel: candidates on test seeds, {where}{_variant(protocol)} = {h:g}")
+        say.message(f"{len(candidates)} candidate(s) at the validated lr, {where}{_variant(protocol)} = {h:g}")
         lrs = {n: [choices[(n, h)].hparam] for n in candidates}
         rows += gradient_rows(evaluator, candidates, h, protocol.seeds.test, lrs, "test")  # type: ignore[arg-type]
+        say.advance(1)
     return rows
+
+
+def _where(protocol: Protocol) -> str:
+    """", square" in the name of a stage of a task other than sine (a run may have several)."""
+    return "" if protocol.task == TASK else f", {protocol.task}"
 
 
 def _variant(protocol: Protocol) -> str:
@@ -167,7 +184,7 @@ def candidate_evaluations(rows: Sequence[Row], genomes: Mapping[str, Genome], bu
         assert ind_id is not None
         out.setdefault(ind_id, []).append(
             {"task": task, "task_key": task_key, "horizon": r.horizon, "lr": r.hparam, "seed": r.seed, "loss": r.loss,
-             "steps": steps_for(genomes[r.method], budget_fpe), "seconds": 0.0, "split": r.split})
+             "steps": steps_for(genomes[r.method], budget_fpe), "seconds": r.seconds, "split": r.split})
     return out
 
 

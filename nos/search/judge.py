@@ -51,11 +51,16 @@ ERROR_CHARS = 500  # error texts stored with a row are cut to this length
 
 @dataclass
 class Progress:
-    """Callbacks the command line hooks a progress bar into."""
+    """Callbacks the command line hooks its progress display into (`nos.progress.Stages`); also a
+    `nos.progress.Reporter`, so the funnel and the baselines report through it."""
 
     planned: Callable[[int], None] = lambda n: None  # more candidates planned
     judged: Callable[[list[dict]], None] = lambda rows: None
-    message: Callable[[str], None] = lambda msg: None
+    message: Callable[[str], None] = lambda msg: None  # what the current stage is doing now
+    # a stage of the run starts, with its own fixed count: (name, total or None, unit)
+    stage: Callable[[str, int | None, str], None] = lambda name, total, unit: None
+    advance: Callable[..., None] = lambda n=1, **postfix: None  # units of the current stage done
+    end: Callable[[], None] = lambda: None  # the current stage is over
 
 
 def _default_owner() -> str:

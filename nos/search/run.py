@@ -15,6 +15,7 @@ fitness, the funnel and its rows, the champion and the run's metrics. Its status
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from types import TracebackType
 from typing import Any
 
@@ -31,6 +32,9 @@ from ..evaluation.fitness import (
     TaskEvaluator,
 )
 from ..ga.strategy import Strategy
+from ..progress import Reporter
+from ..tasks.registry import WAVES
+from ..tasks.sine import SineConfig, WaveFamily, pretrain_missing
 from . import funnel as funnel_mod
 from .config import SearchConfig
 from .judge import Cooperation, FitnessFn, Judge, Progress, Stage
@@ -40,6 +44,16 @@ from .records import Candidate
 
 class RunError(Exception):
     """A run cannot be created, resumed or found (one line for the user)."""
+
+
+def search_total(cfg: SearchConfig) -> int:
+    """Candidate slots the GA's schedule settles (the fixed total of the "search" stage): the
+    initial population, then particles x mutations child slots per timestep. A slot is settled
+    once a try of it is evaluated or its last try (`max_tries`) is judged, so retries never make
+    the total grow."""
+    from ..ga.particle import initial_proposals  # here: nos.ga.particle imports this package
+
+    return len(initial_proposals(cfg)) + cfg.timesteps * cfg.particles * cfg.mutations
 
 
 class Run:
@@ -59,7 +73,12 @@ class Run:
                        for k, (stage_setups, promote) in enumerate(setups)]
         self.stages[-1].fitness_fn = fitness_fn
         self.evaluator = self.stages[-1].evaluator
-        self.judge = Judge(store, self.id, config.seed, self.stages, self.device, self.progress, cooperate=cooperate)
+        # the judge reports each chunk through `_judged`, which also advances the "search" stage
+        self.judge = Judge(store, self.id, config.seed, self.stages, self.device,
+                           replace(self.progress, judged=self._judged), cooperate=cooperate)
+        self._counts = {"judged": 0, "evaluated": 0, "duplicate": 0}
+        self._best_fitness: float | None = None
+        self._by_slot = False  # the search stage counts the GA's slots (else proposals)
         self.funnel_done = config.funnel == 0
         self._adam: dict[str, AdamReference] = {}
         self._best: list[Candidate] = []
@@ -168,14 +187,22 @@ class Run:
 
     def optimize(self, strategy: Strategy) -> list[Candidate]:
         """Ask the strategy for batches, judge them, tell it the results, until it stops.
-        Returns the strategy's best distinct candidates (its hall of fame)."""
+        Returns the strategy's best distinct candidates (its hall of fame).
+
+        Stages of `progress`: "pretraining" (networks not cached yet, if any), "Adam reference"
+        (the fitness normaliser of each search task), "search" (a fixed count of the GA's
+        candidate slots, `search_total`; proposals, without a total, for another strategy)."""
+        from ..ga.particle import ParticleGA  # here: nos.ga.particle imports this package
+
         cfg = self.config
         first = True
+        self._by_slot = isinstance(strategy, ParticleGA)  # random search shares the GA's schedule
         while (batch := strategy.ask()) is not None:
             self.progress.planned(len(batch.proposals))
             if first:
-                for stage in self.stages:
-                    stage.adam_reference()
+                self.pretrain()
+                self._tune_references()
+                self.progress.stage("search", search_total(cfg) if self._by_slot else None, "candidates")
                 first = False
             self.progress.message(batch.label)
             size = cfg.chunk if all(p.timestep == 0 for p in batch.proposals) else cfg.timestep_chunk
@@ -183,16 +210,81 @@ class Run:
             props = batch.proposals
             self.judge.judge_chunks([props[i : i + size] for i in range(0, len(props), size)])
             judged = [Candidate.from_row(self.judge.rows[p.slot]) for p in props]
+            if self._by_slot and props and all(p.timestep == 0 for p in props):
+                self._skip_missing_particles(judged)
             for generation in strategy.tell(judged):
                 self.store.put_timestep_stats(self.id, generation.row())
+        self.progress.end()
         self._best = strategy.best()
         return self._best
 
+    def pretrain(self) -> None:
+        """Pretrain (and cache) the wave networks the run will train on and has not cached yet --
+        the search seeds, and the validation and test seeds when this process may run the funnel
+        -- as a stage of its own (they would otherwise be trained on first use: same weights)."""
+        jobs: list[tuple[SineConfig, int, str]] = []
+        for stage in self.stages:
+            ev = stage.evaluator
+            for e in ev.evaluators if isinstance(ev, MultiEvaluator) else [ev]:
+                if isinstance(e.family, WaveFamily):
+                    jobs += [(e.family.sine, s, e.setup.cache_dir) for s in e.setup.seeds]
+        if self.config.funnel and self.coop is None:  # cooperating: the funnel's holder pretrains its own
+            for spec in self.config.all_tasks:
+                if spec in WAVES:
+                    held = self.heldout_evaluator(spec)
+                    if isinstance(held.family, WaveFamily):
+                        jobs += [(held.family.sine, s, held.setup.cache_dir)
+                                 for s in (*self.config.validation_seeds, *self.config.test_seeds)]
+        pretrain_missing(jobs, self.device, self.progress)
+
+    def _tune_references(self) -> None:
+        """Every fidelity stage's Adam reference, tuned or read back, as the stage "Adam reference"."""
+        todo = [e for stage in self.stages
+                for e in (stage.evaluator.evaluators if isinstance(stage.evaluator, MultiEvaluator) else [stage.evaluator])]
+        self.progress.stage("Adam reference", len(todo), "references")
+        for e in todo:  # what each stage's `adam_reference` asks for, in its order
+            self.adam_reference(e.setup.reference, e)
+            self.progress.advance(1)
+
+    def _judged(self, rows: list[dict]) -> None:
+        """One chunk judged: the caller's callback, then the "search" stage advanced by the slots
+        it settled (with the pass rate, duplicates and best full fitness so far)."""
+        self.progress.judged(rows)
+        c, last_try = self._counts, self.config.max_tries - 1
+        settled = 0
+        for r in rows:
+            c["judged"] += 1
+            if r["status"] == "evaluated":
+                c["evaluated"] += 1
+                full = r.get("fidelity") in (None, 1)
+                if full and r.get("fitness") is not None and (self._best_fitness is None or r["fitness"] < self._best_fitness):
+                    self._best_fitness = r["fitness"]
+            elif r["status"] == "duplicate":
+                c["duplicate"] += 1
+            settled += (not self._by_slot or r.get("timestep", 0) == 0 or r["status"] == "evaluated"
+                        or (r.get("attempt") or 0) >= last_try)
+        passed = c["evaluated"] / max(1, c["judged"] - c["duplicate"])
+        self.progress.advance(settled, passed=f"{100 * passed:.0f}%", dups=c["duplicate"],
+                              best="-" if self._best_fitness is None else f"{self._best_fitness:.3g}")
+
+    def _skip_missing_particles(self, initial: list[Candidate]) -> None:
+        """Fewer evaluated initial candidates than particles: the missing particles' child slots
+        will never be proposed; count them as settled, so the search stage's total stays fixed."""
+        cfg = self.config
+        particles = min(cfg.particles, sum(c.evaluated for c in initial))
+        skipped = (cfg.particles - particles) * cfg.mutations * cfg.timesteps
+        if skipped:
+            self.progress.message(f"only {particles} particle(s) of {cfg.particles}: "
+                                  f"{skipped} child slot(s) will not be proposed")
+            self.progress.advance(skipped)
+
     # ------------------------------------------------------------------ the funnel
-    def funnel(self, best: list[Candidate] | None = None, progress: Callable[[str], None] | None = None) -> Comparison | None:
+    def funnel(self, best: list[Candidate] | None = None,
+               progress: Reporter | funnel_mod.Progress | None = None) -> Comparison | None:
         """Judge the best candidates on validation and test seeds beside the tuned baselines
         (stored; see `nos.search.funnel`). Cooperating processes run it once: the claim holder;
-        the others wait for the run to finish (and get None) or take over if it dies."""
+        the others wait for the run to finish (and get None) or take over if it dies. Its stages
+        (baselines, funnel validation and test) go to `progress` (the run's by default)."""
         best = self._best if best is None else best
         if not self.config.funnel or not best:
             self.funnel_done = True
@@ -200,9 +292,9 @@ class Run:
         if self.coop is not None and not self.judge.claim_or_wait(
                 "funnel", lambda: (self.store.get_run(self.id) or {}).get("status") == "finished"):
             return None
-        self.progress.message("held-out funnel")
         result = funnel_mod.run_funnel(self.store, self.id, self.config, self.heldout_evaluator, best,
-                                       progress=progress or self.progress.message)
+                                       progress=progress or self.progress)
+        self.progress.end()
         self.funnel_done = True
         return result
 

@@ -31,16 +31,19 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
 
 from nos.tasks.api import StackedTask, TaskFamily, TaskInstance
 from nos.tasks.segments import Segments
+
+if TYPE_CHECKING:
+    from nos.progress import Reporter
 
 # Bump when the pretraining procedure changes in a way the config does not capture, so that
 # stale cached weights are never reused.
@@ -370,6 +373,28 @@ def pretrain(config: SineConfig, seed: int, cache_dir: str | os.PathLike = DEFAU
              device: torch.device | str = "cpu") -> torch.Tensor:
     """Pretrained flat weights [P] float32 (trained once per (config, seed), then cached)."""
     return pretrain_cached(config, seed, cache_dir, device)[0]
+
+
+def pretrain_missing(jobs: Iterable[tuple[SineConfig, int, str | os.PathLike]], device: torch.device | str = "cpu",
+                     progress: Reporter | None = None) -> int:
+    """Pretrain and cache every (config, seed, cache directory) whose weights are not cached yet,
+    as one stage "pretraining" of `progress` counting networks: the networks a run would otherwise
+    train on first use, minutes of silence on a first run. Same training, same cache files, same
+    weights (`pretrain_cached`). Returns how many were trained."""
+    todo: list[tuple[SineConfig, int, str]] = []
+    for config, seed, cache_dir in jobs:
+        job = (config, seed, str(cache_dir))
+        if job not in todo and not cache_path(config, seed, cache_dir).exists():
+            todo.append(job)
+    if todo and progress is not None:
+        progress.stage("pretraining", len(todo), "networks")
+    for config, seed, cache_dir in todo:
+        if progress is not None:
+            progress.message(f"{config.wave} network of seed {seed}")
+        pretrain_cached(config, seed, cache_dir, device)
+        if progress is not None:
+            progress.advance(1)
+    return len(todo)
 
 
 # -----------------------------------------------------------------------------
