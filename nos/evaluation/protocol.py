@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -34,6 +35,7 @@ import torch
 from search_space.builtins import builtin
 from search_space.genome import Genome
 
+from ..progress import Reporter, reporter
 from ..tasks.api import TaskFamily
 from ..tasks.budget import randopt_population
 from ..tasks.randopt import DEFAULT_TOP_K, randopt
@@ -175,7 +177,8 @@ class Protocol:
 
 @dataclass(frozen=True)
 class Row:
-    """One loss: `method` at `horizon` on `seed`, with hyperparameter `hparam` (lr or sigma)."""
+    """One loss: `method` at `horizon` on `seed`, with hyperparameter `hparam` (lr or sigma);
+    `seconds`: its share of the wall time of the training that produced it (0 when read back)."""
 
     method: str
     horizon: float
@@ -183,6 +186,7 @@ class Row:
     hparam: float | None
     loss: float | None
     split: str
+    seconds: float = field(default=0.0, compare=False)
 
 
 @dataclass(frozen=True)
@@ -223,7 +227,18 @@ def best_randopt(choices: Mapping[tuple[str, float], Choice], horizon: float) ->
 # ------------------------------------------------------------------------------- computing
 
 
-Progress = Callable[[str], None]
+# a Reporter (stages with counts: `nos.progress`), or a plain callable that hears the messages
+Progress = Reporter | Callable[[str], None]
+
+
+def baseline_units(protocol: Protocol, split: str, gradient: Sequence[str] = GRADIENT_BASELINES,
+                   with_randopt: bool = True) -> int:
+    """Trainings per horizon of `validation_baselines` / `test_baselines` (what their progress
+    counts): one batch of the gradient baselines, then one RandOpt run per seed and layer variant
+    (validation) or per seed at the chosen variant (test)."""
+    seeds = len(protocol.seeds.of(split))
+    randopt = (seeds * len(protocol.randopt_layers) if split == "validation" else seeds) if with_randopt else 0
+    return (1 if gradient else 0) + randopt
 
 
 def before_losses(evaluator: TaskEvaluator, horizons: Sequence[float], seeds: Sequence[int]) -> dict[tuple[float, int], float]:
@@ -250,55 +265,71 @@ def gradient_rows(evaluator: TaskEvaluator, methods: Mapping[str, Genome], horiz
     for grid, group in groups.items():
         results = evaluator.grid_seeds([methods[n] for n in group], grid, tasks)
         for s, res in zip(seeds, results):
+            each = res.seconds / max(1, len(group) * len(grid))  # one seed's share, evenly over its rows
             for n, per_lr in zip(group, res.losses):
-                rows += [Row(n, horizon, s, lr, loss, split) for lr, loss in zip(grid, per_lr)]
+                rows += [Row(n, horizon, s, lr, loss, split, each) for lr, loss in zip(grid, per_lr)]
     return rows
 
 
 def randopt_rows(evaluator: TaskEvaluator, protocol: Protocol, horizon: float, seeds: Sequence[int],
-                 variants: Mapping[str, Sequence[float]], split: str) -> list[Row]:
-    """RandOpt with each layer variant at each of its sigmas (all sigmas share the draws)."""
+                 variants: Mapping[str, Sequence[float]], split: str, progress: Progress | None = None) -> list[Row]:
+    """RandOpt with each layer variant at each of its sigmas (all sigmas share the draws); one
+    unit of `progress` per (seed, variant)."""
+    say = reporter(progress)
     n = randopt_population(protocol.budget_fpe)
     rows = []
     for s in seeds:
         task = evaluator.task(horizon, pretrain_seed=s, target_seed=s)
         for layers, sigmas in variants.items():
+            start = time.perf_counter()
             res = randopt(task, n, list(sigmas), protocol.top_k, layers=layers, seed=s)
-            rows += [Row(f"randopt_{layers}", horizon, s, sig, _finite(res.ensemble_losses[sig]), split)
+            each = (time.perf_counter() - start) / max(1, len(sigmas))
+            rows += [Row(f"randopt_{layers}", horizon, s, sig, _finite(res.ensemble_losses[sig]), split, each)
                      for sig in sigmas]
+            say.advance(1)
     return rows
 
 
 def validation_baselines(protocol: Protocol, evaluator: TaskEvaluator, progress: Progress | None = None,
                          gradient: Sequence[str] = GRADIENT_BASELINES, with_randopt: bool = True) -> list[Row]:
-    """Every baseline at every grid value on the validation seeds, at every horizon."""
+    """Every baseline at every grid value on the validation seeds, at every horizon
+    (`baseline_units` units of `progress` per horizon)."""
+    say = reporter(progress)
     seeds = protocol.seeds.validation
     methods = {m: baseline_genome(m) for m in gradient}
     rows = []
     for h in protocol.horizons:
-        if progress:
-            progress(f"tuning {', '.join(methods)}{' and RandOpt' if with_randopt else ''} on validation seeds, "
-                     f"t_max = {h:g}")
+        say.message(f"{', '.join(methods)} at every lr, t_max = {h:g}")
         rows += gradient_rows(evaluator, methods, h, seeds, {m: protocol.lrs for m in methods}, "validation")
+        if methods:
+            say.advance(1)
         if with_randopt:
+            say.message(f"RandOpt at every sigma and layer variant, t_max = {h:g}")
             rows += randopt_rows(evaluator, protocol, h, seeds,
-                                 {v: protocol.sigmas for v in protocol.randopt_layers}, "validation")
+                                 {v: protocol.sigmas for v in protocol.randopt_layers}, "validation", say)
     return rows
 
 
 def test_baselines(protocol: Protocol, evaluator: TaskEvaluator, choices: Mapping[tuple[str, float], Choice],
                    progress: Progress | None = None, gradient: Sequence[str] = GRADIENT_BASELINES,
                    with_randopt: bool = True) -> list[Row]:
-    """Each baseline once per horizon on the test seeds, at its validated choice."""
+    """Each baseline once per horizon on the test seeds, at its validated choice
+    (`baseline_units` units of `progress` per horizon)."""
+    say = reporter(progress)
     seeds = protocol.seeds.test
     rows = []
     for h in protocol.horizons:
-        if progress:
-            progress(f"{', '.join(gradient)}{' and RandOpt' if with_randopt else ''} on test seeds, t_max = {h:g}")
+        say.message(f"{', '.join(gradient)} at the validated lr, t_max = {h:g}")
         methods = {m: baseline_genome(m) for m in gradient}
         lrs = {m: [choices[(m, h)].hparam] for m in methods}
         rows += gradient_rows(evaluator, methods, h, seeds, lrs, "test")  # type: ignore[arg-type]
+        if methods:
+            say.advance(1)
         ro = best_randopt(choices, h) if with_randopt else None
         if ro is not None:
-            rows += randopt_rows(evaluator, protocol, h, seeds, {ro.method[len("randopt_"):]: [ro.hparam]}, "test")  # type: ignore[list-item]
+            say.message(f"RandOpt at the validated sigma and layers, t_max = {h:g}")
+            rows += randopt_rows(evaluator, protocol, h, seeds, {ro.method[len("randopt_"):]: [ro.hparam]}, "test",  # type: ignore[list-item]
+                                 say)
+        elif with_randopt:
+            say.advance(len(seeds))  # nothing to run: the count still reaches its total
     return rows
