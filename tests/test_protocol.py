@@ -19,7 +19,7 @@ from db.store import Store
 from nos.evaluation.compare import compare
 from nos.evaluation.fitness import SearchSetup, TaskEvaluator
 from nos.evaluation.protocol import Protocol, Row, Seeds, baseline_genome, choose
-from nos.evaluation.stats import settle, summarize, versus
+from nos.evaluation.stats import first_best, settle, summarize, versus
 from nos.search import SearchConfig
 from nos.search.funnel import before_of, stored_candidate_rows
 from nos.tasks.sine import SineConfig
@@ -256,3 +256,21 @@ def test_protocol_key_depends_on_what_baselines_depend_on() -> None:
     assert other_val.key("validation") != p.key("validation") and other_val.key("test") != p.key("test")
     assert Protocol(SineConfig(width=8), p.seeds, horizons=(1.0,), budget_fpe=90).key("test") != p.key("test")
     _ = torch  # noqa: F841 -- torch imported for the evaluator's tensors
+
+
+def test_choose_breaks_float_level_ties_by_grid_order():
+    """Scores equal up to rounding (another CPU's last bits) choose the first grid point; a real
+    difference (1e-4 relative) still wins. Non-finite scores never win."""
+    before = {(2.0, s): 1.0 for s in (100, 101)}
+
+    def rows(losses: dict[float, float]) -> list[Row]:
+        return [Row("adam", 2.0, s, lr, loss * (1 + 0.01 * i), "validation")
+                for lr, loss in losses.items() for i, s in enumerate((100, 101))]
+
+    near = choose(rows({1e-4: 1.0000001e-3, 3e-4: 1e-3}), before)[("adam", 2.0)]
+    assert near.hparam == 1e-4  # 1e-7 relative worse, within the tolerance: the first lr
+    real = choose(rows({1e-4: 1.0001e-3, 3e-4: 1e-3}), before)[("adam", 2.0)]
+    assert real.hparam == 3e-4
+    assert first_best([(math.nan, "a"), (math.inf, "b"), (2.0, "c"), (2.0 * (1 + 1e-7), "d")]) == (2.0, "c")
+    assert first_best([(2.0 * (1 + 1e-7), "d"), (2.0, "c")])[1] == "d"
+    assert first_best([(2.0 * (1 + 1e-5), "d"), (2.0, "c")])[1] == "c"

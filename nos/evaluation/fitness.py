@@ -37,6 +37,7 @@ from ..tasks.api import (
 from ..tasks.budget import DEFAULT_BUDGET_FPE, steps_for
 from ..tasks.registry import WAVES, resolve
 from ..tasks.sine import DEFAULT_CACHE_DIR, HORIZONS, SineConfig, WaveFamily
+from .stats import first_best
 
 # The sine task's grids (the family defaults of nos.tasks.api are these). The RandOpt post's
 # authors tuned Adam on {1e-4 ... 1e-2}; we go lower because Adam kept picking the grid's low end.
@@ -200,15 +201,14 @@ class TaskEvaluator:
                     evaluations += [{"task": self.setup.task, "task_key": self.identity, "horizon": h, "lr": lr, "seed": s, "loss": loss,
                                      "steps": res.steps[j], "seconds": each, "split": "search"}
                                     for lr, loss in zip(lrs, res.losses[j])]
-            best: tuple[float, float] | None = None
+            scored: list[tuple[float, float]] = []
             for i, lr in enumerate(lrs):
                 ls = [per_h[h][k].losses[j][i] for h in horizons for k in range(len(seeds))]
                 if any(x is None for x in ls):
                     continue
                 ref = [adam[(h, s)][0] for h in horizons for s in seeds]
-                score = geometric_mean_ratio(ls, ref)  # type: ignore[arg-type]
-                if best is None or score < best[0]:
-                    best = (score, lr)
+                scored.append((geometric_mean_ratio(ls, ref), lr))  # type: ignore[arg-type]
+            best = first_best(scored) if scored else None  # near-ties: the first (smallest) lr
             out.append(Fitness(None, None, evaluations) if best is None else Fitness(best[0], best[1], evaluations))
         return out
 

@@ -42,7 +42,7 @@ from ..tasks.randopt import DEFAULT_TOP_K, randopt
 from ..tasks.registry import WAVES
 from ..tasks.sine import DEFAULT_CACHE_DIR, SineConfig
 from .fitness import HORIZONS, LR_GRID, SIGMAS, SearchSetup, TaskEvaluator, _finite
-from .stats import gmean, settle
+from .stats import first_best, gmean, settle
 
 SPLITS = ("search", "validation", "test")
 PROTOCOL_VERSION = 1  # bump when the way baselines are computed changes: old stored rows are not reused
@@ -200,8 +200,8 @@ class Choice:
 
 
 def choose(rows: Sequence[Row], before: Mapping[tuple[float, int], float]) -> dict[tuple[str, float], Choice]:
-    """(method, horizon) -> the hparam with the lowest validation geometric mean (ties: the first
-    in grid order). `before[(horizon, seed)]` replaces a diverged loss. Test rows are ignored."""
+    """(method, horizon) -> the hparam with the lowest validation geometric mean (ties, within a
+    relative `stats.TIE_RTOL`: the first in grid order, the smallest lr / sigma). `before[(horizon, seed)]` replaces a diverged loss. Test rows are ignored."""
     grid: dict[tuple[str, float], dict[float | None, list[Row]]] = {}
     for r in rows:
         if r.split == "validation":
@@ -213,7 +213,7 @@ def choose(rows: Sequence[Row], before: Mapping[tuple[float, int], float]) -> di
             rs = sorted(rs, key=lambda r: r.seed)
             losses, _ = settle([r.loss for r in rs], [before[(h, r.seed)] for r in rs])
             scored.append((gmean(losses), hp))
-        score, hp = min(scored, key=lambda x: x[0])  # min keeps the first of equal scores
+        score, hp = first_best(scored)  # ties within float rounding: the first in grid order
         out[(method, h)] = Choice(method, h, hp, score)
     return out
 
@@ -221,7 +221,7 @@ def choose(rows: Sequence[Row], before: Mapping[tuple[float, int], float]) -> di
 def best_randopt(choices: Mapping[tuple[str, float], Choice], horizon: float) -> Choice | None:
     """RandOpt's layer variant at a horizon: the variant whose own best sigma scores lowest."""
     variants = [c for (m, h), c in choices.items() if h == horizon and m.startswith("randopt_")]
-    return min(variants, key=lambda c: c.score) if variants else None
+    return first_best([(c.score, c) for c in variants])[1] if variants else None
 
 
 # ------------------------------------------------------------------------------- computing

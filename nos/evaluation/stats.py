@@ -19,13 +19,33 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 from scipy import stats
 
 CONFIDENCE = 0.95
 N_RESAMPLES = 9999
+T = TypeVar("T")
 TINY = 1e-30  # a loss of exactly 0 is a perfect fit, not a log error
+
+
+# Scores within this relative distance of the best are ties: float rounding (another CPU, another
+# torch build) must not flip a choice between equally good grid points.
+TIE_RTOL = 1e-6
+
+
+def first_best(scored: Sequence[tuple[float, T]], rtol: float = TIE_RTOL) -> tuple[float, T]:
+    """The first (score, option) in `scored`'s order whose score is within `rtol` (relative) of the
+    lowest -- lower is better; grids are in ascending order, so ties go to the smallest lr / sigma.
+    Non-finite scores never win over finite ones."""
+    if not scored:
+        raise ValueError("nothing to choose from")
+    finite = [x for x in scored if math.isfinite(x[0])]
+    if not finite:
+        return scored[0]
+    best = min(score for score, _ in finite)
+    return next(x for x in finite if x[0] <= best + rtol * abs(best))
 
 
 def settle(losses: Sequence[float | None], fallback: Sequence[float]) -> tuple[list[float], int]:
