@@ -67,7 +67,8 @@ class SearchConfig:
     horizons: tuple[float, ...] = (2.0, 10.0)  # one where Adam shines, one where it struggles
     lrs: tuple[float, ...] = SEARCH_LRS
     budget_fpe: int = DEFAULT_BUDGET_FPE
-    funnel: int = 1
+    # candidates the funnel validates: 5, so that its diagnostics (a Spearman over them) are defined
+    funnel: int = 5
     # three disjoint seed sets (see nos.evaluation.protocol): fitness / every choice / reported only
     search_seeds: tuple[int, ...] = DEFAULT_SEEDS.search
     validation_seeds: tuple[int, ...] = DEFAULT_SEEDS.validation
