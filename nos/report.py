@@ -1,13 +1,18 @@
-"""`python -m nos.report RUN`: plots and a markdown summary of one search.
+"""`python -m nos.report RUN`: plots and a markdown summary of one search, from stored results.
 
-    python -m nos.report demo                  # writes runs/demo/{summary.md, *.png}
+    python -m nos.report demo                  # writes runs/demo/{summary.md, *.png}, in seconds
     python -m nos.report 3 --out /tmp/rep      # run by id, into another folder
+    python -m nos.report demo --rollouts       # also rollouts.png: retrains (minutes per horizon)
 
 Files: fitness.png (each particle's fitness over timesteps), lineage.png (the best individual's
-ancestry with the siblings of every step), and, when the run has held-out (funnel) results,
-rollouts.png (target vs rollouts after fine-tuning with the best optimizer, Adam and RandOpt, on
-the first held-out seed) and losses.png (held-out loss per horizon, mean +- std over seeds);
-summary.md links them all. Reading only; the rollouts retrain on the run's own task settings.
+ancestry with the siblings of every step), search.png (best fitness so far, beside a random-search
+control when the database holds one) and, when the run has held-out (funnel) results, losses.png
+(test loss per horizon of the champion, the five tuned baselines, the published optimizers when
+the run has them and the network before fine-tuning: each test seed a dot, the geometric mean a
+line) and profile.png (a performance profile); summary.md links them all. The database is opened
+read-only and nothing is trained -- except with --rollouts (or --rollout-horizons), which draws
+rollouts.png: target vs the rollout of every method after fine-tuning, retrained on the first test
+seed with the run's own task settings and each method's validated lr / sigma / layers.
 """
 
 from __future__ import annotations
@@ -17,25 +22,25 @@ import json
 import logging
 import math
 import re
+import shlex
 import statistics
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 from db.store import Store  # noqa: E402
-from search_space.genome import from_json  # noqa: E402
 
 from .cli import (  # noqa: E402
     DEFAULT_DB,
@@ -43,24 +48,27 @@ from .cli import (  # noqa: E402
     UsageError,
     add_device,
     add_format,
+    add_threads,
+    apply_threads,
     print_json,
     resolve_device,
     run_command,
 )
-from .engine.trainer import train  # noqa: E402
 from .evaluation.compare import Comparison, MethodResult, method_label  # noqa: E402
-from .evaluation.fitness import TaskEvaluator  # noqa: E402
-from .evaluation.protocol import BEFORE, baseline_genome  # noqa: E402
+from .evaluation.protocol import BASELINES, BEFORE, METHOD_LABELS, PUBLISHED  # noqa: E402
 from .evaluation.stats import settle  # noqa: E402
 from .report_table import comparison_text  # noqa: E402
 from .search import SearchConfig  # noqa: E402
 from .search.diagnostics import diagnostics  # noqa: E402
 from .search.funnel import candidate_id, candidate_name, comparison  # noqa: E402
 from .search.metrics import duplicate_rate, integrity_pass_rate  # noqa: E402
-from .tasks.budget import describe, randopt_population  # noqa: E402
-from .tasks.randopt import DEFAULT_TOP_K, randopt  # noqa: E402
+from .tasks.budget import describe  # noqa: E402
 from .tasks.registry import WAVES  # noqa: E402
-from .tasks.sine import SineTask  # noqa: E402
+
+if TYPE_CHECKING:  # the training side is imported only when --rollouts asks for it
+    import torch
+
+    from .evaluation.fitness import TaskEvaluator
 
 log = logging.getLogger("nos.report")  # not __name__: it is __main__ under python -m
 
@@ -71,12 +79,20 @@ STATUS_COLORS = {
     "error": "#d62728",
     "duplicate": "#9467bd",
 }
-METHOD_STYLE = {  # color, linestyle of each method in rollouts.png / losses.png
-    "best": ("#d62728", "-"),
-    "adam": ("#1f77b4", "-"),
-    "adam_clip": ("#17becf", "-"),
-    "randopt": ("#2ca02c", "-"),
-    "before": ("#7f7f7f", ":"),
+# color, linestyle, marker of each method in rollouts.png / losses.png / profile.png: the
+# warmup-cosine variants dashed beside their constant-lr twins, the published optimizers dash-dot
+METHOD_STYLE = {
+    "best": ("#d62728", "-", "o"),
+    "adam": ("#1f77b4", "-", "s"),
+    "adam_clip": ("#17becf", "-", "D"),
+    "adam_wc": ("#9467bd", "--", "v"),
+    "adam_clip_wc": ("#e377c2", "--", "^"),
+    "randopt": ("#2ca02c", "-", "P"),
+    "nos_opt5": ("#ff7f0e", "-.", "<"),
+    "nos_opt6": ("#bcbd22", "-.", ">"),
+    "nos_opt7": ("#8c564b", "-.", "h"),
+    "nos_adamclip": ("#393b79", "-.", "X"),
+    "before": ("#7f7f7f", ":", "."),
 }
 
 
@@ -168,29 +184,51 @@ def _particle_colors(n: int) -> list[Any]:
     return [cmap(i if n <= 20 else i / max(1, n - 1)) for i in range(n)]
 
 
-def plot_search(data: RunData, path: Path) -> None:
+def search_figure(data: RunData) -> Figure:
     """search.png: the best full-fidelity fitness among the first k judged candidates, for this
-    run and -- when the database holds one of the same size -- a random-search control."""
+    run and -- when the database holds one of the same size -- a random-search control.
+
+    The two curves often coincide (the same initial population, or nothing better found by
+    either): the control goes underneath, wide, grey and dashed, the run on top, thin and solid,
+    so both stay visible. Without a control the legend and title say so."""
     diag = data.diagnostics
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    curves = [(f"{data.run['name']} ({data.config.algorithm})", diag["best_so_far"], "#d62728")]
-    if diag["control"]:
-        curves.append((f"{diag['control']['run']} (random search)", diag["control"]["best_so_far"], "#7f7f7f"))
-    for label, best, color in curves:
+    control = diag.get("control")
+    curves: list[tuple[str, list[float | None], dict[str, Any]]] = []
+    if control:
+        curves.append((f"{control['run']} (random-search control, dashed, underneath)", control["best_so_far"],
+                       {"color": "0.45", "ls": "--", "lw": 3.2, "alpha": 0.75, "zorder": 2}))
+    curves.append((f"{data.run['name']} ({data.config.algorithm})", diag["best_so_far"],
+                   {"color": "#d62728", "ls": "-", "lw": 1.4, "zorder": 3}))
+    for label, best, style in curves:
         pts = [(k + 1, b) for k, b in enumerate(best) if b is not None and b > 0]
         if pts:
-            ax.step([k for k, _ in pts], [b for _, b in pts], where="post", color=color, lw=1.8, label=label)
+            ax.step([k for k, _ in pts], [b for _, b in pts], where="post", label=label, **style)
+        else:
+            ax.plot([], [], label=f"{label}: no judged candidate", **style)
+    if not control:
+        ax.plot([], [], " ", label="no random-search control of the same size in this database")
     ax.set_yscale("log")
     ax.set_xlabel("judged candidates")
     ax.set_ylabel("best search fitness so far (loss / tuned Adam's)")
     rc = diag["rank_correlation"]
     rho = "n/a" if rc["spearman"] is None else f"{rc['spearman']:.2f}"
-    ax.set_title(f"run {data.run['name']!r}: search progress; Spearman(fitness, validation) over "
+    vs = f" vs random-search control {control['run']!r}" if control else " (no random-search control)"
+    ax.set_title(f"run {data.run['name']!r}: search progress{vs}\nSpearman(fitness, validation) over "
                  f"{rc['n']} funnel candidate(s) = {rho}", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    return fig
+
+
+def plot_search(data: RunData, path: Path) -> None:
+    _save(search_figure(data), path, dpi=120)
+
+
+def _save(fig: Figure, path: Path, dpi: int) -> None:
+    # bbox "tight": the legends drawn beside the axes are kept in the picture
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -335,6 +373,29 @@ def plot_lineage(data: RunData, store: Store, path: Path) -> None:
     plt.close(fig)
 
 
+def pictured_methods(data: RunData) -> list[tuple[str, str]]:
+    """The methods drawn in losses.png and rollouts.png, as (method in the comparison, its key in
+    METHOD_STYLE): the champion, the five tuned baselines, the published optimizers the run has,
+    and the network before fine-tuning -- those with results in the comparison."""
+    cmp = data.comparison
+    if cmp is None:
+        return []
+    best = candidate_name(data.champion["id"]) if data.champion else None
+    have = {r.method for r in cmp.methods}
+    wanted = ([(best, "best")] if best else []) + [(m, m) for m in (*BASELINES, *PUBLISHED, BEFORE)]
+    return [(m, key) for m, key in wanted if m in have]
+
+
+def _label(method: str, key: str, results: Sequence[MethodResult]) -> str:
+    """A method's legend label: the champion marked, RandOpt with its layers when one choice."""
+    if key == "best":
+        return f"{method} (champion)"
+    variants = {r.variant for r in results}
+    if results and len(variants) == 1:
+        return method_label(results[0])
+    return f"{METHOD_LABELS.get(method, method)} (layers chosen per horizon)"
+
+
 @dataclass
 class Rollouts:
     """One held-out horizon's target and each method's rollout (None: diverged or not run)."""
@@ -345,38 +406,62 @@ class Rollouts:
     dt: float
     target: torch.Tensor  # [n] on the CPU
     curves: dict[str, tuple[str, torch.Tensor | None, float | None]]  # key -> (label, [n - k], MSE)
+    stored: dict[str, float | None] = field(default_factory=dict)  # key -> the funnel's stored test loss
 
 
 def rollouts(data: RunData, evaluator: TaskEvaluator, horizon: float, seed: int) -> Rollouts:
     """Retrain as the funnel did (same task, seed, budget, validated lr / sigma / layers) and roll
-    out: the champion, tuned Adam, tuned RandOpt, and the pretrained net as it is. This is the
-    only place the report trains anything: the numbers themselves are read from the database."""
+    out every pictured method: the champion, the five tuned baselines, the published optimizers
+    the run has, and the pretrained net as it is. This is the only place the report trains
+    anything (and only with --rollouts): the numbers themselves are read from the database.
+
+    Each method is trained alone (a batch of one), so a diverging method cannot change another's
+    run through the batch's composition."""
+    import torch  # the training side: only here, so a report without --rollouts never loads it
+
+    from search_space.genome import from_json
+
+    from .engine.trainer import train
+    from .evaluation.protocol import baseline_genome
+    from .tasks.budget import randopt_population
+    from .tasks.randopt import DEFAULT_TOP_K, randopt
+    from .tasks.sine import SineTask
+
     cmp, best = data.comparison, data.champion
     assert best is not None and cmp is not None
-    name = candidate_name(best["id"])
     task = evaluator.task(horizon, pretrain_seed=seed, target_seed=seed)
     if not isinstance(task, SineTask):
         raise ValueError("rollouts are drawn for the wave tasks only")
-    champ, adam, ro = (cmp.result(m, horizon) for m in (name, "adam", "randopt"))
-    gradient = [(key, r, g) for key, r, g in (("best", champ, from_json(best["genome"])),
-                                              ("adam", adam, baseline_genome("adam")))
-                if r is not None and r.hparam is not None]
-    labels = {"best": f"{name} (lr {_hp(champ)})", "adam": f"Adam (lr {_hp(adam)})"}
+    position = list(cmp.seeds.test).index(seed) if seed in cmp.seeds.test else None
+    labels: dict[str, str] = {}
     preds: dict[str, torch.Tensor | None] = {}
-    if gradient:
-        genomes, lrs = [g for *_, g in gradient], [r.hparam for _, r, _ in gradient]
-        res = train(task, genomes, lrs, seeds=seed, budget_fpe=data.config.budget_fpe)  # type: ignore[arg-type]
+    stored: dict[str, float | None] = {}
+    for method, key in pictured_methods(data):
+        r = cmp.result(method, horizon)
+        if r is None:
+            continue
+        if position is not None:
+            stored[key] = r.per_seed[position]
+        if method == BEFORE:
+            labels[key] = METHOD_LABELS[BEFORE]
+            with torch.no_grad():
+                preds[key] = task.rollout(task.theta0[None])[0]
+            continue
+        if method == "randopt":
+            labels[key] = f"RandOpt, {r.variant or 'all'} layers (sigma {_hp(r)})"
+            if r.hparam is not None:
+                preds[key] = randopt(task, randopt_population(data.config.budget_fpe), [r.hparam], DEFAULT_TOP_K,
+                                     layers=r.variant or "all", seed=seed).ensemble_prediction.to(task.device)
+            continue
+        name = f"{method}, champion" if key == "best" else METHOD_LABELS.get(method, method)
+        labels[key] = f"{name} (lr {_hp(r)})"
+        if r.hparam is None:
+            continue
+        genome = from_json(best["genome"]) if key == "best" else baseline_genome(method)
+        res = train(task, [genome], [r.hparam], seeds=seed, budget_fpe=data.config.budget_fpe)  # type: ignore[arg-type]
         assert res.params is not None
         with torch.no_grad():
-            out = task.rollout(res.params)
-        preds.update({key: out[i] for i, (key, _, _) in enumerate(gradient)})
-    if ro is not None and ro.hparam is not None:
-        preds["randopt"] = randopt(task, randopt_population(data.config.budget_fpe), [ro.hparam], DEFAULT_TOP_K,
-                                   layers=ro.variant or "all", seed=seed).ensemble_prediction.to(task.device)
-        labels["randopt"] = f"RandOpt, {ro.variant} layers (sigma {_hp(ro)})"
-    with torch.no_grad():
-        preds["before"] = task.rollout(task.theta0[None])[0]
-    labels["before"] = "before fine-tuning"
+            preds[key] = task.rollout(res.params)[0]
     curves: dict[str, tuple[str, torch.Tensor | None, float | None]] = {}
     for key, label in labels.items():
         pred = preds.get(key)
@@ -386,7 +471,7 @@ def rollouts(data: RunData, evaluator: TaskEvaluator, horizon: float, seed: int)
         with torch.no_grad():
             mse = float(task.loss_of_predictions(pred[None].to(task.target.dtype))[0])
         curves[key] = (label, pred.detach().cpu(), mse)
-    return Rollouts(horizon, seed, task.config.k, task.config.dt, task.target.cpu(), curves)
+    return Rollouts(horizon, seed, task.config.k, task.config.dt, task.target.cpu(), curves, stored)
 
 
 def rollout_horizons(data: RunData) -> list[float]:
@@ -394,14 +479,23 @@ def rollout_horizons(data: RunData) -> list[float]:
     return list(data.comparison.horizons) if data.comparison else []
 
 
-def plot_rollouts(data: RunData, path: Path, device: torch.device, horizons: Sequence[float],
-                  progress: bool = True) -> None:
-    """rollouts.png: per held-out horizon, the target and the rollouts after fine-tuning with the
-    best optimizer, tuned Adam, RandOpt (all layers) and before fine-tuning, on the first held-out seed."""
+def _mse_text(mse: float, stored: float | None) -> str:
+    """The retrained MSE, and the funnel's stored one where they differ (a long chaotic rollout
+    can: README "Results", the batch-composition defect)."""
+    same = stored is not None and math.isclose(mse, stored, rel_tol=1e-2)
+    return f"MSE {mse:.3g}" + ("" if same or stored is None else f" (stored {stored:.3g})")
+
+
+def rollouts_figure(data: RunData, device: torch.device | str, horizons: Sequence[float],
+                    progress: bool = True) -> Figure:
+    """rollouts.png: per chosen held-out horizon, the target and the rollouts after fine-tuning
+    with every pictured method (`pictured_methods`), on the first test seed."""
+    import torch
+
     cfg = data.config
     seed = cfg.test_seeds[0]
     evaluator = cfg.protocol().evaluator(device)
-    fig, axes = plt.subplots(len(horizons), 1, figsize=(10, 2.6 * len(horizons) + 0.6), squeeze=False)
+    fig, axes = plt.subplots(len(horizons), 1, figsize=(10, 3.0 * len(horizons) + 0.6), squeeze=False)
     for ax, h in zip(axes[:, 0], horizons):
         if progress:
             log.info(f"  rollouts at t_max = {h:g} ...")
@@ -411,16 +505,17 @@ def plot_rollouts(data: RunData, path: Path, device: torch.device, horizons: Seq
         ax.plot(t, ro.target, color="k", lw=2.2, label="target")
         ax.plot(t[:k], ro.target[:k], "o", color="k", ms=4, label=f"conditioning ({k} points)")
         for key, (label, pred, mse) in ro.curves.items():
-            color, ls = METHOD_STYLE[key]
-            if pred is None:
+            color, ls, _ = METHOD_STYLE.get(key, ("k", "-", "o"))
+            if pred is None or mse is None:
                 ax.plot([], [], color=color, ls=ls, label=f"{label}: diverged")
             else:
-                ax.plot(t[k:], pred, color=color, ls=ls, lw=1.4, label=f"{label}: MSE {mse:.3g}")
+                ax.plot(t[k:], pred, color=color, ls=ls, lw=2.0 if key == "best" else 1.3,
+                        label=f"{label}: {_mse_text(mse, ro.stored.get(key))}")
         lo, hi = float(ro.target.min()), float(ro.target.max())
         pad = 0.6 * (hi - lo) + 0.1
         ax.set_ylim(lo - pad, hi + pad)
         ax.set_xlim(0, float(t[-1]) + ro.dt)
-        ax.set_title(f"t_max = {h:g} (held-out seed {seed})", fontsize=10)
+        ax.set_title(f"t_max = {h:g} (test seed {seed})", fontsize=10)
         ax.set_ylabel("x(t)")
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
         ax.grid(alpha=0.3)
@@ -428,28 +523,33 @@ def plot_rollouts(data: RunData, path: Path, device: torch.device, horizons: Seq
     fig.suptitle(f"run {data.run['name']!r}: rollouts after fine-tuning ({describe(cfg.budget_fpe)})",
                  fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
-def plot_losses(data: RunData, path: Path) -> None:
-    """losses.png: test loss per horizon per method: each seed as a dot, the geometric mean as a line."""
+def plot_rollouts(data: RunData, path: Path, device: torch.device | str, horizons: Sequence[float],
+                  progress: bool = True) -> None:
+    _save(rollouts_figure(data, device, horizons, progress), path, dpi=110)
+
+
+def losses_figure(data: RunData) -> Figure:
+    """losses.png: test loss per horizon per pictured method: each seed a dot, the geometric mean
+    a line (methods spread a little along x so their dots do not hide each other)."""
     cmp = data.comparison
     assert cmp is not None
-    best = candidate_name(data.champion["id"]) if data.champion else None
-    keys = [(best, "best"), ("adam", "adam"), ("adam_clip", "adam_clip"), ("randopt", "randopt"), (BEFORE, "before")]
-    fig, ax = plt.subplots(figsize=(8, 5))
-    shown = [(m, style) for m, style in keys if m is not None and any(r.method == m for r in cmp.methods)]
-    for i, (method, style) in enumerate(shown):
-        color, ls = METHOD_STYLE[style]
+    shown = pictured_methods(data)
+    fig, ax = plt.subplots(figsize=(10, 5))
+    for i, (method, key) in enumerate(shown):
+        color, ls, marker = METHOD_STYLE.get(key, ("k", "-", "o"))
         results = [r for h in cmp.horizons if (r := cmp.result(method, h)) is not None]
-        label = f"{method} (champion)" if style == "best" else method_label(results[0])
-        shift = 1 + 0.04 * (i - (len(shown) - 1) / 2)
+        shift = 1 + min(0.03, 0.24 / max(1, len(shown))) * (i - (len(shown) - 1) / 2)  # within +-12%
+        best = key == "best"
         ax.plot([r.horizon * shift for r in results], [r.gmean for r in results], color=color, ls=ls,
-                marker="o", ms=5, lw=1.5, label=label)
+                marker=marker, ms=6 if best else 5, lw=2.2 if best else 1.4, zorder=4 if best else 3,
+                label=_label(method, key, results))
         for r in results:
             ys = [x for x in r.per_seed if x is not None and x > 0]
-            ax.scatter([r.horizon * shift] * len(ys), ys, color=color, s=8, alpha=0.35, lw=0)
+            ax.scatter([r.horizon * shift] * len(ys), ys, color=color, marker=marker, s=9, alpha=0.35, lw=0,
+                       zorder=2)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xticks(list(cmp.horizons))
@@ -459,11 +559,19 @@ def plot_losses(data: RunData, path: Path) -> None:
     ax.set_ylabel("test rollout MSE")
     ax.set_title(f"run {data.run['name']!r}: test loss (dots: {len(cmp.seeds.test)} test seeds; line: geometric mean)",
                  fontsize=10)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
+
+
+def plot_losses(data: RunData, path: Path) -> None:
+    _save(losses_figure(data), path, dpi=120)
+
+
+def legend_labels(fig: Figure) -> list[str]:
+    """The labels of every legend of a figure (what a reader can tell apart)."""
+    return [t.get_text() for ax in fig.axes if (leg := ax.get_legend()) is not None for t in leg.get_texts()]
 
 
 def profile_curves(cmp: Comparison, methods: Sequence[str]) -> dict[str, tuple[list[float], list[float]]]:
@@ -503,7 +611,8 @@ def plot_profile(data: RunData, path: Path) -> None:
             continue
         first = next(r for r in cmp.methods if r.method == m)
         label = f"{m} (champion)" if m == best else method_label(first).split(" (")[0]
-        ax.step(taus, frac, where="post", lw=2.2 if m == best else 1.4, label=label)
+        color, ls, _ = METHOD_STYLE.get("best" if m == best else m, ("k", "-", "o"))
+        ax.step(taus, frac, where="post", color=color, ls=ls, lw=2.2 if m == best else 1.4, label=label)
     ax.set_xscale("log")
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("tau: test loss / the best method's loss on the same task, horizon and seed")
@@ -514,8 +623,7 @@ def plot_profile(data: RunData, path: Path) -> None:
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path, dpi=120)
 
 
 def _hp(r: MethodResult | None) -> str:
@@ -529,8 +637,10 @@ def _md_escape(text: str) -> str:
     return re.sub(r"([|*_`])", r"\\\1", text)
 
 
-def summary_markdown(data: RunData, images: dict[str, str], db_arg: str, skipped: str | None) -> str:
-    """summary.md: the run, its counts, the best individual, the held-out table and the plots."""
+def summary_markdown(data: RunData, images: dict[str, str], db_arg: str, skipped: str | None,
+                     notes: Sequence[str] = ()) -> str:
+    """summary.md: the run, its counts, the best individual, the held-out table and the plots
+    (`notes`: one line each under "Plots", e.g. why rollouts.png is missing)."""
     run, cfg, counts = data.run, data.config, data.counts
     total = sum(counts.values())
     pass_rate = integrity_pass_rate(counts) or 0.0
@@ -542,7 +652,11 @@ def summary_markdown(data: RunData, images: dict[str, str], db_arg: str, skipped
             f"- integrity pass rate: {100 * pass_rate:.1f}% (evaluated + error over candidates that were "
             "screened, i.e. not duplicates or invalid)",
             f"- duplicate rate: {100 * dup_rate:.1f}% of all candidates",
-            f"- {describe(cfg.budget_fpe)} per training run", ""]
+            f"- {describe(cfg.budget_fpe)} per training run"]
+    control = data.diagnostics.get("control")
+    if control:  # said only when there is one: search.png draws it
+        out.append(f"- random-search control: run `{control['run']}` (same size, finished), drawn in search.png")
+    out.append("")
     out += ["## Best individual", ""]
     best = data.champion
     if best is None:
@@ -574,6 +688,7 @@ def summary_markdown(data: RunData, images: dict[str, str], db_arg: str, skipped
                        f"{s['invalid']} | {s['errors']} | {_num(s['best_fitness'])} | {_num(s['median_fitness'])} |")
         out.append("")
     out += ["## Plots", ""]
+    out += [line for note in notes for line in (note, "")]
     for fname, caption in images.items():
         out += [f"### {caption}", "", f"![{_md_escape(caption)}]({fname})", ""]
     out += ["## Configuration", "", "```json", json.dumps(run["config"], indent=2, sort_keys=True), "```", ""]
@@ -608,18 +723,36 @@ def _parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m nos.report", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", metavar="RUN", help="run name or id")
-    p.add_argument("--db", default=DEFAULT_DB, help=f"database path or SQLAlchemy URL ({DEFAULT_DB})")
+    p.add_argument("--db", default=DEFAULT_DB, help=f"database path or SQLAlchemy URL ({DEFAULT_DB}); "
+                                                    "opened read-only")
     p.add_argument("--out", type=Path, help="output folder (default: runs/<RUN>)")
+    p.add_argument("--rollouts", action="store_true",
+                   help="also draw rollouts.png. COSTLY: retrains every method (champion, five baselines, "
+                        "published ones) at each chosen horizon on one test seed -- minutes per horizon at "
+                        "t_max = 20 on a CPU (an hour or more for the default run's five horizons). Without it "
+                        "the report reads stored results only and takes seconds")
     p.add_argument("--rollout-horizons", metavar="H,H,...",
-                   help="held-out horizons to draw in rollouts.png (default: all the run has; each one "
-                        "re-trains Adam and the best optimizer, minutes at t_max = 20 on a CPU)")
+                   help="the held-out horizons to draw in rollouts.png (implies --rollouts; default with "
+                        "--rollouts: all the run has); each one retrains every method, see --rollouts")
     add_device(p)
+    add_threads(p)
     add_format(p)
     return p
 
 
+def wants_rollouts(args: argparse.Namespace) -> bool:
+    """--rollouts, or --rollout-horizons (naming horizons to draw is asking for the drawing)."""
+    return bool(args.rollouts or args.rollout_horizons is not None)
+
+
 def _wanted_horizons(text: str | None, data: RunData) -> list[float]:
     """The horizons for rollouts.png: --rollout-horizons, checked against the run's results."""
+    if data.comparison is None or data.champion is None:
+        raise UsageError("--rollouts: the run has no held-out (funnel) results to draw rollouts of "
+                         "(`python -m nos.evolve --funnel N` with N >= 1 makes them)")
+    if data.config.tasks[0] not in WAVES:
+        raise UsageError(f"--rollouts: rollouts are pictures of the wave tasks; this run's first task is "
+                         f"{data.config.task_name(data.config.tasks[0])!r}")
     have = rollout_horizons(data)
     if text is None:
         return have
@@ -633,43 +766,59 @@ def _wanted_horizons(text: str | None, data: RunData) -> list[float]:
     return wanted
 
 
+def rollouts_command(run: str, db: str, out: Path | None) -> str:
+    """The command that draws rollouts.png for this report (same run, database and folder)."""
+    words = ["python", "-m", "nos.report", run] + ([] if db == DEFAULT_DB else ["--db", db])
+    words += ([] if out is None else ["--out", str(out)]) + ["--rollouts"]
+    return " ".join(shlex.quote(w) for w in words)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     device = resolve_device(args.device)
-    store = Store(args.db, create=False)
+    draw_rollouts = wants_rollouts(args)
+    store = Store(args.db, readonly=True)  # a report only reads: read-only files and folders work
     try:
         data = load(store, args.run)
         heldout = data.comparison is not None and data.champion is not None
-        horizons = _wanted_horizons(args.rollout_horizons, data) if heldout else []
+        horizons = _wanted_horizons(args.rollout_horizons, data) if draw_rollouts else []
         out = args.out or Path("runs") / _safe_name(data.run["name"])
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UsageError(f"cannot create {out}: {e.strerror or e}") from None
+        data.diagnostics = diagnostics(store, data.run)
+        control = data.diagnostics["control"]
         images = {"fitness.png": "Fitness over timesteps per particle",
                   "lineage.png": "Lineage of the best individual",
-                  "search.png": "Best fitness so far against judged candidates (and a random-search control)"}
+                  "search.png": "Best fitness so far against judged candidates" + (
+                      f", beside the random-search control `{control['run']}`" if control else "")}
         plot_fitness(data, out / "fitness.png")
         plot_lineage(data, store, out / "lineage.png")
-        data.diagnostics = diagnostics(store, data.run)
         plot_search(data, out / "search.png")
     finally:
         store.close()
-    skipped = None
+    skipped, notes = None, []
     if heldout:
-        if data.config.tasks[0] in WAVES:  # rollouts are pictures of the wave tasks
-            log.info(f"fine-tuning for rollouts.png at t_max = {', '.join(f'{h:g}' for h in horizons)} on {device} ...")
+        if horizons:
+            threads = apply_threads(args)
+            log.info(f"fine-tuning every method for rollouts.png at t_max = {', '.join(f'{h:g}' for h in horizons)} "
+                     f"on {device} ({threads} thread(s)) ...")
             plot_rollouts(data, out / "rollouts.png", device, horizons)
             images["rollouts.png"] = (f"Rollouts after fine-tuning (test seed {data.config.test_seeds[0]}, "
                                       f"t_max = {', '.join(f'{h:g}' for h in horizons)})")
+        elif data.config.tasks[0] in WAVES:  # rollouts are pictures of the wave tasks
+            notes.append("rollouts.png was not drawn (it retrains every method at each held-out horizon, "
+                         "minutes per horizon on a CPU); draw it with "
+                         f"`{rollouts_command(args.run, args.db, args.out)}`.")
         plot_losses(data, out / "losses.png")
         plot_profile(data, out / "profile.png")
         images["losses.png"] = f"Held-out loss per horizon (task {data.config.task_name(data.config.tasks[0])})"
         images["profile.png"] = "Performance profile: champion and the five tuned baselines over tasks x horizons x test seeds"
     else:
-        skipped = ("The run has no held-out (funnel) results, so rollouts.png and losses.png were not made "
+        skipped = ("The run has no held-out (funnel) results, so losses.png and profile.png were not made "
                    "(`python -m nos.evolve --funnel N` with N >= 1 makes them).")
-    (out / "summary.md").write_text(summary_markdown(data, images, args.db, skipped), encoding="utf-8")
+    (out / "summary.md").write_text(summary_markdown(data, images, args.db, skipped, notes), encoding="utf-8")
     files = [str(out / f) for f in [*images, "summary.md"]]
     log.info(f"report written to {out}")
     if args.format == "json":
