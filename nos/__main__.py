@@ -10,11 +10,11 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from .cli import fail, run_command
+from .cli import fail, run_command, set_dispatcher
 
 VERBS = {
     "evolve": "run a search (the particle GA), then the held-out funnel",
-    "query": "read the database: runs, top, show, lineage, stats",
+    "query": "read the database: runs, top, show, lineage, stats, compare",
     "export": "write a discovered or builtin optimizer as a standalone PyTorch file (torch.optim)",
     "report": "plots and a markdown summary of one run",
     "baselines": "the sine-rollout table: Adam, Adam + clip, RandOpt, tuned per horizon",
@@ -40,8 +40,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     verb, rest = args[0], args[1:]
     if verb not in VERBS:
         fail(f"nos: unknown verb {verb!r}; choose from {', '.join(VERBS)} (see nos --help)")
-    module = importlib.import_module(f"nos.{verb}")
-    return run_command(module.main, rest)
+    # messages then name `nos VERB` (as typed), not the module's own `python -m nos.VERB`
+    before = set_dispatcher("python -m nos" if sys.argv[0].endswith("__main__.py") else "nos")
+    try:
+        module = importlib.import_module(f"nos.{verb}")
+        return run_command(module.main, rest)
+    finally:
+        set_dispatcher(before)  # called in process (tests), the next command names itself again
 
 
 if __name__ == "__main__":

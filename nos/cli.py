@@ -36,8 +36,37 @@ class UsageError(Exception):
     """Bad input from the user: reported as one line, exit status 2."""
 
 
+# Set by nos/__main__.main while it runs a verb ("nos", or "python -m nos"), so that messages name
+# the command the user typed: each module names itself `python -m nos.VERB`, which is then shown
+# as `nos VERB`. None: the module was started directly and keeps its own name.
+_dispatcher: str | None = None
+_MODULE_COMMAND = re.compile(r"python -m nos\.([a-z]+)\b")
+
+
+def set_dispatcher(name: str | None) -> str | None:
+    """Name the dispatcher that started this command (None: none); returns the previous name."""
+    global _dispatcher
+    before, _dispatcher = _dispatcher, name
+    return before
+
+
+def invocation(text: str) -> str:
+    """``text`` with each ``python -m nos.VERB`` written as the command the user typed: ``nos VERB``
+    when the process was started through the `nos` dispatcher, unchanged otherwise."""
+    if _dispatcher is None or "python -m nos." not in text:
+        return text
+    return _MODULE_COMMAND.sub(lambda m: f"{_dispatcher} {m.group(1)}", text)
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a bad argument in one line and exits 2 (never a traceback)."""
+    """argparse that reports a bad argument in one line and exits 2 (never a traceback), and
+    names itself as the user typed it (`invocation`: ``nos query`` or ``python -m nos.query``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.prog = invocation(self.prog)
+        self.description = None if self.description is None else invocation(self.description)
+        self.epilog = None if self.epilog is None else invocation(self.epilog)
 
     def error(self, message: str) -> NoReturn:
         fail(f"{self.prog}: {message} (see --help)")
@@ -72,7 +101,7 @@ def shown(text: object, limit: int = 40) -> str:
 
 def fail(message: str, code: int = 2) -> NoReturn:
     """Report ``message`` as one escaped line of at most ~300 characters on stderr and exit."""
-    print(f"error: {one_line(message)}", file=sys.stderr)
+    print(f"error: {one_line(invocation(str(message)))}", file=sys.stderr)
     sys.exit(code)
 
 
@@ -83,6 +112,9 @@ def run_command(main: Callable[[Sequence[str] | None], int], argv: Sequence[str]
     setup_logging()
     try:
         return main(argv)
+    except BrokenPipeError:  # `nos query ... | head`: the reader has gone, nothing left to say
+        _silence_stdout()
+        return 141  # 128 + SIGPIPE, as a shell reports a command killed by it
     except _user_errors(StoreError) as e:  # evaluated only once something was raised
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         fail(str(msg))
@@ -92,6 +124,17 @@ def run_command(main: Callable[[Sequence[str] | None], int], argv: Sequence[str]
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that Python's flush at exit does not fail again."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no real file descriptor (captured output)
+        pass
 
 
 def _user_errors(store_error: type[Exception]) -> tuple[type[Exception], ...]:
@@ -106,13 +149,20 @@ def _user_errors(store_error: type[Exception]) -> tuple[type[Exception], ...]:
     return errors if genome is None else (*errors, genome.GenomeError)
 
 
+class _Formatter(logging.Formatter):
+    """Plain lines, each `python -m nos.VERB` in them named as the user typed it (`invocation`)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return invocation(super().format(record))
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     """Diagnostics (progress notes, warnings) go to stderr through `logging`, one plain line each,
     so that stdout carries only results (one JSON document with --format json)."""
     root = logging.getLogger("nos")
     if not root.handlers:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.setFormatter(_Formatter("%(message)s"))
         root.addHandler(handler)
         root.setLevel(level)
         root.propagate = False
@@ -177,14 +227,20 @@ _INT = re.compile(r"[+-]?[0-9]{1,30}")  # ASCII digits only: int() also takes "Ù
 _FLOAT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 
 
+def bound(n: int) -> str:
+    """An integer bound as a message shows it: the 64-bit limit as ``2^63-1``, not 19 digits."""
+    return "2^63-1" if n == MAX_ID else "-2^63" if n == -MAX_ID - 1 else str(n)
+
+
 def parse_int(text: str, lo: int, hi: int, what: str = "an integer") -> int:
     """``text`` as an int in [lo, hi]; ValueError (one line, the text quoted) otherwise."""
     text = text.strip() if isinstance(text, str) else text
     v = int(text) if isinstance(text, str) and _INT.fullmatch(text) else None
+    interval = f"[{bound(lo)}, {bound(hi)}]"
     if v is None:  # argparse's own wording for a non-number
-        raise ValueError(f"invalid int value: {shown(text)} (expected {what} in [{lo}, {hi}])")
+        raise ValueError(f"invalid int value: {shown(text)} (expected {what} in {interval})")
     if not lo <= v <= hi:
-        raise ValueError(f"expected {what} in [{lo}, {hi}], got {shown(text)}")
+        raise ValueError(f"expected {what} in {interval}, got {shown(text)}")
     return v
 
 
@@ -354,14 +410,41 @@ def fmt_value(v: Any) -> str:
 
 
 def render_table(cells: Sequence[Sequence[str]], headers: Sequence[str], fmt: str = "plain") -> str:
-    """The one table renderer of nos (tabulate): "plain" aligned columns or GitHub "markdown"."""
+    """The one table renderer of nos (tabulate): "plain" aligned columns, GitHub "markdown", or a
+    booktabs "latex" tabular (`latex_table`)."""
+    if fmt == "latex":
+        return latex_table(cells, headers)
     return tabulate(cells, headers=list(headers), tablefmt="github" if fmt == "markdown" else "simple",
                     disable_numparse=True)
 
 
-def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], headers: Sequence[str] | None = None) -> str:
-    """Rows of values as a plain table, each value shown by `fmt_value`."""
-    return render_table([[fmt_value(r.get(c)) for c in columns] for r in rows], list(headers or columns))
+_LATEX_SPECIAL = {
+    "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
+    "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "<": r"\textless{}", ">": r"\textgreater{}",
+}
+
+
+def latex_escape(text: str) -> str:
+    """``text`` as literal LaTeX text: special characters escaped, control characters shown as
+    `escape` shows them, and a leading ``[`` braced (after ``\\\\`` it would read as a length)."""
+    out = "".join(_LATEX_SPECIAL.get(c, c) for c in escape(str(text)))
+    return "{[}" + out[1:] if out.startswith("[") else out
+
+
+def latex_table(cells: Sequence[Sequence[str]], headers: Sequence[str]) -> str:
+    """A booktabs tabular (needs ``\\usepackage{booktabs}``): one header row, every cell escaped.
+    Written here rather than by tabulate, whose empty table has no column spec."""
+    lines = [r"\begin{tabular}{" + "l" * max(1, len(headers)) + "}", r"\toprule",
+             " & ".join(latex_escape(h) for h in headers) + r" \\", r"\midrule"]
+    lines += [" & ".join(latex_escape(c) for c in row) + r" \\" for row in cells]
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines)
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], headers: Sequence[str] | None = None,
+                 fmt: str = "plain") -> str:
+    """Rows of values as a table (`render_table`'s ``fmt``), each value shown by `fmt_value`."""
+    return render_table([[fmt_value(r.get(c)) for c in columns] for r in rows], list(headers or columns), fmt)
 
 
 def format_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:

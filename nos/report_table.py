@@ -1,6 +1,9 @@
-"""The comparison as tables (plain text for terminals, Markdown for summary.md and the README).
+"""The comparison as tables (plain text for terminals, Markdown for summary.md and the README,
+booktabs LaTeX for papers).
 
 Tables go through nos.cli.render_table (the one renderer); losses and ratios through `num`.
+`versus_grid` and `methods_grid` lay out one or several runs' comparisons as one table each
+(`nos query compare RUN RUN ...`, `--format latex`).
 """
 
 from __future__ import annotations
@@ -102,27 +105,164 @@ def aggregate_table(cmp: Comparison, candidate: str, fmt: str = "plain") -> str:
     return render(rows, [candidate] + heads, fmt)
 
 
-def comparison_text(cmp: Comparison, fmt: str = "plain") -> str:
+def comparison_text(cmp: Comparison, fmt: str = "plain", parts: Sequence[str] = ("methods", "versus")) -> str:
     """The tables with their captions: per task, methods then each candidate against each baseline;
-    on several tasks, the aggregates over tasks last."""
+    on several tasks, the aggregates over tasks last. ``parts``: which of "methods" and "versus"
+    (each candidate against each baseline, the aggregates included) to show."""
     seeds = cmp.seeds
     out = [f"test seeds {seeds.test[0]}..{seeds.test[-1]} (n = {len(seeds.test)}); every lr / sigma / variant "
-           f"chosen on validation seeds {', '.join(map(str, seeds.validation))}",
-           "cells: geometric mean [median] of the test losses (k div = diverged runs, counted as the "
-           "initial parameters' loss) @ the validated lr or sigma"]
+           f"chosen on validation seeds {', '.join(map(str, seeds.validation))}"]
+    if "methods" in parts:
+        out.append("cells: geometric mean [median] of the test losses (k div = diverged runs, counted as the "
+                   "initial parameters' loss) @ the validated lr or sigma")
     several = len(cmp.tasks) > 1
     if several:
         out.append(f"search tasks {', '.join(cmp.search_tasks)} (the champion is chosen on their validation seeds); "
                    f"test tasks {', '.join(cmp.test_tasks) or '-'} (never read by any choice)")
     for task in cmp.tasks:
-        out += ["", f"task {task}{' (test task)' if task in cmp.test_tasks else ''}" if several else "",
-                methods_table(cmp, fmt, task=task)]
-        for c in cmp.candidates:
+        out += ["", f"task {task}{' (test task)' if task in cmp.test_tasks else ''}" if several else ""]
+        if "methods" in parts:
+            out.append(methods_table(cmp, fmt, task=task))
+        for c in cmp.candidates if "versus" in parts else ():
             out += ["", f"{c}{' (champion)' if c == cmp.champion else ''} vs each baseline: geometric mean of the "
                     "per-seed loss ratios [95% bootstrap CI], seeds won, Wilcoxon p; wins only when the CI is below 1",
                     versus_table(cmp, c, fmt, task=task)]
-    if several:
+    if several and "versus" in parts:
         for c in cmp.candidates:
             out += ["", f"{c}{' (champion)' if c == cmp.champion else ''} over tasks x horizons x test seeds: "
                     "geometric mean of the loss ratios [95% stratified bootstrap CI]", aggregate_table(cmp, c, fmt)]
     return "\n".join(line for i, line in enumerate(out) if line or i == 0 or out[i - 1])
+
+
+
+# ------------------------------------------------------------------ several runs, one table each
+
+Named = tuple[str, Comparison]  # (run name, its comparison)
+
+
+def _aggregate_label(label: str) -> str:
+    return "all tasks" if label == AGGREGATE else f"test tasks ({label})"
+
+
+def task_keys(runs: Sequence[Named]) -> list[str]:
+    """The tasks of the runs in order of first appearance, then (for runs on several tasks) the
+    aggregate rows' pseudo-tasks: "all tasks", "test tasks (...)"."""
+    tasks = list(dict.fromkeys(t for _, cmp in runs for t in cmp.tasks))
+    aggs = list(dict.fromkeys(_aggregate_label(a.task) for _, cmp in runs if len(cmp.tasks) > 1
+                              for a in cmp.aggregate))
+    return tasks + aggs
+
+
+def _columns(runs: Sequence[Named], tasks: Sequence[str]) -> list[tuple[str, float]]:
+    """(variant label, horizon) columns of the given tasks: each label's horizons in order."""
+    cols: dict[str, set[float]] = {}
+    for _, cmp in runs:
+        for t in tasks:
+            if t in cmp.task_horizons:
+                cols.setdefault(_variant(cmp, t), set()).update(cmp.task_horizons[t])
+    return [(label, h) for label, hs in cols.items() for h in sorted(hs)]
+
+
+def _short_cell(v: VersusRow | None) -> str:
+    if v is None:
+        return "-"
+    s = v.stats
+    return f"{num(s.gmean_ratio)} [{num(s.ci_low)}, {num(s.ci_high)}] {v.verdict}"
+
+
+def _keep(headers: list[str], rows: list[list[str]], drop: set[int]) -> tuple[list[str], list[list[str]]]:
+    return ([h for i, h in enumerate(headers) if i not in drop],
+            [[c for i, c in enumerate(r) if i not in drop] for r in rows])
+
+
+def _pruned(headers: list[str], rows: list[list[str]], runs: Sequence[Named],
+            keys: Sequence[str]) -> tuple[list[str], list[list[str]]]:
+    """Without the run column for one run, the task column for one task."""
+    return _keep(headers, rows, {i for i, drop in ((0, len(runs) == 1), (1, len(keys) == 1)) if drop})
+
+
+def versus_grid(runs: Sequence[Named], champions_only: bool = True,
+                tasks: Sequence[str] | None = None) -> tuple[list[str], list[list[str]]]:
+    """One table of each run's champion (or every candidate) against each baseline: rows run /
+    task / candidate / baseline, columns the horizons, cells ratio [95% CI] verdict; column "all":
+    the aggregate over the run's horizons (on several tasks: rows of the aggregate pseudo-tasks,
+    "all tasks" and "test tasks (...)"). The run column is left out for one run, the task
+    column for one task."""
+    keys = list(tasks or task_keys(runs))
+    cols = _columns(runs, keys)
+    rows: list[list[str]] = []
+    for key in keys:
+        for name, cmp in runs:
+            multi = len(cmp.tasks) > 1
+            aggs = {_aggregate_label(a.task) for a in cmp.aggregate} if multi else set()
+            if key not in cmp.tasks and key not in aggs:
+                continue
+            cands = ([cmp.champion] if cmp.champion else []) if champions_only else list(cmp.candidates)
+            for c in cands:
+                for b in BASELINES:
+                    if key in cmp.tasks:
+                        pick = {(x.task, x.horizon): x for x in cmp.versus if x.candidate == c and x.baseline == b}
+                        cells = [_short_cell(pick.get((key, h))) if h in cmp.task_horizons.get(key, ())
+                                 and label == _variant(cmp, key) else "-" for label, h in cols]
+                        agg = None if multi else next((a for a in cmp.aggregate if a.candidate == c
+                                                       and a.baseline == b), None)
+                    else:
+                        cells = ["-"] * len(cols)
+                        agg = next((a for a in cmp.aggregate if a.candidate == c and a.baseline == b
+                                    and _aggregate_label(a.task) == key), None)
+                    if all(x == "-" for x in cells) and agg is None:
+                        continue
+                    first = next((m for m in cmp.methods if m.method == b), None)
+                    label = method_label(first).split(" (")[0] if first else b
+                    champ = " (champion)" if c == cmp.champion and not champions_only else ""
+                    rows.append([name, key, c + champ, label, *cells, _short_cell(agg)])
+    headers = ["run", "task", "candidate", "baseline", *[f"{label}={h:g}" for label, h in cols], "all"]
+    if rows and all(r[-1] == "-" for r in rows):  # no aggregate here (a task of a run on several tasks)
+        headers, rows = headers[:-1], [r[:-1] for r in rows]
+    return _pruned(headers, rows, runs, keys)
+
+
+def _method_cells(cmp: Comparison, method: str, task: str, cols: Sequence[tuple[str, float]]) -> list[str]:
+    cells = []
+    for label, h in cols:
+        r = cmp.result(method, h, task) if label == _variant(cmp, task) else None
+        if r is None:
+            cells.append("-")
+            continue
+        cell = f"{num(r.gmean)} [{num(r.median)}]"
+        if r.diverged:
+            cell += f" {r.diverged} div"
+        if r.hparam is not None:
+            cell += f" @{r.hparam:g}" + (f" {r.variant}" if r.variant else "")
+        cells.append(cell)
+    return cells
+
+
+def methods_grid(runs: Sequence[Named], champions_only: bool = True,
+                 tasks: Sequence[str] | None = None) -> tuple[list[str], list[list[str]]]:
+    """One table of test losses: per task, the baselines (and the network before fine-tuning)
+    once per set of runs with the very same baseline results (the run column names them all),
+    then each run's champion (or every candidate); cells geometric mean [median] (k div) @ the
+    validated lr / sigma. The run column is left out for one run, the task column for one task."""
+    keys = [k for k in (tasks or task_keys(runs)) if any(k in cmp.tasks for _, cmp in runs)]
+    cols = _columns(runs, keys)
+    reference = (BEFORE, *BASELINES, *PUBLISHED)
+    rows: list[list[str]] = []
+    for task in keys:
+        here = [(name, cmp) for name, cmp in runs if task in cmp.tasks]
+        groups: dict[tuple, list[Named]] = {}  # the same baseline results: shown once
+        for name, cmp in here:
+            same = tuple(m for m in cmp.methods if m.task == task and m.method in reference)
+            groups.setdefault(same, []).append((name, cmp))
+        for members in groups.values():
+            names, cmp = ", ".join(n for n, _ in members), members[0][1]
+            for method in dict.fromkeys(m.method for m in cmp.methods if m.task == task and m.method in reference):
+                first = next(m for m in cmp.methods if m.method == method and m.task == task)
+                rows.append([names, task, method_label(first).split(" (")[0], *_method_cells(cmp, method, task, cols)])
+        for name, cmp in here:
+            cands = ([cmp.champion] if cmp.champion else []) if champions_only else list(cmp.candidates)
+            for c in cands:
+                label = c + (" (champion)" if c == cmp.champion else "")
+                rows.append([name, task, label, *_method_cells(cmp, c, task, cols)])
+    headers = ["run", "task", "method", *[f"{label}={h:g}" for label, h in cols]]
+    return _pruned(headers, rows, runs, keys)

@@ -5,6 +5,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import re
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +20,7 @@ import pytest
 from db.models import Individual
 from db.store import Store
 
-from .conftest import RUN, in_process, run_module, tiny_search
+from .conftest import RUN, assert_one_line_error, in_process, run_module, tiny_search
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -136,6 +140,37 @@ def test_show(q: Query, store: Store, ids: dict[str, int]) -> None:
     assert doc["status"] == rejected["status"] and len(doc["evaluations"]) == len(rejected["evaluations"])
 
 
+def eval_lines(table: str) -> list[str]:
+    """The evaluation rows `show` printed (each begins with a task name, then its split)."""
+    return [line for line in table.splitlines() if re.match(r"\S+ +(search|validation|test) +\S+ +\S+ +\d+ ", line)]
+
+
+def test_show_summarizes_evaluations(q: Query, store: Store, ids: dict[str, int]) -> None:
+    """The table shows a summary per split / task / horizon and at most 20 rows; --all every row;
+    csv and json every row whatever."""
+    want = store.get_individual(ids["best"])["evaluations"]  # the funnel's candidate: held-out rows too
+    assert len(want) > 20
+    table = q.text("show", str(ids["best"]))
+    assert f"the first 20 of {len(want)} evaluations (--all prints every one" in table
+    summary = table[table.index("split "):table.index("the first 20")]
+    groups: dict[tuple, list[float]] = {}
+    for e in want:
+        groups.setdefault((e["split"], e["task"], e["horizon"]), []).append(e["loss"])
+    summary_rows = [line.split() for line in summary.splitlines()[2:] if line.strip()]
+    assert len(summary_rows) == len(groups)
+    for split, task, horizon, n, diverged, best, *_ in summary_rows:
+        losses = groups[(split, task, float(horizon))]
+        assert int(n) == len(losses) and int(diverged) == sum(x is None for x in losses)
+        assert float(best) == pytest.approx(min(x for x in losses if x is not None), rel=1e-3)
+    order = ["search", "validation", "test"]
+    splits = [row[0] for row in summary_rows]
+    assert splits == sorted(splits, key=order.index) and set(splits) == {"search", "validation", "test"}
+    assert len(eval_lines(table)) == 20
+    every = q.text("show", str(ids["best"]), "--all")
+    assert len(eval_lines(every)) == len(want) and "the first 20" not in every
+    assert len(q.csv("show", str(ids["best"]))) == len(want) == len(q.json("show", str(ids["best"]))["evaluations"])
+
+
 def test_lineage(q: Query, store: Store, ids: dict[str, int]) -> None:
     want = store.lineage(ids["deepest"])
     doc = q.json("lineage", str(ids["deepest"]))
@@ -153,7 +188,10 @@ def test_lineage(q: Query, store: Store, ids: dict[str, int]) -> None:
     assert {"id", "timestep", "particle", "mutation_kind", "fitness", "delta", "expression"} <= set(rows[0])
     assert [r["mutation_kind"] for r in rows] == [w["mutation_kind"] or "" for w in want]
     table = q.text("lineage", str(ids["deepest"]))
-    assert f"back to initial genome #{want[-1]['id']}" in table
+    assert table.startswith(f"lineage of #{ids['deepest']}: 2 step(s) back to initial genome #{want[-1]['id']}\n")
+    initial = want[-1]["id"]  # steps = mutations: none for an initial genome
+    assert q.text("lineage", str(initial)).startswith(f"#{initial} is an initial genome\n")
+    assert q.text("lineage", str(want[1]["id"])).startswith(f"lineage of #{want[1]['id']}: 1 step(s) back")
 
 
 def test_stats(q: Query, store: Store, ids: dict[str, int]) -> None:
@@ -205,9 +243,84 @@ def test_user_errors_are_one_line(tiny_db: Path, capsys: pytest.CaptureFixture[s
 
 
 def test_help(capsys: pytest.CaptureFixture[str]) -> None:
-    for args in (["runs"], ["top"], ["show"], ["lineage"], ["stats"]):
+    for args in (["runs"], ["top"], ["show"], ["lineage"], ["stats"], ["compare"]):
         code, out, _ = in_process(capsys, *args, "--help")
         assert code == 0 and "usage: python -m nos.query " + args[0] in out
+    code, out, _ = in_process(capsys, "compare", "--help")
+    assert "RUN [RUN ...]" in out and "--table {methods,versus}" in out
+
+
+def test_nos_help_lists_every_verb(capsys: pytest.CaptureFixture[str]) -> None:
+    """Every module of nos with a `main` is a verb of `nos`, and `nos --help` names it."""
+    from nos.__main__ import VERBS
+    from nos.__main__ import main as nos_main
+
+    modules = {p.stem for p in (ROOT / "nos").glob("*.py")
+               if p.stem != "__main__" and re.search(r"^def main\(", p.read_text(), re.M)}
+    assert modules == set(VERBS)
+    code, out, _ = in_process(capsys, "--help", main=nos_main)
+    assert code == 0
+    assert all(re.search(rf"^  {verb} +\S", out, re.M) for verb in VERBS), out
+    assert "compare" in out  # query's line names all its subcommands
+
+
+def test_bounds_read_as_numbers(tiny_db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A 64-bit bound is written 2^63-1, not 9223372036854775807."""
+    for args in (["show", "0"], ["top", RUN, "-n", "x"], ["lineage", "9223372036854775808"]):
+        code, out, err = in_process(capsys, *args, "--db", str(tiny_db))
+        assert code == 2 and "in [1, 2^63-1]" in err and "9223372036854775807" not in err, err
+
+
+# ---------------------------------------------------------------------- the command's name
+
+
+NOS = Path(sys.executable).parent / "nos"  # the console script (pyproject.toml [project.scripts])
+
+
+def command(*argv: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(a) for a in argv], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.skipif(not NOS.exists(), reason="the nos console script is not installed beside this python")
+def test_messages_name_the_command_typed(tiny_db: Path) -> None:
+    """`nos query top ...` reports `nos query top: ...`; `python -m nos.query top ...` names itself;
+    `python -m nos query ...` says so (real processes: the console script, -m nos, -m nos.query)."""
+    bad = ["top", RUN, "-n", "0", "--db", str(tiny_db)]
+    as_typed = {
+        "nos query top": (NOS, "query", *bad),
+        "python -m nos.query top": (sys.executable, "-m", "nos.query", *bad),
+        "python -m nos query top": (sys.executable, "-m", "nos", "query", *bad),
+    }
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        procs = dict(zip(as_typed, pool.map(lambda a: command(*a), as_typed.values())))
+        helps = dict(zip(as_typed, pool.map(lambda a: command(*a[: a.index("top")], "top", "--help"),
+                                            as_typed.values())))
+    for name, proc in procs.items():
+        line = assert_one_line_error(proc.returncode, proc.stdout, proc.stderr)
+        assert line.startswith(f"error: {name}: argument -n: expected a count"), line
+        assert helps[name].returncode == 0 and helps[name].stdout.startswith(f"usage: {name} "), helps[name].stdout
+    help_ = command(NOS, "query", "--help").stdout
+    assert help_.startswith("usage: nos query ") and "nos query compare RUN RUN ..." in help_
+    assert "python -m nos." not in help_  # the description's examples too
+
+
+def test_invocation_rewrites_only_through_the_dispatcher(capsys: pytest.CaptureFixture[str]) -> None:
+    """Messages from other modules (`fail`, log lines) are rewritten too, but only while a verb runs
+    under `nos`; afterwards (or run directly) `python -m nos.X` names itself."""
+    from nos.cli import fail, invocation, set_dispatcher
+
+    text = "continue with  python -m nos.evolve --resume demo; see python -m nos.query runs"
+    assert invocation(text) == text
+    before = set_dispatcher("nos")
+    try:
+        assert invocation(text) == "continue with  nos evolve --resume demo; see nos query runs"
+        with pytest.raises(SystemExit):
+            fail("python -m nos.export 3 -o x.py")
+        assert capsys.readouterr().err == "error: nos export 3 -o x.py\n"
+    finally:
+        set_dispatcher(before)
+    assert invocation(text) == text
 
 
 # ---------------------------------------------------------------------- real commands
