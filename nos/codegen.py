@@ -1,6 +1,6 @@
 """Render a genome as a standalone PyTorch optimizer file (torch/optim/sgd.py style).
 
-The file imports only torch and math. Every op, operand, schedule and random-number function it
+The file imports only torch, math and warnings. Every op, operand, schedule and random-number function it
 needs is copied from `search_space` / `nos.engine.rng` by source (`inspect.getsource`), so the
 exported optimizer runs the very code the interpreter ran and gives the same numbers.
 
@@ -517,7 +517,15 @@ def _docstring(genome: Genome, lr: float, total_steps: int, provenance: dict[str
     if effects.inert:
         lines.append("No effect here (the code still runs them, exactly as nos's interpreter does):")
         lines += [w for x in effects.inert for w in _wrap(x, 4)]
-    lines += ["", "Schedules are functions of t / total_steps; past total_steps they hold their last value."]
+    if _uses_time(genome):
+        about_t = ("is the length of the training the schedules span: they are functions of "
+                   "tau = t / total_steps. Set it to the number of steps you will train. Past it every "
+                   "schedule holds its last value (a cosine lr stays at about 0), and the first step "
+                   "past it warns once.")
+    else:
+        about_t = "does not matter here: nothing in this rule depends on t / total_steps."
+    head = f"total_steps (default {total_steps}: the steps nos trained it for, its budget of gradient steps)"
+    lines += ["", *textwrap.wrap(f"{head} {about_t}", 100)]
     if lr_choice is not None:
         lines += ["", *_lr_doc_lines(lr_choice)]
     lines += ["", "Provenance:"]
@@ -546,6 +554,7 @@ _CLASS_TEMPLATE = Template(
 """
 
 import math
+import warnings
 
 import torch
 
@@ -573,6 +582,7 @@ class $class_name(torch.optim.Optimizer):
             raise ValueError(f"Invalid seed: {seed}")
         defaults = dict(lr=lr, total_steps=total_steps, seed=seed)
         super().__init__(params, defaults)
+        self._warned_past_total = False  # one warning per optimizer, at the first step past total_steps
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -598,7 +608,7 @@ ${rng_param}                if p.grad is None:
                 state = self.state[p]
                 step = state.get("step", 0) + 1  # steps taken, this one included
                 state["step"] = step
-                t = min(step - 1, T - 1)  # schedules hold their last value past total_steps
+${past_total}                t = min(step - 1, T - 1)  # schedules hold their last value past total_steps
                 tau = t / T
                 $lr_line
                 g = p.grad$grad_scale
@@ -645,4 +655,21 @@ def render(
         grad_scale=" * clip_coef" if genome.clip is not None else "",
         update_block=_indent(_update_lines(genome, needs), 16),
         noise_block=_noise_block(genome, needs.if_better),
+        past_total=_PAST_TOTAL if _uses_time(genome) else "",
     )
+
+
+# Training past total_steps freezes every schedule at its last value (a cosine lr at ~0): the
+# one place a user who trains longer than the search did learns it, without reading the docstring.
+_PAST_TOTAL = """\
+                if step > T and not self._warned_past_total:
+                    self._warned_past_total = True
+                    warnings.warn(f"{type(self).__name__}: step {step} is past total_steps={T}; the "
+                                  "schedules hold their last value from here (pass total_steps=N for "
+                                  "N steps of training)", stacklevel=2)
+"""
+
+
+def _uses_time(genome: Genome) -> bool:
+    """Whether anything in the rule (update, lr, noise) depends on tau = t / total_steps."""
+    return "tau" in symbolic(genome).canonical

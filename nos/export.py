@@ -3,8 +3,10 @@
     python -m nos.export 42 -o runs/discovered42.py          # individual 42 of the database
     python -m nos.export 42 --horizon 10 -o opt42_t10.py      # ... with the lr validated for t_max 10
     python -m nos.export --builtin adam -o adam.py            # a classic optimizer's genome
+    python -m nos.export --builtin discovered_erf_sign -o d.py  # a champion of the README's runs
+    python -m nos.export --genome my.json --lr 3e-4 -o my.py  # any genome file
 
-The file imports only torch and math; see its docstring for the update rule and provenance.
+The file imports only torch, math and warnings; see its docstring for the update rule and provenance.
 An individual's default lr is the one its search chose (on the search seeds); with --horizon H,
 the one its run's funnel chose for rollout horizon H on the validation seeds. The docstring
 lists both.
@@ -25,8 +27,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from db.store import Store
-from search_space.builtins import BUILTINS, builtin
-from search_space.genome import Genome, GenomeError, from_json
+from search_space.builtins import BUILTINS, builtin, builtin_title
+from search_space.genome import Genome, GenomeError, from_json, read_file
 
 from .cli import (
     DEFAULT_DB,
@@ -36,6 +38,7 @@ from .cli import (
     UsageError,
     db_arg,
     finite_float,
+    path_arg,
     record_id,
     run_command,
 )
@@ -44,7 +47,9 @@ from .search.config import SearchConfig
 from .search.funnel import validated_lrs
 from .tasks.budget import DEFAULT_BUDGET_FPE, steps_for
 
-BUILTIN_LR = {"sgd": 0.01, "momentum": 0.01, "nesterov": 0.01, "lion": 1e-4, "rso": 1.0}
+BUILTIN_LR = {"sgd": 0.01, "momentum": 0.01, "nesterov": 0.01, "lion": 1e-4, "rso": 1.0,
+              # sign-like updates: the lr their runs validated (README "Results")
+              "discovered_erf_sign": 1e-4, "discovered_sign_interp": 1e-4, "discovered_lion_interp": 1e-4}
 DEFAULT_LR = 1e-3
 SHOWN = 80  # characters of a path or value quoted in an error line
 
@@ -66,7 +71,13 @@ def _class_name(text: str) -> str:
 def _parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m nos.export", description=__doc__.split("\n")[0])
     p.add_argument("id", nargs="?", type=record_id, help="individual id in the database")
-    p.add_argument("--builtin", choices=BUILTINS, help="export a classic optimizer instead")
+    p.add_argument("--builtin", choices=BUILTINS, metavar="NAME",
+                   help=f"export a builtin instead: {', '.join(BUILTINS)}")
+    p.add_argument("--genome", type=path_arg("genome file"), metavar="FILE.json",
+                   help="export the genome in a JSON file instead (as `nos integrity --genome` reads it)")
+    p.add_argument("--lr", type=finite_float(0, 1e6, "a learning rate", lo_open=True),
+                   help="the file's default lr (default: the search's or validation's choice for an individual, "
+                        f"{DEFAULT_LR:g} for a genome file, a classic value for a builtin)")
     p.add_argument("-o", "--output", type=Path, required=True, help="the .py file to write (its directory must exist)")
     p.add_argument("--db", type=db_arg, default=DEFAULT_DB, help=f"database path or SQLAlchemy URL (default {DEFAULT_DB})")
     p.add_argument("--class-name", type=_class_name, help="name of the optimizer class (default: derived)")
@@ -308,25 +319,35 @@ def export_individual(store: Store, ind_id: int, horizon: float | None = None) -
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if (args.id is None) == (args.builtin is None):
-        raise UsageError("give either an individual ID or --builtin NAME")
-    if args.builtin and args.horizon is not None:
-        raise UsageError("--horizon picks the lr a run's funnel validated for an individual; not with --builtin")
-    target = check_output(args.output, None if args.builtin else args.db)
+    sources = [x for x in (args.id, args.builtin, args.genome) if x is not None]
+    if len(sources) != 1:
+        raise UsageError("give one of: an individual ID, --builtin NAME, --genome FILE.json")
+    if args.id is None and args.horizon is not None:
+        raise UsageError("--horizon picks the lr a run's funnel validated for an individual; only with an ID")
+    target = check_output(args.output, args.db if args.id is not None else None)
     lr_choice: LrChoice | None = None  # where an individual's default lr comes from
     if args.builtin:
         genome = builtin(args.builtin)
         name, lr = class_name_for(args.builtin), BUILTIN_LR.get(args.builtin, DEFAULT_LR)
         total = steps_for(genome, DEFAULT_BUDGET_FPE)
-        provenance = {"title": f"{args.builtin}, a classic optimizer written as a nos genome", "builtin": args.builtin}
+        provenance = {"title": builtin_title(args.builtin), "builtin": args.builtin}
+    elif args.genome:
+        genome = read_file(args.genome)
+        stem = "".join(ch for ch in Path(args.genome).stem.title() if ch.isalnum())
+        name = f"Nos{stem}" if stem.isascii() and stem[:1].isalpha() else "NosOptimizer"
+        lr, total = DEFAULT_LR, steps_for(genome, DEFAULT_BUDGET_FPE)
+        provenance = {"title": f"The genome of {Path(args.genome).name}, exported by nos", "genome file": args.genome}
     else:
-        store = Store(args.db, create=False)
+        store = Store(args.db, readonly=True)
         try:
             ex = export_individual(store, args.id, args.horizon)
         finally:
             store.close()
         genome, name, lr, total, provenance, lr_choice = (
             ex.genome, ex.class_name, ex.lr, ex.total_steps, ex.provenance, ex.lr_choice)
+    if args.lr is not None and args.lr != lr:  # the user's lr replaces the chosen one, and the file says so
+        provenance["lr"] = f"{args.lr:g}, given on the command line (nos's choice: {lr:g})"
+        lr, lr_choice = args.lr, None
     class_name = args.class_name or name
     code = render(genome, class_name=class_name, lr=lr, total_steps=total, provenance=provenance, lr_choice=lr_choice)
     write_atomically(target, code)

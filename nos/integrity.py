@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from search_space.builtins import BUILTINS, builtin
-from search_space.genome import MAX_JSON_BYTES, Genome, loads
+from search_space.genome import Genome, read_file
 from search_space.mutation import random_genome
 from search_space.symbolic import describe
 
@@ -54,17 +54,7 @@ def _load(args) -> list[tuple[str, Genome]]:
         names = BUILTINS if args.builtin == "all" else (args.builtin,)
         return [(n, builtin(n)) for n in names]
     if args.genome is not None:
-        path = Path(args.genome)
-        try:
-            if path.exists() and not path.is_file():  # a directory, a device, a FIFO: never read
-                raise UsageError(f"cannot read {args.genome}: not a regular file")
-            with path.open("rb") as fh:
-                text = fh.read(MAX_JSON_BYTES + 1)
-        except OSError as e:
-            raise UsageError(f"cannot read {args.genome}: {e.strerror or e}") from None
-        if len(text) > MAX_JSON_BYTES:
-            raise UsageError(f"{args.genome}: a genome file is at most {MAX_JSON_BYTES:,} bytes")
-        return [(path.name, loads(text))]
+        return [(Path(args.genome).name, read_file(args.genome))]
     if args.random < 1:
         raise UsageError("--random needs N >= 1")
     rng = random.Random(args.seed)

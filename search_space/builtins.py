@@ -30,6 +30,19 @@ Where nos's ops differ from their TensorFlow ones, by design or by a missing con
 - nos_adamclip clips to +-sqrt(v99), without their + 1e-7: the search space has no constant
   1e-7 operand. The two agree to a relative 1e-7 / sqrt(v99), i.e. wherever |g| >> 1e-7.
 - their step 0 has lr 0 (W(0) = 0), as here: the first step only fills the moments.
+Champions of nos's own runs (README "Results"), so that anyone can export and run them:
+- discovered_erf_sign: the champion of the default run (README: #32) and of both runs of the
+  task-mix experiment: u = erf(d(tau) dropout30(sign(g))), d = mean(linear_up, linear_restart),
+  Nesterov, cosine lr, clip 1 (no effect on a sign update). It is the initial genome of slot
+  `init:3` of every search with run seed 0, `random_genome(random.Random("0:init:3"))` (tested):
+  exactly the stored genome, regenerated.
+- discovered_sign_interp: `scale-ga`'s champion (README: #2825), u = sign(0.95 g + 0.05 dropout30(g)),
+  Nesterov, warmup-cosine lr.
+- discovered_lion_interp: `scale-random`'s champion (README: #4200), u = 0.95 lion_mix + 0.05 sign(m),
+  plain update, warmup-cosine lr.
+  These two are rebuilt from the formulas the README printed (sympy's simplified update, update
+  type and lr schedule): the same update rule, but the stored genomes (their database is not in the
+  repository) may differ in parts the printed formula does not show (an inert clip, node order).
 Their other final optimizers, not builtins here: Opt8 is Opt7 with an outer asinh instead of tanh,
 and Opt1 / Opt2 (qh plus a softsign term in 1e-5 w shaped by 0.95 v99 -+ 0.05 g^2) can be built
 from v99, `interp`, `neg`, `clip` / `div_sqrt` and `softsign` in 6 / 5 nodes; Opt3 needs a
@@ -103,10 +116,38 @@ BUILTIN_JSON: dict[str, dict[str, Any]] = {
         "nodes": [{"op": "sqrt_abs", "in": ["v99"]}, {"op": "clip", "in": ["m", "n0"]}],
         "lr": {"schedule": "constant", "decay": "warmup_hold_cosine"},
     },
+    # champions of nos's runs (see the module docstring)
+    "discovered_erf_sign": {
+        "nodes": [
+            {"op": "dropout30", "in": ["sign_g"]},
+            {"op": "erf", "in": ["n0"], "decay": [{"op": "mean", "args": ["linear_restart", "linear_up"]}]},
+        ],
+        "update": "nesterov",
+        "clip": 1.0,
+        "lr": {"schedule": "cosine"},
+    },
+    "discovered_sign_interp": {
+        "nodes": [{"op": "dropout30", "in": ["g"]}, {"op": "interp", "in": ["g", "n0"]}, {"op": "sign", "in": ["n1"]}],
+        "update": "nesterov",
+        "lr": {"schedule": "warmup_cosine"},
+    },
+    "discovered_lion_interp": {
+        "nodes": [{"op": "interp", "in": ["lion_mix", "sign_m"]}],
+        "lr": {"schedule": "warmup_cosine"},
+    },
 }
 # Note: a single-operand update still needs a node; `mul(g, one)` is g (sympy folds the 1).
 
 BUILTINS: tuple[str, ...] = tuple(BUILTIN_JSON)
+
+
+def builtin_title(name: str) -> str:
+    """One line saying what the builtin `name` is (the title of its exported file)."""
+    if name.startswith("discovered_"):
+        return f"{name}, an optimizer discovered by nos (see search_space/builtins.py)"
+    if name.startswith("nos_"):
+        return f"{name}, NOS's published optimizer (Morgan & Hougen, 2024) written as a nos genome"
+    return f"{name}, a classic optimizer written as a nos genome"
 
 
 def builtin(name: str) -> Genome:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -241,6 +242,26 @@ def from_json(obj: Any) -> Genome:
         _choice(nz.get("accept", "always"), NOISE_ACCEPT, "genome.noise.accept"),
     )
     return Genome(tuple(nodes), update, int(sign), clip, lr, noise)
+
+
+def read_file(path: str | os.PathLike[str]) -> Genome:
+    """The genome in the JSON file `path`; a GenomeError (one line naming the file) when it cannot
+    be read, is larger than MAX_JSON_BYTES or is not a valid genome. Only a regular file is read
+    (never a directory, a device or a FIFO), and never more than MAX_JSON_BYTES + 1 bytes of it."""
+    name = os.fspath(path)
+    try:
+        if os.path.exists(name) and not os.path.isfile(name):
+            raise GenomeError(f"cannot read {name}: not a regular file")
+        with open(name, "rb") as fh:
+            text = fh.read(MAX_JSON_BYTES + 1)
+    except OSError as e:
+        raise GenomeError(f"cannot read {name}: {e.strerror or e}") from None
+    if len(text) > MAX_JSON_BYTES:
+        raise GenomeError(f"{name}: a genome file is at most {MAX_JSON_BYTES:,} bytes")
+    try:
+        return loads(text)
+    except GenomeError as e:
+        raise GenomeError(f"{name}: {e}") from None
 
 
 def loads(text: str | bytes) -> Genome:

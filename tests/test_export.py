@@ -100,6 +100,12 @@ def cli(tmp_path_factory, exported_builtins):
         ["-m", "nos.export", "99999", "-o", str(out / "x.py"), "--db", str(out / "no_such_dir" / "none.sqlite")]
     )
     procs["standalone"] = standalone
+    # a genome file, through the real command, with the user's lr; and a broken one
+    (out / "my_rule.json").write_text(json.dumps(GENOME_FILE))
+    procs["export genome"] = Proc(["-m", "nos.export", "--genome", str(out / "my_rule.json"), "--lr", "3e-4",
+                                   "-o", str(out / "my_rule.py")])
+    (out / "broken.json").write_text('{"nodes": [{"op": "no_such_op", "in": ["g"]}]}')
+    procs["broken genome"] = Proc(["-m", "nos.export", "--genome", str(out / "broken.json"), "-o", str(out / "b.py")])
     # bad input through the real command: an output that is a directory, an id beyond 64 bits,
     # a database row that is not JSON
     (out / "a_dir").mkdir()
@@ -122,6 +128,76 @@ def cli(tmp_path_factory, exported_builtins):
     yield out, procs
     for p in procs.values():
         p.stop()
+
+
+GENOME_FILE = {"nodes": [{"op": "sign", "in": ["lion_mix"]}], "update": "nesterov",
+               "lr": {"schedule": "warmup_cosine"}}
+
+
+def test_export_genome_file(cli):
+    """`nos export --genome FILE.json` writes a file whose class carries the genome, named after the
+    file, with the lr given; it computes what the interpreter computes."""
+    out, procs = cli
+    rc, _, stderr = procs["export genome"].result()
+    assert rc == 0, stderr
+    mod = load(out / "my_rule.py")
+    assert "class NosMyRule" in stderr
+    genome = from_json(GENOME_FILE)
+    opt = mod.NosMyRule([torch.zeros(2, requires_grad=True)])
+    assert opt.defaults["lr"] == 3e-4 and opt.defaults["total_steps"] == steps_for(genome, 600)
+    doc = mod.__doc__
+    assert "my_rule.json" in doc and "given on the command line" in doc
+    _interpreter_vs_export(mod, "NosMyRule", genome, 1e-3)
+
+
+def test_export_broken_genome_file_is_one_line(cli):
+    out, procs = cli
+    rc, stdout, stderr = procs["broken genome"].result()
+    assert rc == 2 and stdout == ""
+    assert stderr.count("\n") == 1 and "broken.json" in stderr and "no_such_op" in stderr
+    assert not (out / "b.py").exists()
+
+
+@pytest.mark.parametrize("args", [["--genome", "x.json", "--builtin", "adam"], ["--genome", "x.json", "--horizon", "2"],
+                                  ["--builtin", "adam", "--horizon", "2"]])
+def test_export_sources_are_exclusive(tmp_path, capsys, args):
+    with pytest.raises(SystemExit) as e:
+        run_command(export_main, [*args, "-o", str(tmp_path / "x.py")])
+    assert e.value.code == 2
+    assert "error:" in capsys.readouterr().err
+    assert not (tmp_path / "x.py").exists()
+
+
+def test_discovered_erf_sign_is_the_seed0_initial_genome():
+    """The shipped champion is no transcription: the initial genome of slot init:3 under run seed 0
+    is exactly it (what the default run and the task-mix runs chose)."""
+    assert builtin("discovered_erf_sign") == random_genome(random.Random("0:init:3"))
+    for name in ("discovered_erf_sign", "discovered_sign_interp", "discovered_lion_interp"):
+        assert name in BUILTINS
+
+
+def test_exported_schedule_warns_once_past_total_steps(exported_builtins):
+    """A rule that depends on t / total_steps warns at the first step past it (and only then); a
+    rule that does not (Adam) never warns."""
+    import warnings
+
+    for name, cls_name, warns in [("discovered_erf_sign", "DiscoveredErfSign", True), ("adam", "Adam", False)]:
+        cls = getattr(load(exported_builtins[name]), cls_name)
+        w = torch.nn.Parameter(torch.ones(3))
+        opt = cls([w], total_steps=3)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for step in range(1, 8):
+                opt.zero_grad()
+                (w ** 2).sum().backward()
+                opt.step()
+                if step == 3:
+                    assert not caught
+        assert len(caught) == (1 if warns else 0)
+        if warns:
+            assert "past total_steps=3" in str(caught[0].message)
+        doc = " ".join(load(exported_builtins[name]).__doc__.split())  # unwrapped
+        assert ("warns once" in doc) == warns and ("does not matter here" in doc) == (not warns)
 
 
 def _exported_by_cli(cli, name: str) -> Path:
@@ -327,7 +403,7 @@ def _imports(tree: ast.AST) -> set[str]:
 def _check_file(path: Path, cls_name: str) -> str:
     text = path.read_text()
     tree = ast.parse(text)
-    assert _imports(tree) <= {"torch", "math"}, _imports(tree)
+    assert _imports(tree) <= {"torch", "math", "warnings"}, _imports(tree)
     calls = {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
     assert not calls & {"eval", "exec", "compile", "__import__", "open"}
     classes = [n for n in tree.body if isinstance(n, ast.ClassDef)]
@@ -925,7 +1001,7 @@ def test_horizon_without_a_validated_lr_is_one_line(funnel_run, tmp_path, capsys
         line = _refused([str(run["others"][0]), "-o", str(out), "--db", str(run["db"]), "--horizon", "1"], capsys)
         assert "not in the funnel" in line and "without --horizon" in line
     line = _refused(["--builtin", "adam", "-o", str(out), "--horizon", "1"], capsys)
-    assert "--builtin" in line
+    assert "--horizon" in line and "only with an ID" in line
     for bad in ("nan", "inf", "-inf", "0", "-1", "abc", "1e999", "", "1,2"):
         line = _refused([str(run["id"]), "-o", str(out), "--db", str(run["db"]), "--horizon", bad], capsys)
         assert "--horizon" in line
