@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from .cli import render_table as render
-from .evaluation.compare import AGGREGATE, Comparison, VersusRow, method_label
+from .evaluation.compare import AGGREGATE, Comparison, MethodResult, VersusRow, method_label
 from .evaluation.protocol import BASELINES, BEFORE, PUBLISHED
 from .tasks.registry import WAVES
 
@@ -47,17 +47,7 @@ def methods_table(cmp: Comparison, fmt: str = "plain", candidates: Sequence[str]
         if name == cmp.champion:
             label += " (champion)"
         cells = [label]
-        for h in horizons:
-            r = cmp.result(name, h, task)
-            if r is None:
-                cells.append("-")
-                continue
-            cell = f"{num(r.gmean)} [{num(r.median)}]"
-            if r.diverged:
-                cell += f" {r.diverged} div"
-            if r.hparam is not None:
-                cell += f" @{r.hparam:g}" + (f" {r.variant}" if r.variant else "")
-            cells.append(cell)
+        cells += [_result_cell(cmp.result(name, h, task)) for h in horizons]
         rows.append(cells)
     return render(rows, ["method"] + [f"{_variant(cmp, task)}={h:g}" for h in horizons], fmt)
 
@@ -223,19 +213,19 @@ def versus_grid(runs: Sequence[Named], champions_only: bool = True,
 
 
 def _method_cells(cmp: Comparison, method: str, task: str, cols: Sequence[tuple[str, float]]) -> list[str]:
-    cells = []
-    for label, h in cols:
-        r = cmp.result(method, h, task) if label == _variant(cmp, task) else None
-        if r is None:
-            cells.append("-")
-            continue
-        cell = f"{num(r.gmean)} [{num(r.median)}]"
-        if r.diverged:
-            cell += f" {r.diverged} div"
-        if r.hparam is not None:
-            cell += f" @{r.hparam:g}" + (f" {r.variant}" if r.variant else "")
-        cells.append(cell)
-    return cells
+    return [_result_cell(cmp.result(method, h, task) if label == _variant(cmp, task) else None) for label, h in cols]
+
+
+def _result_cell(r: MethodResult | None) -> str:
+    """A method's test losses at one horizon: "gmean [median] (k div) @lr (variant)", "-" if none."""
+    if r is None:
+        return "-"
+    cell = f"{num(r.gmean)} [{num(r.median)}]"
+    if r.diverged:
+        cell += f" {r.diverged} div"
+    if r.hparam is not None:
+        cell += f" @{r.hparam:g}" + (f" {r.variant}" if r.variant else "")
+    return cell
 
 
 def methods_grid(runs: Sequence[Named], champions_only: bool = True,
