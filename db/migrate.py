@@ -111,17 +111,21 @@ def _config(connection: Connection | None) -> Any:
     return cfg
 
 
-def _migrate(conn: Connection, version: int) -> None:
-    """Stamp Alembic at ``version`` and run every later revision, in ``conn``'s transaction."""
+def _migrate(conn: Connection, version: int) -> int:
+    """Stamp Alembic at ``version`` and run every later revision, in ``conn``'s transaction;
+    how many baseline rows went (the duplicates revision 4 removes), so the user hears of it."""
     from alembic import command
     from alembic.util import CommandError
 
     cfg = _config(conn)
+    count = text("SELECT count(*) FROM baselines")
+    before = int(conn.execute(count).scalar_one())
     try:
         command.stamp(cfg, str(version), purge=True)
         command.upgrade(cfg, "heads")
     except CommandError as exc:
         raise StoreError(f"migration failed: {_one_line(exc)}") from exc
+    return before - int(conn.execute(count).scalar_one())
 
 
 def _read_stamp(conn: Connection, *, lock: bool = False) -> dict[str, str]:
@@ -129,8 +133,9 @@ def _read_stamp(conn: Connection, *, lock: bool = False) -> dict[str, str]:
     return {str(k): str(v) for k, v in conn.execute(text(sql)).all()}
 
 
-def _done(label: str, version: int) -> str:
-    return f"upgraded {label} from nos schema {version} to {SCHEMA_VERSION} ({_changes(version)})"
+def _done(label: str, version: int, removed: int) -> str:
+    gone = f"; {removed} duplicate baseline row{'' if removed == 1 else 's'} removed" if removed else ""
+    return f"upgraded {label} from nos schema {version} to {SCHEMA_VERSION} ({_changes(version)}){gone}"
 
 
 # ---------------------------------------------------------------------- SQLite
@@ -159,12 +164,12 @@ def _upgrade_sqlite(label: str, url: URL, busy_timeout: float) -> str:
                                  "to it): stop it and retry; nothing changed")
             if _from_version(label, tables, _read_stamp(conn)) != version:
                 raise StoreError(f"{label} changed while it was backed up; retry")
-            _migrate(conn, version)
+            removed = _migrate(conn, version)
     except SQLAlchemyError as exc:
         raise StoreError(f"upgrading {label} failed, nothing changed: {_one_line(exc)}") from exc
     finally:
         engine.dispose()  # the last connection: the WAL is written back into the file
-    return f"{_done(label, version)}; backup of the schema-{version} file: {backup}"
+    return f"{_done(label, version, removed)}; backup of the schema-{version} file: {backup}"
 
 
 def _check_file(label: str, path: Path) -> None:
@@ -330,12 +335,12 @@ def _upgrade_server(label: str, url: URL) -> str:
             locked = _read_stamp(conn, lock=engine.dialect.name == "postgresql")
             if _from_version(label, tables, locked) != version:
                 return f"{label} is at nos schema {SCHEMA_VERSION} already: nothing to do"
-            _migrate(conn, version)
+            removed = _migrate(conn, version)
     except SQLAlchemyError as exc:
         raise StoreError(f"upgrading {label} failed, nothing changed: {_one_line(exc)}") from exc
     finally:
         engine.dispose()
-    return f"{_done(label, version)}; no backup written (a server database: take a pg_dump first)"
+    return f"{_done(label, version, removed)}; no backup written (a server database: take a pg_dump first)"
 
 
 def _server_schema(conn: Connection) -> tuple[set[str], dict[str, str]]:

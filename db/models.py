@@ -28,13 +28,17 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    func,
+    literal_column,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 APP = "nos"
 # 2: evaluations.split, baselines.split and .protocol, individuals.fidelity
 # 3: evaluations.task_key and baselines.task_key
-SCHEMA_VERSION = "3"
+# 4: one baselines row per key (`BASELINE_KEY`, unique index uq_baselines_key): concurrent
+#    writers of one protocol's rows store one copy (duplicates removed by the upgrade)
+SCHEMA_VERSION = "4"
 # The oldest schema `nos db upgrade` (db.migrate) migrates: its Alembic base revision.
 UPGRADABLE_FROM = "2"
 
@@ -380,6 +384,24 @@ class Baseline(Base):
     # all belong to the sine task of their run's config
     task_key: Mapped[str | None] = mapped_column(String(96))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+# What identifies a stored baseline result of a protocol (schema 4): the protocol key names the
+# task, seeds, grids and budget; the method carries RandOpt's layer variant ("randopt_first");
+# hparam is the lr or sigma, NULL for the "before" rows. Rows with protocol NULL (a run's own Adam
+# reference, and rows written before schema 2) are per run and not covered.
+BASELINE_KEY = ("protocol", "method", "horizon", "seed", "split", "hparam")
+# A unique index treats NULLs as distinct (SQLite and PostgreSQL alike), so a NULL hparam is
+# indexed as this value instead: lrs and sigmas are positive, so no real hparam is ever -1.
+NULL_HPARAM = "-1.0"
+baseline_key_index = Index(
+    "uq_baselines_key",
+    *(func.coalesce(Baseline.hparam, literal_column(NULL_HPARAM)) if c == "hparam" else getattr(Baseline, c)
+      for c in BASELINE_KEY),
+    unique=True,
+    sqlite_where=Baseline.protocol.is_not(None),
+    postgresql_where=Baseline.protocol.is_not(None),
+)
 
 
 class TimestepStat(Base):

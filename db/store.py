@@ -14,6 +14,7 @@ a one-line StoreError.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import sqlite3
 import time
@@ -25,6 +26,8 @@ from typing import Any, TypeVar
 from sqlalchemy import (
     Connection,
     Engine,
+    Insert,
+    TypeDecorator,
     create_engine,
     event,
     func,
@@ -46,6 +49,7 @@ from sqlalchemy.pool import NullPool, StaticPool
 
 from db.models import (
     APP,
+    BASELINE_KEY,
     INDIVIDUAL_STATUSES,
     RUN_STATUSES,
     SCHEMA_VERSION,
@@ -60,6 +64,7 @@ from db.models import (
     Run,
     StoredValueError,
     TimestepStat,
+    baseline_key_index,
     check_stored,
     utcnow,
 )
@@ -649,19 +654,50 @@ class Store:
     # ------------------------------------------------------------------ baselines / stats
 
     def add_baselines(self, rows: list[dict]) -> list[int]:
-        """Insert baseline results all-or-nothing; ids in order."""
+        """Insert baseline results all-or-nothing; the rows' ids, in order.
+
+        Idempotent per key (`db.models.BASELINE_KEY`): a row of a protocol whose key is stored
+        already -- another process computed the same protocol at the same moment, or the batch
+        holds it twice -- is not stored again, and its id is the stored row's. Rows without a
+        protocol (a run's own) are always inserted.
+        """
         values = [
             _complete(Baseline, _fields(Baseline, row, f"baseline row {i}"))
             for i, row in enumerate(rows)
         ]
         if not values:
             return []
-        stmt = insert(Baseline).returning(Baseline.id, sort_by_parameter_order=True)
-        return self._transaction(
-            "add_baselines",
-            lambda s: list(s.scalars(stmt, values, execution_options=BULK)),
-            write=True,
-        )
+        plain = insert(Baseline).returning(Baseline.id, sort_by_parameter_order=True)
+
+        def write(session: Session) -> list[int]:
+            dialect = session.get_bind().dialect
+            ids: dict[int, int] = {}
+            keyed: list[int] = []
+            # runs of keyed / unkeyed rows in order, so new rows get ids in the order given
+            for has_key, run in itertools.groupby(range(len(values)), lambda i: values[i]["protocol"] is not None):
+                batch = list(run)
+                if has_key:
+                    keyed += batch
+                    _insert_new_baselines(session, [values[i] for i in batch])
+                else:
+                    got = session.scalars(plain, [values[i] for i in batch], execution_options=BULK)
+                    ids.update(zip(batch, got))
+            if keyed:  # the id of each key, whoever stored it (one read per batch, not per row)
+                stored: dict[tuple, int] = {}
+                protocols = sorted({values[i]["protocol"] for i in keyed})
+                cols = [getattr(Baseline, c) for c in BASELINE_KEY]
+                found = session.execute(select(Baseline.id, *cols).where(Baseline.protocol.in_(protocols))
+                                        .order_by(Baseline.id))
+                for row_id, *columns in found:
+                    stored.setdefault(tuple(columns), row_id)
+                for i in keyed:
+                    key = _baseline_key(values[i], dialect)
+                    if key not in stored:
+                        raise StoreError(f"baseline row {i}: stored, but not found again by its key")
+                    ids[i] = stored[key]
+            return [ids[i] for i in range(len(values))]
+
+        return self._transaction("add_baselines", write, write=True)
 
     def baselines(self, run_id: int | None = None, task: str | None = None,
                   protocol: str | None = None, task_key: str | None = None) -> list[dict]:
@@ -849,6 +885,40 @@ def _complete(model: type[Base], values: dict[str, Any]) -> dict[str, Any]:
         elif column.default.is_scalar:
             values[column.key] = column.default.arg
     return values
+
+
+def _baseline_key(values: dict[str, Any], dialect: Any) -> tuple:
+    """A baseline row's `BASELINE_KEY` as stored and read back (a non-finite float is NULL)."""
+    types = {c: Baseline.__table__.c[c].type for c in BASELINE_KEY}
+    return tuple(kind.process_bind_param(values[c], dialect) if isinstance(kind, TypeDecorator) else values[c]
+                 for c, kind in types.items())
+
+
+def _insert_new_baselines(session: Session, values: list[dict[str, Any]]) -> None:
+    """INSERT the rows whose key (unique index uq_baselines_key) is not stored yet, in one
+    statement: ON CONFLICT DO NOTHING on SQLite and PostgreSQL, so of two processes that store
+    one key at the same moment the second stores nothing and fails nothing."""
+    dialect = session.get_bind().dialect
+    stmt: Insert
+    if dialect.name in ("sqlite", "postgresql"):
+        from sqlalchemy.dialects import postgresql, sqlite
+
+        dialect_insert = sqlite.insert if dialect.name == "sqlite" else postgresql.insert
+        stmt = dialect_insert(Baseline).on_conflict_do_nothing(
+            index_elements=list(baseline_key_index.expressions),
+            index_where=baseline_key_index.dialect_options[dialect.name]["where"],
+        )
+    else:  # another server: the rows whose key is not stored, found first (no upsert there)
+        cols = [getattr(Baseline, c) for c in BASELINE_KEY]
+        have = {tuple(k) for k in session.execute(
+            select(*cols).where(Baseline.protocol.in_({v["protocol"] for v in values})))}
+        new: dict[tuple, dict[str, Any]] = {}
+        for v in values:
+            if (key := _baseline_key(v, dialect)) not in have:
+                new.setdefault(key, v)  # a key twice in the batch: once
+        values, stmt = list(new.values()), insert(Baseline)
+    if values:
+        session.execute(stmt, values, execution_options=BULK)
 
 
 def _individual_values(row: dict, what: str) -> tuple[dict[str, Any], str | None, list[dict]]:

@@ -5,7 +5,8 @@ sigma): every lr / sigma / variant chosen per horizon on the validation seeds, t
 run once per horizon on the test seeds -- the protocol of every search (`nos.evaluation.protocol`).
 Results are stored in the database under the protocol's key and reused by every later command
 and run with the same protocol (`--db`, default runs/nos.sqlite), so `nos evolve` does not tune
-them again.
+them again. When every row is stored already the database is only read (opened read-only: a
+file and folder nos cannot write work); it is opened for writing only when rows must be computed.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from db.store import Store
+from db.store import Store, StoreError
 
 from .cli import (
     DEFAULT_DB,
@@ -102,15 +103,47 @@ def protocol_of(args) -> Protocol:
     return Protocol.of(family, args.task, seeds, args.budget, args.cache_dir, horizons=horizons)
 
 
+def _all_stored(store: Store, protocol: Protocol, published: bool) -> bool:
+    """Does the database hold every row `tuned_baselines` would return: each split's rows (and
+    the published optimizers', with `published`) at every horizon of the protocol?"""
+    suffixes = ("", "+published") if published else ("",)
+    return all(set(protocol.horizons) <= {b["horizon"] for b in store.baselines(protocol=protocol.key(split) + sfx)}
+               for split in ("validation", "test") for sfx in suffixes)
+
+
+def open_store(db: str, protocol: Protocol, published: bool = False) -> Store:
+    """The database read-only when it holds everything (nothing will be written, so a file or
+    folder this user cannot write works, and no -wal / -shm appears); read-write otherwise."""
+    try:
+        store = Store(db, readonly=True)
+    except StoreError:
+        # missing or empty (created now), or refused again, with the read-write open's own line
+        return Store(db)
+    try:
+        if _all_stored(store, protocol, published):
+            return store
+    except BaseException:
+        store.close()
+        raise
+    store.close()
+    try:
+        return Store(db)
+    except StoreError as e:  # readable, but not writable: say why writing was needed at all
+        raise StoreError(f"{e}; rows of this protocol are not stored yet, and computing them needs a database "
+                         "nos can write") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     apply_threads(args)
     protocol = protocol_of(args)
     device = resolve_device(args.device)
     start = time.perf_counter()
-    with Store(args.db) as store, Stages.for_stderr() as stages:  # the store first: a bad one is refused before the work
+    # the store first: a bad one is refused before the work
+    with open_store(args.db, protocol, args.published) as store, Stages.for_stderr() as stages:
         evaluator = protocol.evaluator(device)
-        if isinstance(evaluator.family, WaveFamily):  # the networks of every held-out seed, as a stage of its own
+        if not store.readonly and isinstance(evaluator.family, WaveFamily):
+            # the networks of every held-out seed, as a stage of its own (read-only: nothing to train)
             seeds = (*protocol.seeds.validation, *protocol.seeds.test)
             pretrain_missing([(evaluator.family.sine, s, protocol.cache_dir) for s in seeds], device, stages)
         rows = tuned_baselines(store, protocol, evaluator, progress=stages, published=args.published)

@@ -5,7 +5,9 @@ backup of that name must be identical, or nothing is done), then migrated in pla
 transaction. A database already at this schema is left alone. A damaged file, a file that
 is not a nos database, one written by a newer nos or one another process has open is
 refused with one line (exit status 2), unchanged. A PostgreSQL database is migrated in one
-transaction with no backup: take a pg_dump first.
+transaction with no backup: take a pg_dump first. From schema 3 or older, the upgrade also removes
+the duplicate baseline rows two processes left when they stored one protocol at the same moment
+(the first copy of each is kept: the same numbers); its line says how many went.
 
     python -m nos.db upgrade --db runs/nos.sqlite
 """

@@ -125,16 +125,19 @@ def test_wrong_schema_version_is_refused(path: Path) -> None:
         conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")  # an older nos
     conn.close()
     before = path.read_bytes()
-    with pytest.raises(StoreError, match="schema 1, this nos reads 3.*older nos"):
+    with pytest.raises(StoreError, match=f"schema 1, this nos reads {SCHEMA_VERSION}.*older nos"):
         Store(str(path))
     assert path.read_bytes() == before
-    with sqlite3.connect(path) as conn:
-        conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")  # upgradable
-    conn.close()
-    before = path.read_bytes()
-    with pytest.raises(StoreError, match=r"schema 2, this nos reads 3: run `nos db upgrade --db "):
-        Store(str(path), readonly=True)
-    assert path.read_bytes() == before
+    for old in range(2, int(SCHEMA_VERSION)):  # every upgradable schema names the upgrade
+        with sqlite3.connect(path) as conn:
+            conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(old),))
+        conn.close()
+        before = path.read_bytes()
+        for kwargs in ({}, {"readonly": True}):
+            with pytest.raises(StoreError, match=rf"schema {old}, this nos reads {SCHEMA_VERSION}: run `nos db "
+                                                 r"upgrade --db "):
+                Store(str(path), **kwargs)
+        assert path.read_bytes() == before
     with sqlite3.connect(path) as conn:
         conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")  # a newer nos
     conn.close()
@@ -387,6 +390,22 @@ def test_baselines(store: Store, run_id: int) -> None:
     assert randopt["loss"] is None and randopt["run_id"] is None
     with pytest.raises(StoreError, match="unknown field"):
         store.add_baselines([{**rows[0], "lr": 1.0}])
+
+
+def test_a_new_database_has_one_baseline_row_per_key(store: Store, path: Path) -> None:
+    """Schema 4: the unique index over a protocol's key, as `nos db upgrade` creates it too."""
+    with sqlite3.connect(path) as conn:
+        (sql,) = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'uq_baselines_key'").fetchone()
+    conn.close()
+    assert sql == ("CREATE UNIQUE INDEX uq_baselines_key ON baselines (protocol, method, horizon, seed, split, "
+                   "coalesce(hparam, -1.0)) WHERE protocol IS NOT NULL")
+    row = {"run_id": None, "method": "before", "task": "sine", "horizon": 1.0, "seed": 100, "loss": 0.3,
+           "hparam": None, "budget": 60, "split": "validation", "protocol": "validation:abc"}
+    assert store.add_baselines([row]) == store.add_baselines([row])
+    with sqlite3.connect(path) as conn, pytest.raises(sqlite3.IntegrityError, match="UNIQUE"):
+        conn.execute("INSERT INTO baselines (method, task, horizon, seed, budget, split, protocol, created_at) "
+                     "VALUES ('before', 'sine', 1.0, 100, 60, 'validation', 'validation:abc', '2026-01-01')")
+    conn.close()
 
 
 def test_timestep_stats_upsert(store: Store, run_id: int) -> None:
