@@ -8,8 +8,13 @@
 3. Every candidate once per horizon on the test seeds, at its validated lr.
 
 Candidate rows are `evaluations` (task = the family's name, e.g. `sine`; split `validation` /
-`test`). Everything shown afterwards -- the evolve summary, `nos query compare`, `nos report` -- is
-rebuilt from these stored rows by `comparison`, so all of them agree.
+`test`), stored one *unit* at a time: every candidate's rows of one (split, horizon) in one
+transaction, the validation horizons first (a test horizon needs only the validation choice at
+that horizon). A kill leaves each unit whole or absent, so a resumed run computes only the
+missing units; a task's funnel is done once every unit is stored, and a partial one is "not
+reached yet" to every reader (`funnel_rows`), never a partial table. Everything shown afterwards
+-- the evolve summary, `nos query compare`, `nos report` -- is rebuilt from these stored rows by
+`comparison`, so all of them agree.
 
 On several tasks, steps 1-3 run per task (search tasks and test tasks alike: every method's lr on
 a task is chosen on that task's validation seeds), and the champion is chosen on the *search*
@@ -19,7 +24,7 @@ tasks' validation scores alone: no choice ever reads a test task (`compare.combi
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from db.store import Store, StoreError
 from search_space.genome import Genome, from_json
@@ -30,6 +35,7 @@ from ..evaluation.protocol import (
     BEFORE,
     GRADIENT_BASELINES,
     PUBLISHED,
+    Choice,
     Progress,
     Protocol,
     Row,
@@ -141,29 +147,108 @@ def _tuned(store: Store, protocol: Protocol, evaluator: TaskEvaluator, progress:
 # ------------------------------------------------------------------------------- candidates
 
 
-def evaluate_candidates(evaluator: TaskEvaluator, protocol: Protocol, candidates: Mapping[str, Genome],
-                        baseline_rows: Sequence[Row], progress: Progress | None = None) -> list[Row]:
+def evaluate_candidates(store: Store, run_id: int, evaluator: TaskEvaluator, protocol: Protocol,
+                        candidates: Mapping[str, Genome], baseline_rows: Sequence[Row],
+                        progress: Progress | None = None) -> list[Row]:
     """Candidates on the validation seeds at every lr, then on the test seeds at the lr chosen
-    on validation (per horizon); two stages of `progress`, "funnel (validation)" and "funnel
-    (test)", counting horizons."""
+    on validation (per horizon), each (split, horizon) stored in one transaction as soon as it is
+    trained; units already stored (an interrupted funnel) are reused, not trained again. Two
+    stages of `progress`, "funnel (validation)" and "funnel (test)", counting the horizons still
+    to train (a stage with none is not started: the log says what is reused). Returns every row."""
     say = reporter(progress)
-    rows: list[Row] = []
+    units = _stored_units(store, run_id, protocol)
+    for (split, h), rows in units.items():
+        names = {r.method for r in rows}
+        if names != set(candidates):  # the search replays deterministically: this is not that run's funnel
+            raise StoreError(f"run {run_id}: the funnel rows stored for {protocol.task} at {_variant(protocol)} = {h:g} ({split}) "
+                             f"are of {_names(names)}, not of this run's funnel candidates {_names(candidates)}; "
+                             "the database is damaged")
     where = "" if protocol.task == TASK else f"{protocol.task}, "
     unit = "horizons" if _variant(protocol) == "t_max" else "variants"
-    say.stage(f"funnel (validation{_where(protocol)})", len(protocol.horizons), unit)
-    for h in protocol.horizons:
-        say.message(f"{len(candidates)} candidate(s) at every lr, {where}{_variant(protocol)} = {h:g}")
-        rows += gradient_rows(evaluator, candidates, h, protocol.seeds.validation,
-                              {n: protocol.lrs for n in candidates}, "validation")
-        say.advance(1)
-    choices = choose(rows, before_of(baseline_rows))
-    say.stage(f"funnel (test{_where(protocol)})", len(protocol.horizons), unit)
-    for h in protocol.horizons:
-        say.message(f"{len(candidates)} candidate(s) at the validated lr, {where}{_variant(protocol)} = {h:g}")
-        lrs = {n: [choices[(n, h)].hparam] for n in candidates}
-        rows += gradient_rows(evaluator, candidates, h, protocol.seeds.test, lrs, "test")  # type: ignore[arg-type]
-        say.advance(1)
-    return rows
+    for split in SPLITS:
+        have = [h for h in protocol.horizons if (split, h) in units]
+        todo = [h for h in protocol.horizons if (split, h) not in units]
+        if have:
+            log.info(f"reusing stored funnel ({split}{_where(protocol)}) rows of {len(candidates)} candidate(s) "
+                     f"({_variant(protocol)} = {', '.join(f'{h:g}' for h in have)})")
+        if not todo:
+            continue
+        say.stage(f"funnel ({split}{_where(protocol)})", len(todo), unit)
+        # test: each candidate at its validated lr; every validation unit is stored by now
+        choices = choose([r for rows in units.values() for r in rows], before_of(baseline_rows)) if split == "test" else {}
+        for h in todo:
+            if split == "validation":
+                say.message(f"{len(candidates)} candidate(s) at every lr, {where}{_variant(protocol)} = {h:g}")
+                lrs: dict[str, Sequence[float]] = {n: protocol.lrs for n in candidates}
+            else:
+                say.message(f"{len(candidates)} candidate(s) at the validated lr, {where}{_variant(protocol)} = {h:g}")
+                lrs = {n: [_lr(choices[(n, h)])] for n in candidates}
+            new = gradient_rows(evaluator, candidates, h, protocol.seeds.of(split), lrs, split)
+            # one transaction per unit: a kill leaves it whole or absent (`Store.add_evaluations`)
+            store.add_evaluations(candidate_evaluations(new, candidates, protocol.budget_fpe, protocol.task,
+                                                        protocol.task_key))
+            units[(split, h)] = new
+            say.advance(1)
+    return [r for key in funnel_units(protocol) for r in units[key]]
+
+
+SPLITS = ("validation", "test")  # the funnel's order: a test unit needs the validation unit of its horizon
+
+
+def funnel_units(protocol: Protocol) -> list[tuple[str, float]]:
+    """The (split, horizon) units of a task's funnel, in the order they are computed and stored."""
+    return [(split, h) for split in SPLITS for h in protocol.horizons]
+
+
+def _lr(choice: Choice) -> float:
+    assert choice.hparam is not None  # a candidate's validation rows always carry their lr
+    return choice.hparam
+
+
+def _names(names: Iterable[str]) -> str:
+    shown = sorted(names, key=lambda n: candidate_id(n) or 0)
+    return ", ".join(shown[:6]) + (f" and {len(shown) - 6} more" if len(shown) > 6 else "") if shown else "none"
+
+
+def _stored_units(store: Store, run_id: int, protocol: Protocol) -> dict[tuple[str, float], list[Row]]:
+    """The funnel units of one task stored for a run, each checked whole: the same candidates in
+    every unit, each with every seed of its split once, at every lr of the grid (validation) or
+    at one lr (test). A unit is written in one transaction, so one that is not whole was changed
+    behind nos's back: a StoreError, never a unit reused or trained again beside its rows. Rows
+    at a horizon the protocol does not have are not the funnel's and are ignored, as before."""
+    wanted = set(funnel_units(protocol))
+    units: dict[tuple[str, float], list[Row]] = {}
+    for r in stored_candidate_rows(store, run_id, protocol.task):
+        if (r.split, r.horizon) in wanted:
+            units.setdefault((r.split, r.horizon), []).append(r)
+    everyone = {r.method for rows in units.values() for r in rows}
+    grid = set(protocol.lrs)
+    for (split, h), rows in units.items():
+        seeds = set(protocol.seeds.of(split))
+        by_method: dict[str, list[Row]] = {}
+        for r in rows:
+            by_method.setdefault(r.method, []).append(r)
+        whole = set(by_method) == everyone
+        for method_rows in by_method.values():
+            pairs = [(r.seed, r.hparam) for r in method_rows]
+            if split == "validation":
+                whole &= len(pairs) == len(seeds) * len(grid) and set(pairs) == {(s, lr) for s in seeds for lr in grid}
+            else:
+                whole &= len(pairs) == len(seeds) and {s for s, _ in pairs} == seeds
+        if not whole:
+            raise StoreError(f"run {run_id}: the stored funnel rows of {protocol.task} at {_variant(protocol)} = {h:g} "
+                             f"({split}) are not whole (each is written at once); the database is damaged")
+    return units
+
+
+def funnel_rows(store: Store, run_id: int, protocol: Protocol) -> list[Row] | None:
+    """The funnel rows of a run's candidates on one task once every unit is stored; None while
+    one is missing (the funnel has not run, or was interrupted: "not reached yet"). A stored unit
+    that is not whole is a StoreError (`_stored_units`)."""
+    units = _stored_units(store, run_id, protocol)
+    if not units or any(key not in units for key in funnel_units(protocol)):
+        return None
+    return [r for key in funnel_units(protocol) for r in units[key]]
 
 
 def _where(protocol: Protocol) -> str:
@@ -189,7 +274,8 @@ def candidate_evaluations(rows: Sequence[Row], genomes: Mapping[str, Genome], bu
 
 
 def stored_candidate_rows(store: Store, run_id: int, task: str = TASK) -> list[Row]:
-    """The funnel rows of a run's candidates on one task (empty if the funnel has not run)."""
+    """Every stored funnel row of a run's candidates on one task, as stored (a partial funnel's
+    too: `funnel_rows` says whether the funnel is done)."""
     rows = []
     for ind_id, e in store.heldout_evaluations(run_id, task):
         rows.append(Row(candidate_name(ind_id), e["horizon"], e["seed"], e["lr"], e["loss"], e["split"]))
@@ -199,16 +285,14 @@ def stored_candidate_rows(store: Store, run_id: int, task: str = TASK) -> list[R
 def run_funnel(store: Store, run_id: int, cfg: SearchConfig, evaluator_of: Callable[[str], TaskEvaluator],
                best: Sequence[Candidate], progress: Progress | None = None) -> Comparison | None:
     """Steps 1-3 of the module docstring for every task of the run (`evaluator_of(spec)` trains on
-    a task's held-out seeds); idempotent: the rows of a task already stored are reused."""
+    a task's held-out seeds); idempotent: every baseline horizon and funnel unit already stored is
+    reused, so an interrupted funnel resumes where it stopped."""
     genomes = {candidate_name(c.id): from_json(dict(c.genome)) for c in best}
     for spec in cfg.all_tasks:
         protocol = cfg.protocol(spec)
         evaluator = evaluator_of(spec)
         base = tuned_baselines(store, protocol, evaluator, progress, published=cfg.published)
-        if not stored_candidate_rows(store, run_id, protocol.task):
-            rows = evaluate_candidates(evaluator, protocol, genomes, base, progress)
-            store.add_evaluations(candidate_evaluations(rows, genomes, protocol.budget_fpe, protocol.task,
-                                                        protocol.task_key))
+        evaluate_candidates(store, run_id, evaluator, protocol, genomes, base, progress)
     return comparison(store, run_id, cfg)
 
 
@@ -226,8 +310,8 @@ def comparison(store: Store, run_id: int, cfg: SearchConfig) -> Comparison | Non
 
 def _task_comparison(store: Store, run_id: int, cfg: SearchConfig, spec: str) -> Comparison | None:
     protocol = cfg.protocol(spec)
-    cand = stored_candidate_rows(store, run_id, protocol.task)
-    if not cand:
+    cand = funnel_rows(store, run_id, protocol)
+    if cand is None:  # not run yet, or interrupted: never a partial table
         return None
     suffixes = ("", "+published") if cfg.published else ("",)
     base = [r for split in ("validation", "test") for sfx in suffixes for r in _stored(store, protocol.key(split) + sfx)]
@@ -244,12 +328,12 @@ def _task_comparison(store: Store, run_id: int, cfg: SearchConfig, spec: str) ->
 
 def validated_lrs(store: Store, run_id: int, cfg: SearchConfig, ind_id: int, spec: str | None = None) -> dict[float, float]:
     """horizon -> the lr chosen on the validation seeds for one funnel candidate on one task (the
-    first search task by default; empty when the candidate was not in the run's funnel). What
-    `nos export ID --horizon H` makes the default."""
+    first search task by default; empty when the candidate was not in the run's funnel or that
+    funnel is not done). What `nos export ID --horizon H` makes the default."""
     name = candidate_name(ind_id)
     protocol = cfg.protocol(spec)
-    rows = [r for r in stored_candidate_rows(store, run_id, protocol.task) if r.method == name and r.split == "validation"]
-    if not rows:
+    rows = [r for r in funnel_rows(store, run_id, protocol) or () if r.method == name and r.split == "validation"]
+    if not rows:  # not in the funnel, or the funnel is not done (its choices are not final until then)
         return {}
     before = before_of(_stored(store, protocol.key("validation")))
     chosen = choose(rows, {k: before.get(k, float("inf")) for k in {(r.horizon, r.seed) for r in rows}})

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
 import tempfile
@@ -48,6 +49,8 @@ if TYPE_CHECKING:
 # Bump when the pretraining procedure changes in a way the config does not capture, so that
 # stale cached weights are never reused.
 PRETRAIN_VERSION = 1
+
+log = logging.getLogger(__name__)
 
 # Independent random streams, so that e.g. target seed 0 is not the first pretraining draw.
 _STREAM_INIT = 1
@@ -347,15 +350,63 @@ def pretrain_cached(config: SineConfig, seed: int, cache_dir: str | os.PathLike 
 
     Cache file: ``cache_dir/sine-<config.key()>-seed<seed>.npz`` (numpy.savez, loaded with
     allow_pickle=False; written to a temporary file then renamed, so readers never see a
-    half-written file).
+    half-written file). A file that cannot be trusted -- truncated, not an npz, weights of the
+    wrong shape or type or not finite, another config's -- is never loaded: pretraining is
+    deterministic, so the network is trained again (same weights) and the file replaced, with a
+    warning in the log.
     """
     path = cache_path(config, seed, cache_dir)
+    theta = _load_cached(config, path)
+    if theta is not None:
+        return torch.from_numpy(theta).to(device), True
+    return _pretrain_and_cache(config, seed, path, device), False
+
+
+def _load_cached(config: SineConfig, path: Path) -> np.ndarray | None:
+    """The weights in a cache file; None when there is none or it cannot be trusted (logged)."""
+    if not path.exists():
+        return None
+    try:
+        # opened here, not by np.load: its own handle leaks when the file is not a zip
+        with open(path, "rb") as fh:
+            loaded = np.load(fh, allow_pickle=False)  # never pickle: a cache file is just data
+            if not isinstance(loaded, np.lib.npyio.NpzFile):
+                problem: str | None = "not an npz archive"
+            else:
+                with loaded as f:
+                    theta = f["theta"]
+                    problem = _cache_problem(config, theta, f["config"])
+    # Anything can be in a damaged file (a truncated zip, a bad CRC, a missing member, an
+    # unknown compression, bytes that are not JSON): every failure means "not cached", at the
+    # cost of one deterministic retraining. Loading runs no code (allow_pickle=False).
+    except Exception as e:  # noqa: BLE001
+        first = str(e).split(". ")[0][:80]  # numpy's pickle refusal goes on to say "if you trust the file ..."
+        problem = f"unreadable: {type(e).__name__}: {first}"
+    if problem is None:
+        return theta
+    log.warning(f"cached pretrained weights {path} cannot be used ({problem}); pretraining them again")
+    return None
+
+
+def _cache_problem(config: SineConfig, theta: np.ndarray, stored: np.ndarray) -> str | None:
+    """What is wrong with a cache file's arrays (None: they are this config's weights)."""
     n_params = ParamLayout.for_config(config).n_params
-    if path.exists():
-        with np.load(path, allow_pickle=False) as f:
-            theta = f["theta"]
-        if theta.shape == (n_params,):
-            return torch.from_numpy(theta.astype(np.float32)).to(device), True
+    if theta.shape != (n_params,):
+        return f"weights of shape {theta.shape}, not ({n_params},)"
+    if theta.dtype != np.float32:
+        return f"weights of type {theta.dtype}, not float32"
+    if not np.isfinite(theta).all():
+        return "weights that are not finite"
+    # the file names the config only by a hash: the config written beside the weights must match
+    # (compared as JSON, where the ranges' tuples are lists)
+    if stored.shape != () or json.loads(str(stored)) != json.loads(json.dumps(dataclasses.asdict(config))):
+        return "the weights of another configuration"
+    return None
+
+
+def _pretrain_and_cache(config: SineConfig, seed: int, path: Path, device: torch.device | str) -> torch.Tensor:
+    """Train and write the cache file atomically: a temporary file in the same directory, then
+    `os.replace`, so a kill mid-write leaves the old file (or none) and at most a stray *.tmp."""
     theta = pretrain_uncached(config, seed, device)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
@@ -366,7 +417,7 @@ def pretrain_cached(config: SineConfig, seed: int, cache_dir: str | os.PathLike 
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    return theta, False
+    return theta
 
 
 def pretrain(config: SineConfig, seed: int, cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR,
@@ -384,14 +435,15 @@ def pretrain_missing(jobs: Iterable[tuple[SineConfig, int, str | os.PathLike]], 
     todo: list[tuple[SineConfig, int, str]] = []
     for config, seed, cache_dir in jobs:
         job = (config, seed, str(cache_dir))
-        if job not in todo and not cache_path(config, seed, cache_dir).exists():
+        # a file that exists but cannot be trusted counts as missing (`pretrain_cached`)
+        if job not in todo and _load_cached(config, cache_path(config, seed, cache_dir)) is None:
             todo.append(job)
     if todo and progress is not None:
         progress.stage("pretraining", len(todo), "networks")
     for config, seed, cache_dir in todo:
         if progress is not None:
             progress.message(f"{config.wave} network of seed {seed}")
-        pretrain_cached(config, seed, cache_dir, device)
+        _pretrain_and_cache(config, seed, cache_path(config, seed, cache_dir), device)
         if progress is not None:
             progress.advance(1)
     return len(todo)
