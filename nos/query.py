@@ -108,7 +108,8 @@ def _parser() -> ArgumentParser:
                           description="Every run: id, name, algorithm (ga / random), status, start, wall time "
                                       "(start to finish; 'running' while it runs), candidates, evaluated, best "
                                       "full-fidelity fitness, and funnel = how many candidates were judged on "
-                                      "held-out seeds ('-': none, so `compare` has nothing to show). csv and json "
+                                      "held-out seeds ('-': none, so `compare` has nothing to show; a funnel interrupted midway "
+                                      "counts its candidates too, and `compare` waits for its end). csv and json "
                                       "add finished_at and wall_seconds.")
     runs.add_argument("--champion", action="store_true",
                       help="also name each funnel's champion (rebuilds each run's comparison: loads torch, "
