@@ -771,15 +771,31 @@ class Store:
         return self._transaction("claim_state", read)
 
     def take_over(self, run_id: int, key: str, owner: str, seen: tuple[str, int]) -> bool:
-        """Take a stale claim: succeeds only if it is still exactly as ``seen`` (owner, heartbeat)."""
+        """Take a stale claim: succeeds only if it is still exactly as ``seen`` (owner, heartbeat).
+
+        The stale owner's other claims in the run come along: `heartbeat` bumps all of an
+        owner's claims at once, so they are just as stale, and taking them one by one would
+        cost a waiting process ``--claim-timeout`` per chunk the dead process held (a resumed
+        run after a crash waited minutes)."""
         stmt = (
             update(Claim)
             .where(Claim.run_id == run_id, Claim.key == key, Claim.owner == seen[0],
                    Claim.heartbeat == seen[1])
             .values(owner=owner, heartbeat=0, claimed_at=utcnow())
         )
-        return self._transaction("take_over", lambda s: s.execute(stmt).rowcount == 1,  # type: ignore[attr-defined]
-                                 write=True)
+        rest = (
+            update(Claim)
+            .where(Claim.run_id == run_id, Claim.owner == seen[0])
+            .values(owner=owner, heartbeat=0, claimed_at=utcnow())
+        )
+
+        def write(session: Session) -> bool:
+            if session.execute(stmt).rowcount != 1:  # type: ignore[attr-defined]
+                return False
+            session.execute(rest)
+            return True
+
+        return self._transaction("take_over", write, write=True)
 
     def heartbeat(self, run_id: int, owner: str) -> None:
         """Show that ``owner`` is alive: bump the heartbeat of all its claims in the run."""

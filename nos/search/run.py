@@ -14,6 +14,7 @@ fitness, the funnel and its rows, the champion and the run's metrics. Its status
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import replace
 from types import TracebackType
@@ -21,7 +22,7 @@ from typing import Any
 
 import torch
 
-from db.store import Store
+from db.store import Store, StoreError
 
 from ..evaluation.compare import Comparison
 from ..evaluation.fitness import (
@@ -40,6 +41,8 @@ from .config import SearchConfig
 from .judge import Cooperation, FitnessFn, Judge, Progress, Stage
 from .metrics import run_metrics
 from .records import Candidate
+
+log = logging.getLogger(__name__)
 
 
 class RunError(Exception):
@@ -138,10 +141,12 @@ class Run:
         if exc_type is None:
             if self.funnel_done:
                 self.store.set_run_status(self.id, "finished")
-        elif issubclass(exc_type, KeyboardInterrupt):
-            self.store.set_run_status(self.id, "interrupted")
         else:
-            self.store.set_run_status(self.id, "failed")
+            status = "interrupted" if issubclass(exc_type, KeyboardInterrupt) else "failed"
+            try:
+                self.store.set_run_status(self.id, status)
+            except StoreError as e:  # the database itself failed (a full disk): its first error is what to say
+                log.warning(f"could not mark run {self.name!r} {status}: {e}")
 
     # ------------------------------------------------------------------ the search
     def _evaluator(self, setups: list[SearchSetup]) -> TaskEvaluator | MultiEvaluator:
