@@ -29,6 +29,7 @@ from sqlalchemy import (
     Insert,
     TypeDecorator,
     create_engine,
+    distinct,
     event,
     func,
     insert,
@@ -566,6 +567,15 @@ class Store:
                 .order_by(Evaluation.id))
         return self._transaction("heldout_evaluations",
                                  lambda s: [(e.individual_id, _row(e)) for e in s.scalars(stmt)])
+
+    def heldout_counts(self) -> dict[int, int]:
+        """run id -> how many of its individuals have held-out (validation / test) evaluations:
+        the size of each run's funnel, in one grouped query."""
+        stmt = (select(Individual.run_id, func.count(distinct(Evaluation.individual_id)))
+                .join(Individual, Evaluation.individual_id == Individual.id)
+                .where(Evaluation.split != "search")
+                .group_by(Individual.run_id))
+        return self._transaction("heldout_counts", lambda s: {int(r): int(n) for r, n in s.execute(stmt)})
 
     def get_individual(self, ind_id: int) -> dict | None:
         """One individual with its ``evaluations`` and its ``run_name``."""

@@ -26,9 +26,6 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import distinct, func, select
-
-from db.models import Evaluation, Individual
 from db.store import Store, StoreError
 
 from .cli import (
@@ -183,16 +180,6 @@ def find_individual(store: Store, ind_id: int) -> dict:
     return ind
 
 
-def funnel_counts(store: Store) -> dict[int, int]:
-    """run id -> how many of its candidates have held-out (validation / test) evaluations: the
-    funnel's, what `compare` needs. One grouped query, no torch (`runs` stays instant)."""
-    stmt = (select(Individual.run_id, func.count(distinct(Evaluation.individual_id)))
-            .join(Individual, Evaluation.individual_id == Individual.id)
-            .where(Evaluation.split != "search")
-            .group_by(Individual.run_id))
-    return store._transaction("funnel_counts", lambda s: {int(r): int(n) for r, n in s.execute(stmt)})
-
-
 def wall_seconds(run: dict) -> float | None:
     """finished_at - started_at in seconds (a resumed run: counted from its creation, the pause
     included); None while it runs or when the stamps are missing or out of order."""
@@ -229,7 +216,7 @@ def run_algorithm(run: dict) -> str | None:
 def runs_rows(store: Store, champions: bool = False) -> list[dict]:
     """Every run with algorithm, wall time, candidates / evaluated / best fitness, funnel size
     (and its config, for json); with ``champions``, each funnel's champion (loads torch)."""
-    funnel = funnel_counts(store)
+    funnel = store.heldout_counts()  # the funnel's size per run: no torch, `runs` stays instant
     rows = []
     for r in store.list_runs():
         rows.append({
