@@ -257,6 +257,7 @@ def test_full_disk_under_the_database(tmp_path: Path, cache: Path, reference: li
         assert run_status(db, RUN) == "finished"
 
 
+@pytest.mark.slow  # the default suite keeps its sibling fault tests; this one is the heavier variant
 def test_full_disk_under_the_pretraining_cache(tmp_path: Path, cache: Path, reference: list[tuple]) -> None:
     """The cache's filesystem has room for one pretrained network: the next cache write fails
     with one line, leaves no truncated file (none is ever loaded later) and no *.tmp; with more
@@ -410,6 +411,7 @@ def test_postgres_restarted_mid_run_is_ridden_through(postgres: Postgres, cache:
     assert run_status(url, name) == "finished"
 
 
+@pytest.mark.slow  # the default suite keeps its sibling fault tests; this one is the heavier variant
 def test_postgres_gone_for_good_is_one_line_then_resumes(postgres: Postgres, cache: Path,
                                                           reference: list[tuple]) -> None:
     """The server stays down longer than the retries last: one line ("after 2 attempts"), exit

@@ -655,6 +655,7 @@ for seed in range(start + 1, 10_000):
 """
 
 
+@pytest.mark.slow  # the default suite keeps its sibling fault tests; this one is the heavier variant
 def test_sigkill_while_writing_the_cache_never_leaves_a_truncated_file(tmp_path: Path) -> None:
     """Pretraining writes its cache file to a temporary file and renames it: SIGKILLs at random
     moments of a process that does nothing but pretrain and write cache files (slowly, so that
