@@ -787,7 +787,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UsageError(f"cannot create {out}: {e.strerror or e}") from None
-        data.diagnostics = diagnostics(store, data.run)
+        data.diagnostics = diagnostics(store, data.run, data.individuals, data.comparison)  # as loaded
         control = data.diagnostics["control"]
         images = {"fitness.png": "Fitness over timesteps per particle",
                   "lineage.png": "Lineage of the best individual",

@@ -13,6 +13,7 @@ from typing import Any
 
 from db.store import Store
 
+from ..evaluation.compare import Comparison
 from .config import SearchConfig
 from .funnel import candidate_id, comparison
 from .metrics import best_so_far, rank_correlation
@@ -21,6 +22,7 @@ from .metrics import best_so_far, rank_correlation
 _SAME = ("initial", "particles", "timesteps", "mutations", "max_tries", "seed_builtins", "horizons", "lrs",
          "budget_fpe", "search_seeds", "sine", "fidelity", "tasks")
 _BEFORE_TASKS = {"tasks": ["sine"]}  # what a config written before tasks had names searched on
+_READ = object()  # `diagnostics(cmp=...)` not given: read the comparison from the store
 
 
 def control_for(store: Store, run: dict) -> dict | None:
@@ -35,9 +37,16 @@ def control_for(store: Store, run: dict) -> dict | None:
     return matches[-1] if matches else None
 
 
-def diagnostics(store: Store, run: dict) -> dict[str, Any]:
-    individuals = store.individuals(run["id"])
-    cmp = comparison(store, run["id"], SearchConfig.from_json(run["config"] or {}))
+def diagnostics(store: Store, run: dict, individuals: list[dict] | None = None,
+                cmp: Comparison | None | object = _READ) -> dict[str, Any]:
+    """The run's diagnostics; `individuals` and `cmp` (its comparison, None without a funnel) are
+    read from `store` unless the caller has them already (the report does: the comparison's
+    bootstrap intervals are the costly part)."""
+    if individuals is None:
+        individuals = store.individuals(run["id"])
+    if cmp is _READ:
+        cmp = comparison(store, run["id"], SearchConfig.from_json(run["config"] or {}))
+    assert cmp is None or isinstance(cmp, Comparison)
     fitness = {r["id"]: r["fitness"] for r in individuals if r["status"] == "evaluated" and r["fitness"] is not None}
     validation = {i: s for name, s in (cmp.validation_scores.items() if cmp else ()) if (i := candidate_id(name)) is not None}
     out: dict[str, Any] = {
