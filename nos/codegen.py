@@ -36,8 +36,8 @@ import sympy as sp
 from search_space import decay as decay_mod
 from search_space.decay import decay_curve
 from search_space.genome import MOMENTUM, Genome, node_index
-from search_space.operands import OPERANDS, update_moments
-from search_space.ops import OPS
+from search_space.operands import OPERANDS, Response, update_moments
+from search_space.ops import OPS, Op
 from search_space.schedules import lr_schedule
 from search_space.symbolic import SymbolicForm, symbolic
 
@@ -311,55 +311,34 @@ def _lr_line(genome: Genome) -> str:
 
 # How a value of the update graph responds when every step's gradient g_t is multiplied by a
 # positive factor c_t of its own (what the global-norm clip does): it stays the same, it keeps
-# the sign of each element (its magnitude may change), or it may change in any way.
-SAME, SIGNS, ANY = 0, 1, 2
-
-# operands that read the gradient but keep its signs (g^2 >= 0 and g^3 keep theirs too); sign(g)
-# does not change at all. Every other gradient operand mixes steps with different factors (an
-# EMA of c_t g_t can change direction), so it may change in any way.
-_GRAD_OPERANDS = {"g": SIGNS, "g2": SIGNS, "g3": SIGNS, "sign_g": SAME}
-# unary ops whose output's sign is a function of the input's sign alone (odd and increasing,
-# or a rectifier, or a division by something positive, or a dropout whose mask is drawn from
-# the step and the element index, not from the value)
-_SIGN_KEEPING = frozenset({
-    "neg", "abs", "sqrt_abs", "relu", "min0", "tanh", "atan", "erf", "asinh", "softsign", "reciprocal",
-    "bessel_i1e", "clip_by_norm", "dropout50", "dropout30", "dropout10",
-})
+# the sign of each element (its magnitude may change), or it may change in any way. The
+# operands say how they respond (`Operand.response`) and the ops how they pass it on
+# (`Op.keeps_sign`, `Op.of_signs`, `Op.scales_first`): a new op or operand brings its own.
+SAME, SIGNS, ANY = Response.SAME, Response.SIGNS, Response.ANY
 
 
-def _operand_response(name: str) -> int:
-    if name in _GRAD_OPERANDS:
-        return _GRAD_OPERANDS[name]
-    return ANY if OPERANDS[name].uses_grad else SAME
-
-
-def _node_response(op: str, inputs: list[int]) -> int:
-    """How node `op` over inputs that respond as `inputs` responds (see SAME, SIGNS, ANY)."""
+def _node_response(op: Op, inputs: list[Response]) -> Response:
+    """How node `op` over inputs that respond as `inputs` responds (see Response)."""
     if all(x == SAME for x in inputs):
         return SAME  # the same inputs at every step: the same state, random numbers and output
-    if op == "sign" and inputs[0] == SIGNS:
-        return SAME  # the sign of something whose sign does not change
-    if len(inputs) == 1:
-        return SIGNS if op in _SIGN_KEEPING and inputs[0] == SIGNS else ANY
-    x, y = inputs
-    if op == "mul" and ANY not in inputs:
-        return SIGNS  # sign(clamp(x * y)) = sign(x) sign(y)
-    if op == "clip" and ANY not in inputs:
-        return SIGNS  # clamp(x, -|y|, |y|): sign(x), or 0 where y = 0
-    if op in ("div", "div_sqrt") and x != ANY and y == SAME:
-        return SIGNS  # x over a denominator that does not change
+    if ANY not in inputs and op.of_signs:
+        return SAME  # a function of signs that do not change (sign)
+    if ANY not in inputs and op.keeps_sign:
+        return SIGNS  # e.g. sign(clamp(x * y)) = sign(x) sign(y); clamp(x, -|y|, |y|): sign(x) or 0
+    if op.scales_first and len(inputs) == 2 and inputs[0] != ANY and inputs[1] == SAME:
+        return SIGNS  # x times a factor that does not change (x over a denominator that does not)
     return ANY
 
 
-def gradient_response(genome: Genome) -> int:
+def gradient_response(genome: Genome) -> Response:
     """How the update u_t responds to multiplying each step's gradient by its own positive
     factor: SAME means that a gradient clip cannot change anything the optimizer does."""
-    response: dict[int, int] = {}
+    response: dict[int, Response] = {}
     for i in genome.reachable():
         n = genome.nodes[i]
         # an edge decay multiplies by d(tau) >= 0, the same with or without the clip
-        ins = [response[k] if (k := node_index(r)) is not None else _operand_response(r) for r in n.inputs]
-        response[i] = _node_response(n.op, ins)
+        ins = [response[k] if (k := node_index(r)) is not None else OPERANDS[r].response for r in n.inputs]
+        response[i] = _node_response(OPS[n.op], ins)
     return response[genome.root]
 
 

@@ -155,7 +155,8 @@ def _umask() -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# reading an individual back: every stored value is checked like user input
+# reading an individual back: every stored value is checked like user input (its run's config by
+# `SearchConfig.checked`, the one validator of stored configs; the row's own values here)
 
 
 def _stored(what: str, read: Callable[[], T]) -> T:
@@ -169,7 +170,7 @@ def _stored(what: str, read: Callable[[], T]) -> T:
         raise UsageError(f"{what}: the database is damaged: {visible(e, 160)}") from None
 
 
-def _stored_int(value: Any, what: str) -> int:
+def _stored_id(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_ID:
         raise UsageError(f"{what} is {visible(repr(value), 40)}, not a positive integer; the database is damaged")
     return value
@@ -190,45 +191,40 @@ def _stored_genome(value: Any, what: str) -> Genome:
         raise UsageError(f"{what} is not a valid genome ({visible(e, 120)}); the database is damaged") from None
 
 
-def trained_steps(genome: Genome, config: Any, what: str) -> int:
-    """The steps `genome` was trained for in a run with this stored config: `steps_for` of its
-    `budget_fpe`, else its stored `total_steps`, else the default budget."""
-    if config is None:
-        config = {}
-    if not isinstance(config, dict):
-        raise UsageError(f"{what} config is not a JSON object; the database is damaged")
-    if config.get("budget_fpe") is not None:
-        return steps_for(genome, _stored_int(config["budget_fpe"], f"{what} config budget_fpe"))
-    if config.get("total_steps") is not None:
-        return _stored_int(config["total_steps"], f"{what} config total_steps")
-    return steps_for(genome, DEFAULT_BUDGET_FPE)
-
-
-def _stored_horizons(value: Any) -> tuple[float, ...]:
-    """A stored config's search horizons, for the docstring; () when they are not a plain list
-    of positive numbers (an old run, or one written by hand: then the docstring omits them)."""
-    if not isinstance(value, list) or not 1 <= len(value) <= 100:
-        return ()
-    ok = all(not isinstance(h, bool) and isinstance(h, (int, float)) and 0.0 < h < math.inf for h in value)
-    return tuple(float(h) for h in value) if ok else ()
-
-
-def funnel_lrs(store: Store, run_id: int, config: Any, ind_id: int, evaluations: Any = ()) -> dict[float, float]:
-    """horizon -> the lr the run's funnel chose for the individual on the validation seeds
-    (`nos.search.funnel.validated_lrs`); empty when it was not in the funnel. A config or a
-    row that cannot be read, or a horizon of the individual's validation `evaluations` without
-    a chosen lr (every lr stored there is unreadable), is a UsageError."""
-    what = f"run {run_id}"
-    if config is None:
-        config = {}
+def stored_config(raw: Any, what: str) -> SearchConfig:
+    """A run's stored config (None: an old run's, the defaults), validated by the one validator
+    of stored configs, `SearchConfig.checked`; a UsageError (one line) if it is damaged."""
     try:
-        cfg = SearchConfig.from_json(config)
+        return SearchConfig.checked({} if raw is None else raw)
+    except RecursionError:
+        raise UsageError(f"{what}: its stored config is nested too deeply; the database is damaged") from None
+    except ValueError as e:
+        raise UsageError(f"{what}: {visible(e, 200)}; the database is damaged") from None
+
+
+def trained_steps(genome: Genome, cfg: SearchConfig, raw: Any) -> int:
+    """The steps `genome` was trained for in a run with config `cfg` (read from the stored dict
+    `raw`): `steps_for` of its budget, or for an old run that stored `total_steps` and no budget,
+    those steps (`SearchConfig.checked` has checked both)."""
+    stored = raw if isinstance(raw, dict) else {}
+    if stored.get("budget_fpe") is None and stored.get("total_steps") is not None:
+        return int(stored["total_steps"])
+    return steps_for(genome, cfg.budget_fpe)
+
+
+def funnel_lrs(store: Store, run_id: int, cfg: SearchConfig, ind_id: int, evaluations: Any = ()) -> dict[float, float]:
+    """horizon -> the lr the run's funnel chose for the individual on the validation seeds
+    (`nos.search.funnel.validated_lrs`); empty when it was not in the funnel. A row that cannot
+    be read, or a horizon of the individual's validation `evaluations` without a chosen lr
+    (every lr stored there is unreadable), is a UsageError."""
+    what = f"run {run_id}"
+    try:
         lrs = _stored(f"{what}: the funnel's rows", lambda: validated_lrs(store, run_id, cfg, ind_id))
     except RecursionError:
         raise UsageError(f"{what}: a stored value is nested too deeply; the database is damaged") from None
     except (TypeError, ValueError, KeyError, AttributeError) as e:
         raise UsageError(f"{what}: cannot read its funnel's choices ({visible(e, 120)}); the database is damaged") from None
-    funnel_task = _first_task(cfg)[0]
+    funnel_task = cfg.task_name(cfg.tasks[0])
     out = {}
     for h, lr in lrs.items():
         if isinstance(h, bool) or not isinstance(h, (int, float)) or not math.isfinite(h):  # a variant
@@ -243,16 +239,6 @@ def funnel_lrs(store: Store, run_id: int, config: Any, ind_id: int, evaluations:
         raise UsageError(f"{what}: individual {ind_id} has validation rows at t_max = {shown} but "
                          "no readable lr there; the database is damaged")
     return out
-
-
-def _first_task(cfg: SearchConfig) -> tuple[str, str, Any]:
-    """(name, variant label, search variants) of the run's first search task, whose funnel lrs the
-    export offers (a damaged stored contract is a UsageError)."""
-    try:
-        info = cfg.info(cfg.tasks[0])
-        return str(info["name"]), str(info.get("variant_label", "variant")), list(info["search_variants"])
-    except (TypeError, ValueError, KeyError) as e:
-        raise UsageError(f"cannot read the run's task ({visible(e, 120)}); the database is damaged") from None
 
 
 def _pick_horizon(lrs: dict[float, float], horizon: float, what: str, run: str) -> float:
@@ -294,15 +280,16 @@ def export_individual(store: Store, ind_id: int, horizon: float | None = None) -
         raise UsageError(f"{what} is evaluated but has no stored lr; the database is damaged")
     lr = _stored_lr(ind["lr"], f"{what}: the stored lr")
     genome = _stored_genome(ind.get("genome"), f"{what}: the stored genome")
-    run_id = _stored_int(ind.get("run_id"), f"{what}: the stored run id")
+    run_id = _stored_id(ind.get("run_id"), f"{what}: the stored run id")
     run = _stored(f"run {run_id}", lambda: store.get_run(run_id)) or {}
-    total_steps = trained_steps(genome, run.get("config"), f"run {run_id}:")
-    validated = funnel_lrs(store, run_id, run.get("config"), ind_id, ind.get("evaluations"))
-    task, label, searched = _first_task(SearchConfig.from_json(run.get("config") or {}))
-    search_horizons = _stored_horizons(searched)
+    cfg = stored_config(run.get("config"), f"run {run_id}")
+    total_steps = trained_steps(genome, cfg, run.get("config"))
+    validated = funnel_lrs(store, run_id, cfg, ind_id, ind.get("evaluations"))
+    search = cfg.setup(cfg.tasks[0])  # the task whose funnel lrs the file offers (checked: it builds)
+    label = str(cfg.info(cfg.tasks[0]).get("variant_label", "variant"))
     if horizon is not None:
         horizon = _pick_horizon(validated, horizon, what, visible(repr(run.get("name")), 60))
-    lr_choice = LrChoice(lr, validated, search_horizons, horizon, task, label)
+    lr_choice = LrChoice(lr, validated, search.horizons, horizon, search.task, label)
     provenance = {  # codegen escapes every value that goes into the file
         "title": f"Optimizer {ind_id} discovered by nos (run {run.get('name')!r})",
         "run": run.get("name"),

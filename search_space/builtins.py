@@ -3,15 +3,16 @@
 - sgd / momentum / nesterov: torch.optim.SGD (momentum 0.9, dampening 0).
 - adam: Kingma & Ba (2015), m / (sqrt(v) + 1e-8) with bias correction; equals torch.optim.Adam.
 - adam_clip: Adam on the globally norm-clipped gradient (max norm 1), the strongest simple
-  long-horizon baseline on the sine task (ANCHORS section 8).
+  long-horizon baseline on the sine task (an earlier independent measurement of the sine task:
+  Adam + gradient-norm clip 1.0 beat Adam at t_max >= 5).
 - rmsprop: g / (sqrt(v) + eps) with v the bias-corrected EMA of g^2 (Tieleman & Hinton, 2012).
 - lion: sign(0.1 g + 0.9 m_{t-1}), m an EMA of g with beta .99 (Chen et al., 2023).
 - powersign / addsign: Bello et al. (2017), with the linear decay f(t) = 1 - t/T on sign(g)sign(m).
 - rso: no gradient step at all; a Gaussian perturbation scaled by each tensor's std, kept only
   when the loss improves (Tripathi & Singh, 2020, "RSO"; a (1+1)-ES).
 
-NOS's published final optimizers (Morgan & Hougen, 2024; their TensorFlow finalOptimizers.py, as
-ANCHORS section 9 summarises it), re-derived from the equations, with `use_decay` on. Notation:
+NOS's published final optimizers (Morgan & Hougen, 2024; their TensorFlow finalOptimizers.py in
+OUStudent/NeuralOptimizerSearch), re-derived from the equations, with `use_decay` on. Notation:
 m = bias-corrected EMA of g (beta .9), qh = 0.3 g + 0.7 m, tau = t / T, t counted from 0, and
 W(tau) = `warmup_hold_cosine`, their lr_warmup_cosine_decay: linear warm-up from 0 over T/15
 steps, hold 2T/15, cosine to 0 (the fractions of their usage example, 6400 / 12800 of 96000).

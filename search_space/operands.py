@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import IntEnum
 
 import sympy as sp
 import torch
@@ -53,6 +54,17 @@ def update_moments(state, g, t, needed):
     return s
 
 
+class Response(IntEnum):
+    """How a value of the update graph responds when every step's gradient g_t is multiplied by a
+    positive factor c_t of its own (what the global-norm gradient clip does), from the most to the
+    least invariant. `nos.codegen` propagates it through the graph (with the ops' `keeps_sign`,
+    `of_signs` and `scales_first`) to tell whether a gene can change what the optimizer does."""
+
+    SAME = 0  # it does not change at all
+    SIGNS = 1  # each element keeps its sign (its magnitude may change)
+    ANY = 2  # it may change in any way
+
+
 @dataclass(frozen=True)
 class Operand:
     name: str
@@ -60,6 +72,18 @@ class Operand:
     description: str
     needs: frozenset[str] = frozenset()  # moments ("m", "v", "y", "m99") and/or "noise"
     uses_grad: bool = True
+    # How the operand responds to a positive per-step rescaling of g (see Response), where the
+    # default is not right: None means SAME for an operand that does not read the gradient and ANY
+    # for one that does (an EMA of c_t g_t mixes steps with different factors, so it can change
+    # direction). g^2 >= 0 and g^3 keep their signs like g; sign(g) does not change at all.
+    scaling: Response | None = None
+
+    @property
+    def response(self) -> Response:
+        """How the operand responds to multiplying each step's gradient by its own positive factor."""
+        if self.scaling is not None:
+            return self.scaling
+        return Response.ANY if self.uses_grad else Response.SAME
 
     @property
     def symbol(self) -> sp.Expr:
@@ -157,9 +181,9 @@ _M, _V, _Y, _S = frozenset({"m"}), frozenset({"v"}), frozenset({"y"}), frozenset
 OPERANDS: dict[str, Operand] = {
     o.name: o
     for o in [
-        Operand("g", opd_g, "gradient"),
-        Operand("g2", opd_g2, "g^2"),
-        Operand("g3", opd_g3, "g^3"),
+        Operand("g", opd_g, "gradient", scaling=Response.SIGNS),
+        Operand("g2", opd_g2, "g^2", scaling=Response.SIGNS),
+        Operand("g3", opd_g3, "g^3", scaling=Response.SIGNS),
         Operand("m", opd_m, "bias-corrected EMA of g, beta 0.9", _M),
         Operand("v", opd_v, "bias-corrected EMA of g^2, beta 0.999", _V),
         Operand("y", opd_y, "bias-corrected EMA of g^3, beta 0.999", _Y),
@@ -170,7 +194,7 @@ OPERANDS: dict[str, Operand] = {
         Operand("w_1e5", opd_w_1e5, "weight decay 1e-5 * w", uses_grad=False),
         Operand("w_1e4", opd_w_1e4, "weight decay 1e-4 * w", uses_grad=False),
         Operand("w_1e3", opd_w_1e3, "weight decay 1e-3 * w", uses_grad=False),
-        Operand("sign_g", opd_sign_g, "sign(g)"),
+        Operand("sign_g", opd_sign_g, "sign(g)", scaling=Response.SAME),
         Operand("sign_m", opd_sign_m, "sign(m)", _M),
         Operand("qh_gm", opd_qh_gm, "quasi-hyperbolic 0.3 g + 0.7 m", _M),
         Operand("qh_g2v", opd_qh_g2v, "quasi-hyperbolic 0.05 g^2 + 0.95 v", _V),

@@ -195,6 +195,19 @@ class Op:
     sym: Callable[..., sp.Expr]
     needs: str = ""  # "", "state", "uniform" or "norm" (see module docstring)
     param: float | None = None  # the dropout rate, passed as the last positional argument
+    # How the output responds when the inputs' magnitudes change but not their signs (as when each
+    # step's gradient is rescaled by a positive factor: `search_space.operands.Response`). False is
+    # always safe: the analysis then assumes the output may change in any way.
+    # keeps_sign: the output's sign pattern is a function of the inputs' sign patterns alone (odd
+    # and increasing, a rectifier, a division by something positive, a product, a clip to +-|y|,
+    # or a dropout whose mask is drawn from the step and the element index, not from the value)
+    keeps_sign: bool = False
+    # of_signs: the output itself (not only its sign) is a function of the inputs' signs alone
+    of_signs: bool = False
+    # scales_first: binary; the output is the first input times a factor that depends on the
+    # second alone (then clamped to +-BIG), so over a second input that never changes it keeps the
+    # first's signs
+    scales_first: bool = False
 
     @property
     def stateful(self) -> bool:
@@ -235,32 +248,32 @@ def _sym_dropout(p: float) -> Callable[[sp.Expr], sp.Expr]:
 UNARY: dict[str, Op] = {
     op.name: op
     for op in [
-        Op("neg", 1, op_neg, lambda x: -x),
+        Op("neg", 1, op_neg, lambda x: -x, keeps_sign=True),
         Op("log_abs", 1, op_log_abs, lambda x: sp.log(sp.Abs(x))),
-        Op("sqrt_abs", 1, op_sqrt_abs, lambda x: sp.sqrt(sp.Abs(x))),
+        Op("sqrt_abs", 1, op_sqrt_abs, lambda x: sp.sqrt(sp.Abs(x)), keeps_sign=True),
         Op("exp", 1, op_exp, sp.exp),
-        Op("abs", 1, op_abs, sp.Abs),
+        Op("abs", 1, op_abs, sp.Abs, keeps_sign=True),
         Op("sigmoid", 1, op_sigmoid, lambda x: 1 / (1 + sp.exp(-x))),
         Op("inv_1p_abs", 1, op_inv_1p_abs, lambda x: 1 / (1 + sp.Abs(x))),
         Op("softplus", 1, op_softplus, lambda x: sp.log(1 + sp.exp(x))),
-        Op("erf", 1, op_erf, sp.erf),
+        Op("erf", 1, op_erf, sp.erf, keeps_sign=True),
         Op("erfc", 1, op_erfc, sp.erfc),
-        Op("asinh", 1, op_asinh, sp.asinh),
-        Op("tanh", 1, op_tanh, sp.tanh),
-        Op("atan", 1, op_atan, sp.atan),
-        Op("reciprocal", 1, op_reciprocal, lambda x: 1 / x),
-        Op("bessel_i1e", 1, op_bessel_i1e, _f("i1e")),
-        Op("relu", 1, op_relu, _f("relu")),
-        Op("min0", 1, op_min0, _f("min0")),
-        Op("dropout50", 1, op_dropout, _sym_dropout(0.5), needs="uniform", param=0.5),
-        Op("dropout30", 1, op_dropout, _sym_dropout(0.3), needs="uniform", param=0.3),
-        Op("dropout10", 1, op_dropout, _sym_dropout(0.1), needs="uniform", param=0.1),
-        Op("clip_by_norm", 1, op_clip_by_norm, _f("clip_by_norm"), needs="norm"),
-        Op("softsign", 1, op_softsign, lambda x: x / (1 + sp.Abs(x))),
+        Op("asinh", 1, op_asinh, sp.asinh, keeps_sign=True),
+        Op("tanh", 1, op_tanh, sp.tanh, keeps_sign=True),
+        Op("atan", 1, op_atan, sp.atan, keeps_sign=True),
+        Op("reciprocal", 1, op_reciprocal, lambda x: 1 / x, keeps_sign=True),
+        Op("bessel_i1e", 1, op_bessel_i1e, _f("i1e"), keeps_sign=True),
+        Op("relu", 1, op_relu, _f("relu"), keeps_sign=True),
+        Op("min0", 1, op_min0, _f("min0"), keeps_sign=True),
+        Op("dropout50", 1, op_dropout, _sym_dropout(0.5), needs="uniform", param=0.5, keeps_sign=True),
+        Op("dropout30", 1, op_dropout, _sym_dropout(0.3), needs="uniform", param=0.3, keeps_sign=True),
+        Op("dropout10", 1, op_dropout, _sym_dropout(0.1), needs="uniform", param=0.1, keeps_sign=True),
+        Op("clip_by_norm", 1, op_clip_by_norm, _f("clip_by_norm"), needs="norm", keeps_sign=True),
+        Op("softsign", 1, op_softsign, lambda x: x / (1 + sp.Abs(x)), keeps_sign=True),
         Op("ema", 1, op_ema, _f("ema"), needs="state"),
         Op("delta", 1, op_delta, _f("delta"), needs="state"),
         Op("running_max", 1, op_running_max, _f("running_max"), needs="state"),
-        Op("sign", 1, op_sign, sp.sign),
+        Op("sign", 1, op_sign, sp.sign, keeps_sign=True, of_signs=True),
     ]
 }
 
@@ -269,12 +282,12 @@ BINARY: dict[str, Op] = {
     for op in [
         Op("add", 2, op_add, lambda x, y: x + y),
         Op("sub", 2, op_sub, lambda x, y: x - y),
-        Op("mul", 2, op_mul, lambda x, y: x * y),
+        Op("mul", 2, op_mul, lambda x, y: x * y, keeps_sign=True, scales_first=True),
         Op("max", 2, op_max, _sym_commutative("max")),
         Op("min", 2, op_min, _sym_commutative("min")),
-        Op("div", 2, op_div, lambda x, y: x / (y + EPS_SYMBOL)),
-        Op("div_sqrt", 2, op_div_sqrt, lambda x, y: x / sp.sqrt(1 + y**2)),
-        Op("clip", 2, op_clip, lambda x, y: sp.Function("clip")(x, sp.Abs(y))),
+        Op("div", 2, op_div, lambda x, y: x / (y + EPS_SYMBOL), scales_first=True),
+        Op("div_sqrt", 2, op_div_sqrt, lambda x, y: x / sp.sqrt(1 + y**2), scales_first=True),
+        Op("clip", 2, op_clip, lambda x, y: sp.Function("clip")(x, sp.Abs(y)), keeps_sign=True),
         Op("interp", 2, op_interp, lambda x, y: sp.Rational(19, 20) * x + sp.Rational(1, 20) * y),
         Op("pow_abs", 2, op_pow_abs, lambda x, y: sp.Abs(x) ** y),
     ]

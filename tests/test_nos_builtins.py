@@ -1,7 +1,7 @@
 """NOS's published final optimizers as builtins (nos_opt5, nos_opt6, nos_opt7, nos_adamclip).
 
 The reference is `published_step` below: a plain-torch transcription written from the equations
-of Morgan & Hougen's finalOptimizers.py (ANCHORS section 9), independently of the genomes -- its
+of Morgan & Hougen's finalOptimizers.py (OUStudent/NeuralOptimizerSearch), independently of the genomes -- its
 schedules count integer steps t as their TensorFlow code does, where the search space works with
 tau = t / T. The interpreter and the exported file must both follow it step by step.
 """

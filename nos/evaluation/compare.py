@@ -2,7 +2,8 @@
 
 Built from `protocol.Row`s alone (validation rows make the choices, test rows are reported), so
 every command -- the evolve summary, `nos query compare`, `nos report`, `nos baselines` -- shows
-the same numbers from the same stored rows. Its JSON is a contract (DESIGN.md):
+the same numbers from the same stored rows. Its JSON (`nos query compare --format json`) is a
+contract with outside tools:
 `{"run", "seeds": {"search", "validation", "test"}, "methods": [{"method", "horizon", "hparam",
 "per_seed", "median", "gmean"}], "versus": [{"candidate", "baseline", "horizon", "gmean_ratio",
 "ci_low", "ci_high", "wins", "n", "p_value"}]}`.

@@ -49,7 +49,8 @@ PROTOCOL_VERSION = 1  # bump when the way baselines are computed changes: old st
 RANDOPT_LAYERS = ("all", "first", "middle", "last")
 GRADIENT_BASELINES = ("adam", "adam_clip", "adam_wc", "adam_clip_wc")
 BASELINES = (*GRADIENT_BASELINES, "randopt")
-# NOS's published final optimizers (ANCHORS.md section 9), tuned and reported like the baselines
+# NOS's published final optimizers (Morgan & Hougen's finalOptimizers.py, OUStudent/NeuralOptimizerSearch;
+# re-derived as genomes in search_space.builtins), tuned and reported like the baselines
 # when asked for (`--published`): extra rows of the comparison, not rivals a candidate must beat
 PUBLISHED = ("nos_opt5", "nos_opt6", "nos_opt7", "nos_adamclip")
 BEFORE = "before"  # the pretrained network, not fine-tuned (the floor every method must beat)

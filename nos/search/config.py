@@ -28,6 +28,7 @@ ALGORITHMS = ("ga", "random")
 DEFAULT_FIDELITY: dict[str, Any] = {"seeds": 1, "horizons": [2.0], "budget_fpe": DEFAULT_BUDGET_FPE, "promote": 1 / 3}
 
 MAX_INT = 2**63 - 1
+_POSITIVE = ("budget_fpe", "total_steps")  # stored integers that must be at least 1
 
 
 def _same_kind(want: Any, value: Any) -> bool:
@@ -102,6 +103,9 @@ class SearchConfig:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> SearchConfig:
+        """The config of a dict this program built (`to_json` of a config in hand), unchecked
+        beyond what the constructor checks; a config read back from the database goes through
+        `checked`, the one validator of stored configs."""
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         for k in ("horizons", "lrs", "search_seeds", "validation_seeds", "test_seeds", "heldout_horizons",
                   "tasks", "test_tasks"):
@@ -112,20 +116,30 @@ class SearchConfig:
     @classmethod
     def checked(cls, raw: Any) -> SearchConfig:
         """A config read back from the database, re-validated like user input (another program
-        may have written it): each known field must have its default's type -- finite numbers,
-        non-negative 64-bit integers, lists of such numbers -- and the config must build, with
-        valid seed sets and sine task. ValueError (one line) otherwise."""
+        may have written it): each known field (and the `total_steps` that `to_json` adds) must
+        have its default's type -- finite numbers, non-negative 64-bit integers, lists of such
+        numbers -- with a positive budget and total steps, and the config must build, with valid
+        seed sets and tasks whose contracts give a search setup and a protocol. ValueError (one
+        line) otherwise. Every command that reads a stored config (query, report, export, resume)
+        reads it through here."""
         if not isinstance(raw, dict):
             raise ValueError("its stored config is not an object")
         defaults = cls()
         for key, value in raw.items():
-            want = getattr(defaults, key, None)
-            if key not in cls.__dataclass_fields__ or value is None or want is None:
+            if key in cls.__dataclass_fields__:
+                want = getattr(defaults, key)
+            elif key == "total_steps":
+                want = defaults.total_steps
+            else:
                 continue
-            if not _same_kind(want, value):
+            if value is None or want is None:
+                continue
+            if not _same_kind(want, value) or (key in _POSITIVE and value < 1):
                 raise ValueError(f"its stored config has a bad {key!r}: {json.dumps(value)[:60]!r}")
         try:
             cfg = cls.from_json(raw)
+            for spec in cfg.tasks:
+                cfg.setup(spec)  # the search variants and lrs of every search task can be read
             for spec in cfg.all_tasks:
                 cfg.protocol(spec)  # the task, its stored contract and the seed sets are valid too
             return cfg

@@ -3,7 +3,8 @@
 One rollout forward costs 1 FPE and its backward 2 (the usual rule of thumb that a backward
 pass costs about twice the forward), so one gradient step costs 3 FPE. One RandOpt
 perturbation is one forward (score the perturbed weights) = 1 FPE. The default budget, 600 FPE,
-is the 200 post-training steps of our independent sine-task runs (ANCHORS.md section 8).
+is the 200 post-training steps of our own independent implementation of the sine task (README,
+"The sine-rollout task").
 
 Hyperparameters that are tuned (Adam's lr, RandOpt's sigma) get the whole budget per value,
 as in the post; the tuning itself is not charged.

@@ -1,8 +1,8 @@
 """RandOpt: random perturbations of the pretrained weights + top-K ensemble.
 
 Gan & Isola, 2026, "Neural Thickets: Diverse Task Experts Are Dense Around Pretrained
-Weights" (code: sunrainyg/RandOpt; ANCHORS.md section 4), as used on the sine-rollout task by
-"When does RandOpt work?" (Ziming Liu, 2026; ANCHORS.md section 5):
+Weights" (code: github.com/sunrainyg/RandOpt), as used on the sine-rollout task by the blog
+post "When does RandOpt work?" (Ziming Liu, 2026):
 
 1. draw N perturbations theta0 + sigma * eps_i, eps_i ~ N(0, I) (optionally only on one
    layer's weights: the post's "first / second / third" table);
@@ -28,7 +28,7 @@ import torch
 from nos.tasks.api import TaskInstance
 
 DEFAULT_SIGMAS = (0.002, 0.005, 0.01, 0.02, 0.05)  # Gan & Isola's toy used 0.002 from pretrained
-DEFAULT_TOP_K = 10  # Gan & Isola's toy: K = 5..10; ANCHORS.md section 8: K = 10
+DEFAULT_TOP_K = 10  # Gan & Isola's toy: K = 5..10; our independent sine-task runs: K = 10
 
 _STREAM_RANDOPT = 4  # distinct from the streams of nos.tasks.sine
 

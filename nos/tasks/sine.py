@@ -1,6 +1,7 @@
 """The sine-rollout post-training task ("When does RandOpt work?", Ziming Liu, 2026).
 
-Setup (seed post; ANCHORS.md sections 4, 5 and 8):
+Setup (Liu's post; the data family of Gan & Isola's 1-D toy in "Neural Thickets", 2026, code
+github.com/sunrainyg/RandOpt; our own implementation where the post is silent):
 
 1. *Pretraining.* An MLP of three linear layers maps the ``k`` most recent values of a
    sequence to the next one. It is trained with the one-step MSE on sine waves
@@ -13,7 +14,8 @@ Setup (seed post; ANCHORS.md sections 4, 5 and 8):
    rollout against the trajectory, over every point except the ``k`` conditioning ones.
 
 The post leaves ``k``, the width, the activation and the pretraining length unpublished; the
-defaults here are those of our own independent implementation (ANCHORS.md section 8):
+defaults here are those of our own independent implementation of the task (README, "The
+sine-rollout task"):
 ``k = 8``, width 64, tanh, 3,000 pretraining steps.
 
 All weights live in one flat vector of ``P`` numbers. The network is evaluated batched over a
@@ -70,8 +72,9 @@ class SineConfig:
     """Everything that determines the pretrained weights (and hence the task).
 
     Defaults follow the post (dt, t_max=1 pretraining, 3 linear layers, one-step MSE, Adam
-    1e-3), Gan & Isola's toy data family (ANCHORS.md section 4), and our own implementation
-    for what the post leaves open (k=8, width 64, tanh, 3,000 steps; ANCHORS.md section 8).
+    1e-3), the data family of Gan & Isola's 1-D toy ("Neural Thickets", 2026, code
+    sunrainyg/RandOpt), and our own independent implementation for what the post leaves open
+    (k=8, width 64, tanh, 3,000 steps).
     """
 
     wave: str = "sine"  # the curve family: one of WAVES (RandOpt's 1-D toy mixes sine, square, sawtooth)
