@@ -117,6 +117,21 @@ def _executing_keys(dask_worker: Any) -> list[str]:
     return [str(ts.key) for ts in dask_worker.state.executing]
 
 
+class DaskEvaluator:
+    """The run's evaluator (`nos.search.objective.Evaluator`) on a Dask cluster: each fidelity
+    stage's fitness is a `DaskFitness` on the stage's setups (one per task)."""
+
+    def __init__(self, client: Any, device: str = "auto", batch_size: int = 16, timeout_s: float = 600.0) -> None:
+        self.client = client
+        self.device = device
+        self.batch_size = batch_size
+        self.timeout_s = timeout_s
+
+    def fitness_fn(self, evaluator: TaskEvaluator | MultiEvaluator) -> DaskFitness:
+        setups = [e.setup for e in evaluator.evaluators] if isinstance(evaluator, MultiEvaluator) else evaluator.setup
+        return DaskFitness(self.client, setups, self.device, self.batch_size, self.timeout_s)
+
+
 class DaskFitness:
     """`fitness(genomes, adam_ref) -> list[Fitness | Exception]` evaluated by Dask workers.
 

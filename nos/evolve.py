@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
 from db.store import Store, StoreError
 
@@ -51,7 +52,6 @@ from .cli import (
     text_arg,
 )
 from .evaluation.compare import Comparison
-from .evaluation.fitness import MultiEvaluator
 from .evaluation.protocol import Seeds
 from .ga.particle import STRATEGIES
 from .progress import Stages
@@ -59,6 +59,7 @@ from .report_table import comparison_text
 from .search import PRESETS, Cooperation, Progress, Run, RunError, SearchConfig
 from .search.config import ALGORITHMS, DEFAULT_FIDELITY, DEFAULT_SEEDS
 from .search.funnel import candidate_id
+from .search.objective import LocalEvaluator, Objective
 from .tasks.api import TaskFamily
 from .tasks.budget import describe
 from .tasks.registry import TaskError, is_code
@@ -210,7 +211,7 @@ def _config(args) -> SearchConfig:
         cfg.tasks, cfg.test_tasks = tuple(search), tuple(_specs(args.test_tasks)) if args.test_tasks else ()
         cfg.add_task_info({s: f for s, f in families.items() if is_code(s)})
     try:  # the same checks a stored config gets when it is read back
-        return SearchConfig.from_json(cfg.to_json())
+        return SearchConfig.checked(cfg.to_json())
     except (ValueError, TypeError) as e:
         raise UsageError(f"configuration: {e}") from None
 
@@ -295,25 +296,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.info(f"evaluating on Dask: {client.scheduler.address}")
         cooperate = args.cooperate if args.cooperate is not None else not store.url.startswith("sqlite")
         stages = Stages.for_stderr()
-        kw = {"progress": _progress(stages),
-              "cooperate": Cooperation(stale_s=args.claim_timeout) if cooperate else None}
         try:
+            # the run's parts, built here and handed over: what it optimises, how it proposes,
+            # where fitness is computed (this process, or every fidelity stage on the cluster)
+            config = Run.stored_config(store, args.resume) if args.resume else cfg
+            assert config is not None
+            if client is not None:
+                from .distributed import DaskEvaluator
+            parts: dict[str, Any] = {"objective": Objective(config, device), "strategy": STRATEGIES[config.algorithm].of(config),
+                     "evaluator": LocalEvaluator() if client is None else
+                     DaskEvaluator(client, args.device, args.batch_size, args.timeout),
+                     "progress": _progress(stages),
+                     "cooperate": Cooperation(stale_s=args.claim_timeout) if cooperate else None}
             if args.resume:
-                run = Run.resume(store, args.resume, device, **kw)
+                run = Run.resume(store, args.resume, **parts)
             else:
-                assert cfg is not None
                 name = args.name or datetime.now().strftime("run-%Y%m%d-%H%M%S")
-                run = Run.create(store, name, cfg, device, **kw)
+                run = Run.create(store, name, config, **parts)
         except RunError as e:
             stages.close()
             raise UsageError(str(e)) from None
-        if client is not None:
-            from .distributed import DaskFitness
-
-            for stage in run.stages:  # every fidelity stage evaluates on the cluster
-                ev = stage.evaluator
-                setups = [e.setup for e in ev.evaluators] if isinstance(ev, MultiEvaluator) else ev.setup
-                stage.fitness_fn = DaskFitness(client, setups, args.device, args.batch_size, args.timeout)
         log.info(f"run {run.name!r} (id {run.id}) -> {store.url}")
         return _search(run, stages, args.format)
     finally:
@@ -330,7 +332,7 @@ def _search(run: Run, stages: Stages, fmt: str) -> int:
     start = time.perf_counter()
     try:
         with run:
-            best = run.optimize(STRATEGIES[run.config.algorithm](run.config))
+            best = run.optimize()
             comparison = run.funnel(best)
     except KeyboardInterrupt:
         stages.close()

@@ -140,40 +140,18 @@ def load(store: Store, name_or_id: str) -> RunData:
 
 
 def particle_paths(data: RunData) -> dict[int, list[dict]]:
-    """Each particle's position at timesteps 0, 1, ...: its initial individual, then at each
-    timestep the best evaluated child (or the parent, when no child was evaluated or elitism kept it).
-    Where the next timestep has children, their parent is the position (the database's word)."""
+    """Each particle's position at timesteps 0, 1, ... (its row), as the GA chose it: the stored
+    candidates replayed through the run's strategy (`ParticleGA.positions`), up to the last
+    timestep fully stored. A strategy without particles (random search) has none."""
+    from .ga.particle import STRATEGIES, ParticleGA
+    from .search.records import Candidate
+
+    strategy = STRATEGIES[data.config.algorithm].of(data.config)
+    if not isinstance(strategy, ParticleGA):
+        return {}
     by_id = data.by_id
-    kids: dict[tuple[int, int], list[dict]] = defaultdict(list)
-    for r in data.individuals:
-        if r["timestep"] >= 1 and r["particle"] is not None:
-            kids[(r["timestep"], r["particle"])].append(r)
-    initial = sorted((r for r in data.individuals if r["timestep"] == 0 and r["status"] == "evaluated"),
-                     key=lambda r: (r["fitness"], r["id"]))
-    n_particles = max([p + 1 for _, p in kids] or [min(data.config.particles, len(initial))])
-    last_t = max([t for t, _ in kids] or [0])
-    paths: dict[int, list[dict]] = {}
-    for p in range(n_particles):
-        first = kids.get((1, p))
-        start = by_id.get(first[0]["parent_id"]) if first else (initial[p] if p < len(initial) else None)
-        if start is None:
-            continue
-        path = [start]
-        for t in range(1, last_t + 1):
-            if not kids.get((t, p)):
-                break
-            nxt = kids.get((t + 1, p))
-            if nxt and nxt[0]["parent_id"] in by_id:
-                path.append(by_id[nxt[0]["parent_id"]])
-                continue
-            parent = path[-1]
-            done = sorted((r for r in kids[(t, p)] if r["status"] == "evaluated" and r["fitness"] is not None),
-                          key=lambda r: (r["fitness"], r["id"]))
-            keep = not done or (data.config.elitism and parent["fitness"] is not None
-                                and done[0]["fitness"] >= parent["fitness"])
-            path.append(parent if keep else done[0])
-        paths[p] = path
-    return paths
+    positions = strategy.positions({r["slot"]: Candidate.from_row(r) for r in data.individuals})
+    return {p: [by_id[c.id] for c in pts] for p, pts in positions.items()}
 
 
 # ---------------------------------------------------------------------- plots

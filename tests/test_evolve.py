@@ -14,6 +14,7 @@ import pytest
 
 from db.store import Store
 from nos.search import Proposal, Run, SearchConfig
+from nos.search.objective import LocalEvaluator
 from search_space.genome import from_json
 
 from .conftest import EVOLVE_TINY, REPO, lineage_key, sigkill_at
@@ -115,28 +116,29 @@ def test_existing_name_and_unknown_resume_are_clear_errors(tmp_path: Path, finis
 def test_candidates_that_raise_or_diverge_are_recorded_and_the_run_goes_on(tmp_path: Path) -> None:
     cfg = SearchConfig(horizons=(1.0,), budget_fpe=60, sine={"pretrain_steps": 100, "width": 8},
                        cache_dir=str(tmp_path / "cache"))
+    class Flaky(LocalEvaluator):
+        """Fault injection: evaluating the `sign` genome raises, as a buggy op would."""
+
+        def fitness_fn(self, evaluator):
+            real = evaluator.fitness
+
+            def flaky_fitness(genomes, adam_ref):
+                if any(g.nodes[-1].op == "sign" for g in genomes):
+                    raise RuntimeError("boom")
+                return real(genomes, adam_ref)
+
+            return flaky_fitness
+
     with Store(str(tmp_path / "x.sqlite")) as store:
-        search = Run.create(store, "faults", cfg, "cpu")
+        search = Run.create(store, "faults", cfg, "cpu", evaluator=Flaky())
         run_id = search.id
         diverge = from_json({"nodes": [{"op": "exp", "in": ["g"]}, {"op": "exp", "in": ["n0"]},
                                        {"op": "mul", "in": ["n1", "two"]}, {"op": "pow_abs", "in": ["n2", "n2"]}],
                              "lr": {"schedule": "constant"}})
         adam = from_json({"nodes": [{"op": "sqrt_abs", "in": ["v"]}, {"op": "div", "in": ["m", "n0"]}]})
-        real_fitness = search.evaluator.fitness
-
-        def flaky_fitness(genomes, adam_ref):
-            # fault injection: evaluating the `sign` genome raises, as a buggy op would
-            if any(g.nodes[-1].op == "sign" for g in genomes):
-                raise RuntimeError("boom")
-            return real_fitness(genomes, adam_ref)
-
-        search.evaluator.fitness = flaky_fitness
         raiser = from_json({"nodes": [{"op": "sign", "in": ["m"]}]})
-        search.judge.judge_chunks([[
-            Proposal("a", lambda rng: (diverge, None)),
-            Proposal("b", lambda rng: (raiser, None)),
-            Proposal("c", lambda rng: (adam, None)),
-            Proposal("d", lambda rng: (adam, None)),
+        search.judge().judge_chunks([[
+            Proposal("a", diverge), Proposal("b", raiser), Proposal("c", adam), Proposal("d", adam),
         ]])
         rows = {r["slot"]: r for r in store.individuals(run_id)}
         assert rows["b"]["status"] == "error" and "boom" in rows["b"]["error"]

@@ -25,7 +25,6 @@ from db.store import Store
 from nos.ga.particle import ParticleGA
 from nos.progress import MIN_GAP, Stages, duration_text, eta_text, every_from_env, reporter
 from nos.search import Progress, Run, SearchConfig
-from nos.search.run import search_total
 
 from .conftest import REPO
 
@@ -170,15 +169,16 @@ def test_search_stage_total_is_fixed_and_reached_even_with_missing_particles(tmp
                         stage=lambda name, total, unit: events.append(("stage", name, total)),
                         advance=lambda n=1, **kw: events.append(("advance", n)))
     with Store(str(tmp_path / "x.sqlite")) as store:
-        with Run.create(store, "p", cfg, "cpu", progress=progress) as run:
-            run.optimize(ParticleGA(cfg))
+        with Run.create(store, "p", cfg, "cpu", strategy=ParticleGA.of(cfg), progress=progress) as run:
+            run.optimize()
             run.funnel()
         n_rows = len(store.individuals(run.id))
+    total = ParticleGA.of(cfg).total()
     assert [e[1] for e in events if e[0] == "stage"] == ["pretraining", "Adam reference", "search"]
     assert ("stage", "pretraining", len(cfg.search_seeds)) in events  # no funnel: the search seeds' networks
-    start = events.index(("stage", "search", search_total(cfg)))
-    assert search_total(cfg) == 3 + 1 * 4 * 2
-    assert sum(e[1] for e in events[start:] if e[0] == "advance") == search_total(cfg)
+    start = events.index(("stage", "search", total))
+    assert total == 3 + 1 * 4 * 2
+    assert sum(e[1] for e in events[start:] if e[0] == "advance") == total
     assert len(judged) == n_rows
 
 

@@ -20,18 +20,19 @@ from search_space.mutation import random_genome
 
 def drive(strategy, outcome) -> list[Candidate]:
     """Run a strategy to the end, judging every proposal with `outcome(slot, genome)` ->
-    (status, fitness). Returns every judged candidate, in order."""
+    (status, fitness) (an invalid proposal is invalid). Returns every judged candidate, in order."""
     judged: list[Candidate] = []
     next_id = 1
-    while (batch := strategy.ask()) is not None:
+    state = strategy.init()
+    while (batch := strategy.ask(state)) is not None:
         told = []
         for p in batch.proposals:
-            genome, kind = p.make(random.Random(f"0:{p.slot}"))
-            status, fitness = outcome(p.slot, genome)
-            told.append(Candidate(next_id, p.slot, status, genome.to_json(), str(next_id), fitness, 1,
-                                  None if fitness is None else 1e-3, p.timestep, p.parent_id, kind))
+            status, fitness = ("invalid", None) if p.genome is None else outcome(p.slot, p.genome)
+            told.append(Candidate(next_id, p.slot, status, {} if p.genome is None else p.genome.to_json(),
+                                  str(next_id), fitness, 1, None if fitness is None else 1e-3, p.timestep,
+                                  p.parent_id, p.kind, p.attempt))
             next_id += 1
-        strategy.tell(told)
+        state, _ = strategy.tell(state, told)
         judged += told
     return judged
 
@@ -45,8 +46,8 @@ def flaky(slot: str, genome: Genome) -> tuple[str, float | None]:
 @pytest.mark.parametrize("seed_builtins", [False, True])
 def test_random_search_judges_as_many_candidates_as_the_ga_and_never_mutates(seed_builtins: bool) -> None:
     cfg = SearchConfig(initial=9, particles=3, timesteps=3, mutations=4, max_tries=3, seed_builtins=seed_builtins)
-    ga = drive(ParticleGA(cfg), flaky)
-    rnd = drive(RandomSearch(SearchConfig(**{**cfg.__dict__, "algorithm": "random"})), flaky)
+    ga = drive(ParticleGA.of(cfg), flaky)
+    rnd = drive(RandomSearch.of(SearchConfig(**{**cfg.__dict__, "algorithm": "random"})), flaky)
     per_t = lambda rows, t: [r for r in rows if r.timestep == t]  # noqa: E731
     for t in range(cfg.timesteps + 1):
         # the same slots per timestep (a child slot is retried up to max_tries until evaluated)
@@ -56,7 +57,7 @@ def test_random_search_judges_as_many_candidates_as_the_ga_and_never_mutates(see
     assert all(r.parent_id is None and r.expression is None for r in rnd)  # no parent, no mutation kind
     # equal outcomes => exactly the same number of judged candidates
     always = lambda slot, genome: ("evaluated", random.Random(slot).random())  # noqa: E731
-    assert len(drive(ParticleGA(cfg), always)) == len(drive(RandomSearch(cfg), always))
+    assert len(drive(ParticleGA.of(cfg), always)) == len(drive(RandomSearch.of(cfg), always))
 
 
 def test_ga_moves_particles_to_their_best_child_and_elitism_keeps_better_parents() -> None:
@@ -64,7 +65,7 @@ def test_ga_moves_particles_to_their_best_child_and_elitism_keeps_better_parents
     cfg = SearchConfig(initial=6, particles=2, timesteps=2, mutations=3, max_tries=1)
     worse = lambda slot, genome: ("evaluated", 5.0 if slot.startswith("t") else 1.0)  # noqa: E731
     for elitism, parent_timestep in ((False, 1), (True, 0)):
-        rows = drive(ParticleGA(SearchConfig(**{**cfg.__dict__, "elitism": elitism})), worse)
+        rows = drive(ParticleGA.of(SearchConfig(**{**cfg.__dict__, "elitism": elitism})), worse)
         by_id = {r.id: r for r in rows}
         assert {by_id[r.parent_id].timestep for r in rows if r.timestep == 2} == {parent_timestep}  # type: ignore[index]
 
@@ -86,7 +87,7 @@ def test_staged_fitness_promotes_the_best_fraction_of_each_batch() -> None:
         full_seen.extend(genomes.index(g) for g in gs)
         return [_fit(10.0 + genomes.index(g), "full") for g in gs]
 
-    stages = [Stage(None, lambda: {}, cheap, promote=0.4), Stage(None, lambda: {}, full)]  # type: ignore[arg-type]
+    stages = [Stage(cheap, {}, promote=0.4), Stage(full, {})]
     out = staged_fitness(stages, genomes)
     # 6 finite at the cheap stage; ceil(0.4 * 6) = 3 promoted: the 3 best by cheap fitness
     assert sorted(full_seen) == [2, 4, 6]
@@ -94,7 +95,7 @@ def test_staged_fitness_promotes_the_best_fraction_of_each_batch() -> None:
     assert out[2][0].fitness == 12.0 and [e["task"] for e in out[2][0].evaluations] == ["cheap", "full"]
     assert out[0][0].fitness == 5.0 and out[1][0].fitness is None
     # one stage: everything is full fidelity
-    assert [fid for _, fid in staged_fitness([Stage(None, lambda: {}, full)], genomes[:2])] == [1, 1]  # type: ignore[arg-type]
+    assert [fid for _, fid in staged_fitness([Stage(full, {})], genomes[:2])] == [1, 1]
 
 
 def test_diagnostics_match_independent_computations() -> None:

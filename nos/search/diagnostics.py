@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from db.store import Store
+from db.storage import Storage
 
 from ..evaluation.compare import Comparison
 from .config import SearchConfig
@@ -25,7 +25,7 @@ _BEFORE_TASKS = {"tasks": ["sine"]}  # what a config written before tasks had na
 _READ = object()  # `diagnostics(cmp=...)` not given: read the comparison from the store
 
 
-def control_for(store: Store, run: dict) -> dict | None:
+def control_for(store: Storage, run: dict) -> dict | None:
     """The latest finished random-search run of the same size as `run` (not `run` itself)."""
     cfg = run["config"] or {}
     if cfg.get("algorithm", "ga") == "random":
@@ -37,7 +37,7 @@ def control_for(store: Store, run: dict) -> dict | None:
     return matches[-1] if matches else None
 
 
-def diagnostics(store: Store, run: dict, individuals: list[dict] | None = None,
+def diagnostics(store: Storage, run: dict, individuals: list[dict] | None = None,
                 cmp: Comparison | None | object = _READ) -> dict[str, Any]:
     """The run's diagnostics; `individuals` and `cmp` (its comparison, None without a funnel) are
     read from `store` unless the caller has them already (the report does: the comparison's
@@ -45,7 +45,7 @@ def diagnostics(store: Store, run: dict, individuals: list[dict] | None = None,
     if individuals is None:
         individuals = store.individuals(run["id"])
     if cmp is _READ:
-        cmp = comparison(store, run["id"], SearchConfig.from_json(run["config"] or {}))
+        cmp = comparison(store, run["id"], SearchConfig.checked(run["config"] or {}))
     assert cmp is None or isinstance(cmp, Comparison)
     fitness = {r["id"]: r["fitness"] for r in individuals if r["status"] == "evaluated" and r["fitness"] is not None}
     validation = {i: s for name, s in (cmp.validation_scores.items() if cmp else ()) if (i := candidate_id(name)) is not None}

@@ -26,7 +26,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
-from db.store import Store, StoreError
+from db.errors import StoreError
+from db.storage import Storage
 from search_space.genome import Genome, from_json
 
 from ..evaluation.compare import Comparison, combine, compare
@@ -77,11 +78,11 @@ def _baseline_row(row: dict) -> Row:
     return Row(row["method"], row["horizon"], row["seed"], row["hparam"], row["loss"], row["split"])
 
 
-def _stored(store: Store, key: str) -> list[Row]:
+def _stored(store: Storage, key: str) -> list[Row]:
     return [_baseline_row(b) for b in store.baselines(protocol=key)]
 
 
-def _store_rows(store: Store, key: str, rows: Sequence[Row], budget: int, task: str = TASK,
+def _store_rows(store: Storage, key: str, rows: Sequence[Row], budget: int, task: str = TASK,
                 task_key: str | None = None) -> None:
     store.add_baselines([
         {"run_id": None, "method": r.method, "task": task, "task_key": task_key, "horizon": r.horizon, "seed": r.seed,
@@ -99,7 +100,7 @@ def before_of(rows: Sequence[Row]) -> dict[tuple[float, int], float]:
     return {(r.horizon, r.seed): float(r.loss) for r in rows if r.method == BEFORE and r.loss is not None}
 
 
-def tuned_baselines(store: Store, protocol: Protocol, evaluator: TaskEvaluator,
+def tuned_baselines(store: Storage, protocol: Protocol, evaluator: TaskEvaluator,
                     progress: Progress | None = None, published: bool = False) -> list[Row]:
     """Validation and test rows of every baseline under `protocol`, computed once and stored
     (with `published`, also NOS's published optimizers, under keys of their own).
@@ -113,7 +114,7 @@ def tuned_baselines(store: Store, protocol: Protocol, evaluator: TaskEvaluator,
     return rows
 
 
-def _tuned(store: Store, protocol: Protocol, evaluator: TaskEvaluator, progress: Progress | None, suffix: str,
+def _tuned(store: Storage, protocol: Protocol, evaluator: TaskEvaluator, progress: Progress | None, suffix: str,
            gradient: Sequence[str], with_randopt: bool, base: Sequence[Row] = ()) -> list[Row]:
     say = reporter(progress)
     rows: list[Row] = []
@@ -147,7 +148,7 @@ def _tuned(store: Store, protocol: Protocol, evaluator: TaskEvaluator, progress:
 # ------------------------------------------------------------------------------- candidates
 
 
-def evaluate_candidates(store: Store, run_id: int, evaluator: TaskEvaluator, protocol: Protocol,
+def evaluate_candidates(store: Storage, run_id: int, evaluator: TaskEvaluator, protocol: Protocol,
                         candidates: Mapping[str, Genome], baseline_rows: Sequence[Row],
                         progress: Progress | None = None) -> list[Row]:
     """Candidates on the validation seeds at every lr, then on the test seeds at the lr chosen
@@ -210,7 +211,7 @@ def _names(names: Iterable[str]) -> str:
     return ", ".join(shown[:6]) + (f" and {len(shown) - 6} more" if len(shown) > 6 else "") if shown else "none"
 
 
-def _stored_units(store: Store, run_id: int, protocol: Protocol) -> dict[tuple[str, float], list[Row]]:
+def _stored_units(store: Storage, run_id: int, protocol: Protocol) -> dict[tuple[str, float], list[Row]]:
     """The funnel units of one task stored for a run, each checked whole: the same candidates in
     every unit, each with every seed of its split once, at every lr of the grid (validation) or
     at one lr (test). A unit is written in one transaction, so one that is not whole was changed
@@ -241,7 +242,7 @@ def _stored_units(store: Store, run_id: int, protocol: Protocol) -> dict[tuple[s
     return units
 
 
-def funnel_rows(store: Store, run_id: int, protocol: Protocol) -> list[Row] | None:
+def funnel_rows(store: Storage, run_id: int, protocol: Protocol) -> list[Row] | None:
     """The funnel rows of a run's candidates on one task once every unit is stored; None while
     one is missing (the funnel has not run, or was interrupted: "not reached yet"). A stored unit
     that is not whole is a StoreError (`_stored_units`)."""
@@ -273,7 +274,7 @@ def candidate_evaluations(rows: Sequence[Row], genomes: Mapping[str, Genome], bu
     return out
 
 
-def stored_candidate_rows(store: Store, run_id: int, task: str = TASK) -> list[Row]:
+def stored_candidate_rows(store: Storage, run_id: int, task: str = TASK) -> list[Row]:
     """Every stored funnel row of a run's candidates on one task, as stored (a partial funnel's
     too: `funnel_rows` says whether the funnel is done)."""
     rows = []
@@ -282,7 +283,7 @@ def stored_candidate_rows(store: Store, run_id: int, task: str = TASK) -> list[R
     return rows
 
 
-def run_funnel(store: Store, run_id: int, cfg: SearchConfig, evaluator_of: Callable[[str], TaskEvaluator],
+def run_funnel(store: Storage, run_id: int, cfg: SearchConfig, evaluator_of: Callable[[str], TaskEvaluator],
                best: Sequence[Candidate], progress: Progress | None = None) -> Comparison | None:
     """Steps 1-3 of the module docstring for every task of the run (`evaluator_of(spec)` trains on
     a task's held-out seeds); idempotent: every baseline horizon and funnel unit already stored is
@@ -296,7 +297,7 @@ def run_funnel(store: Store, run_id: int, cfg: SearchConfig, evaluator_of: Calla
     return comparison(store, run_id, cfg)
 
 
-def comparison(store: Store, run_id: int, cfg: SearchConfig) -> Comparison | None:
+def comparison(store: Storage, run_id: int, cfg: SearchConfig) -> Comparison | None:
     """The run's comparison rebuilt from stored rows; None when its funnel has not run. On several
     tasks: per-task rows, aggregates over tasks and the champion of the search tasks (`combine`)."""
     per_task = []
@@ -308,7 +309,7 @@ def comparison(store: Store, run_id: int, cfg: SearchConfig) -> Comparison | Non
     return combine(per_task, [cfg.task_name(s) for s in cfg.tasks], [cfg.task_name(s) for s in cfg.test_tasks])
 
 
-def _task_comparison(store: Store, run_id: int, cfg: SearchConfig, spec: str) -> Comparison | None:
+def _task_comparison(store: Storage, run_id: int, cfg: SearchConfig, spec: str) -> Comparison | None:
     protocol = cfg.protocol(spec)
     cand = funnel_rows(store, run_id, protocol)
     if cand is None:  # not run yet, or interrupted: never a partial table
@@ -326,7 +327,7 @@ def _task_comparison(store: Store, run_id: int, cfg: SearchConfig, spec: str) ->
     return out
 
 
-def validated_lrs(store: Store, run_id: int, cfg: SearchConfig, ind_id: int, spec: str | None = None) -> dict[float, float]:
+def validated_lrs(store: Storage, run_id: int, cfg: SearchConfig, ind_id: int, spec: str | None = None) -> dict[float, float]:
     """horizon -> the lr chosen on the validation seeds for one funnel candidate on one task (the
     first search task by default; empty when the candidate was not in the run's funnel or that
     funnel is not done). What `nos export ID --horizon H` makes the default."""

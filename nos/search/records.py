@@ -7,45 +7,45 @@ A strategy *asks* the run to judge a `Batch` of `Proposal`s and is *told* the ju
 
 from __future__ import annotations
 
-import random
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from search_space.genome import Genome
 
-# make(rng) -> (genome, mutation kind or None); raises search_space.mutation.MutationError
-Maker = Callable[[random.Random], "tuple[Genome, str | None]"]
-
 
 @dataclass(frozen=True)
 class Proposal:
-    """One candidate to create and judge. `slot` names it deterministically within the run
-    ("init:17", "t2:p3:m5:a1"); its genome is `make(random.Random(f"{seed}:{slot}"))`, so a
-    resumed run regenerates exactly the same candidate."""
+    """One candidate to judge, made by the strategy. `slot` names it deterministically within the
+    run ("init:17", "t2:p3:m5:a1"); the strategy makes its genome with `random.Random(f"{seed}:{slot}")`,
+    so a resumed run regenerates exactly the same candidate. The judge runs no strategy code."""
 
     slot: str
-    make: Maker
-    timestep: int = 0
-    attempt: int = 0
+    genome: Genome | None  # None: the mutation could not make a child; `invalid` says why
+    kind: str | None = None  # the mutation's kind (None for a fresh random or builtin genome)
+    invalid: str | None = None  # the MutationError text (stored as the row's error; its kind = text before ':')
+    timestep: int = 0  # the strategy's generation (the `timestep` column; 0 = initial)
+    attempt: int = 0  # the try of this slot
     parent_id: int | None = None
-    particle: int | None = None
-    mutation: int | None = None
+    lineage: Mapping[str, int] = field(default_factory=dict)  # the strategy's own columns (GA: particle, mutation)
 
     def columns(self) -> dict[str, Any]:
-        """The proposal's fixed database columns (lineage: parent, particle, timestep, ...)."""
+        """The proposal's fixed database columns: timestep and attempt, and for a child its parent
+        and the strategy's lineage columns."""
         cols: dict[str, Any] = {"timestep": self.timestep, "attempt": self.attempt}
         if self.parent_id is not None:
-            cols.update(parent_id=self.parent_id, particle=self.particle, mutation=self.mutation)
+            cols.update(parent_id=self.parent_id, **self.lineage)
         return cols
 
 
 @dataclass(frozen=True)
 class Batch:
-    """Proposals judged together; `label` is what the progress bar shows meanwhile."""
+    """Proposals judged together; `label` is what the progress bar shows meanwhile. `initial`: the
+    initial population (judged in chunks of `chunk`; later batches in chunks of `timestep_chunk`)."""
 
     label: str
     proposals: tuple[Proposal, ...]
+    initial: bool = False
 
 
 @dataclass(frozen=True)
@@ -63,16 +63,24 @@ class Candidate:
     timestep: int
     parent_id: int | None
     expression: str | None
+    attempt: int = 0  # the try of its slot
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Candidate:
+        """From a stored row (or `to_json`'s dict)."""
         return cls(
             id=row["id"], slot=row["slot"], status=row["status"], genome=row["genome"],
             genome_hash=row.get("genome_hash"), fitness=row.get("fitness"), fidelity=int(row.get("fidelity", 1)),
             lr=row.get("lr"),
             timestep=row.get("timestep") or 0, parent_id=row.get("parent_id"),
-            expression=row.get("expression"),
+            expression=row.get("expression"), attempt=row.get("attempt") or 0,
         )
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-serialisable dict; `from_row` reads it back."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["genome"] = dict(self.genome)
+        return d
 
     @property
     def evaluated(self) -> bool:

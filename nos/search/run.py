@@ -1,45 +1,46 @@
-"""A search run, as a library object (in the spirit of Optuna's `Study`).
+"""A search run, as a library object built from parts (in the spirit of Optuna's `Study`).
 
-    with Run.create(store, "demo", SearchConfig()) as run:      # or Run.resume(store, "demo")
-        run.optimize(ParticleGA(run.config))                      # ask / tell until the strategy stops
-        comparison = run.funnel()                                 # validation + test, stored
+    objective = Objective(config, device)                 # what is optimised: fidelity stages, tasks
+    strategy = ParticleGA(GAConfig.of(config))            # what to try next: ask / tell, explicit state
+    with Run.create(storage, "demo", config, objective=objective, strategy=strategy,
+                    evaluator=LocalEvaluator()) as run:   # or Run.resume(storage, "demo", ...)
+        run.optimize()                                    # ask / tell until the strategy stops
+        comparison = run.funnel()                         # validation + test, stored
     comparison.champion, run.metrics()
 
-The run owns everything a strategy must not know about: the database rows (through `Judge`),
-claims and heartbeats when several processes share it, the stored Adam reference that normalises
-fitness, the funnel and its rows, the champion and the run's metrics. Its status follows the
-`with` block: `running` inside; `finished` on a normal exit (once the funnel is done),
-`interrupted` on Ctrl-C, `failed` on any other exception.
+The parts are passed in (the command builds them; missing ones get the config's defaults) and
+nothing outside assigns to a run's internals. The run owns everything a strategy must not know
+about: the storage (through the judge), claims and heartbeats when several processes share it
+(`nos.search.claims`), the stored Adam reference that normalises fitness, the funnel and its rows,
+the champion and the run's metrics. Its status follows the `with` block: `running` inside;
+`finished` on a normal exit (once the funnel is done), `interrupted` on Ctrl-C, `failed` on any
+other exception.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import replace
 from types import TracebackType
 from typing import Any
 
 import torch
 
-from db.store import Store, StoreError
+from db.errors import StoreError
+from db.storage import Storage
 
 from ..evaluation.compare import Comparison
-from ..evaluation.fitness import (
-    AdamReference,
-    MultiEvaluator,
-    MultiReference,
-    SearchSetup,
-    TaskEvaluator,
-)
+from ..evaluation.fitness import AdamReference, MultiEvaluator, MultiReference, TaskEvaluator
 from ..ga.strategy import Strategy
 from ..progress import Reporter
 from ..tasks.registry import WAVES
 from ..tasks.sine import SineConfig, WaveFamily, pretrain_missing
 from . import funnel as funnel_mod
+from .claims import Claims, Cooperation
 from .config import SearchConfig
-from .judge import Cooperation, FitnessFn, Judge, Progress, Stage
+from .judge import Judge, Progress, Stage
 from .metrics import run_metrics
+from .objective import Evaluator, LocalEvaluator, Objective, ObjectiveStage
 from .records import Candidate
 
 log = logging.getLogger(__name__)
@@ -49,39 +50,31 @@ class RunError(Exception):
     """A run cannot be created, resumed or found (one line for the user)."""
 
 
-def search_total(cfg: SearchConfig) -> int:
-    """Candidate slots the GA's schedule settles (the fixed total of the "search" stage): the
-    initial population, then particles x mutations child slots per timestep. A slot is settled
-    once a try of it is evaluated or its last try (`max_tries`) is judged, so retries never make
-    the total grow."""
-    from ..ga.particle import initial_proposals  # here: nos.ga.particle imports this package
+def default_strategy(config: SearchConfig) -> Strategy[Any]:
+    """The strategy a run's config names (`algorithm`: the particle GA or its random control)."""
+    from ..ga.particle import STRATEGIES  # here: nos.ga imports this package's records
 
-    return len(initial_proposals(cfg)) + cfg.timesteps * cfg.particles * cfg.mutations
+    return STRATEGIES[config.algorithm].of(config)
 
 
 class Run:
-    def __init__(self, store: Store, record: dict, config: SearchConfig, device: torch.device | str = "cpu", *,
-                 progress: Progress | None = None, fitness_fn: FitnessFn | None = None,
+    """One search run in `storage`, built from its parts (see the module docstring)."""
+
+    def __init__(self, storage: Storage, record: dict, config: SearchConfig, *, objective: Objective,
+                 strategy: Strategy[Any], evaluator: Evaluator | None = None, progress: Progress | None = None,
                  cooperate: Cooperation | None = None) -> None:
-        self.store = store
+        self.storage = storage
         self.record = record
         self.config = config
-        self.device = torch.device(device)
+        self.objective = objective
+        self.strategy = strategy
+        self.evaluator: Evaluator = evaluator or LocalEvaluator()
+        self.device = objective.device
         self.progress = progress or Progress()
-        self.coop = cooperate
-        # one evaluator and Adam reference per fidelity stage; the last stage is the full fitness
-        # (on several search tasks a stage's evaluator combines one evaluator per task)
-        setups = config.stage_setups()
-        self.stages = [Stage(self._evaluator(stage_setups), self._adam_reference_of(k), promote=promote)
-                       for k, (stage_setups, promote) in enumerate(setups)]
-        self.stages[-1].fitness_fn = fitness_fn
-        self.evaluator = self.stages[-1].evaluator
-        # the judge reports each chunk through `_judged`, which also advances the "search" stage
-        self.judge = Judge(store, self.id, config.seed, self.stages, self.device,
-                           replace(self.progress, judged=self._judged), cooperate=cooperate)
+        self.claims = Claims(storage, self.id, cooperate, self.progress.message) if cooperate else None
+        self._judge: Judge | None = None  # built on first use, once the stages' references are known
         self._counts = {"judged": 0, "evaluated": 0, "duplicate": 0}
         self._best_fitness: float | None = None
-        self._by_slot = False  # the search stage counts the GA's slots (else proposals)
         self.funnel_done = config.funnel == 0
         self._adam: dict[str, AdamReference] = {}
         self._best: list[Candidate] = []
@@ -89,20 +82,24 @@ class Run:
 
     # ------------------------------------------------------------------ create / resume
     @classmethod
-    def create(cls, store: Store, name: str, config: SearchConfig, device: torch.device | str = "cpu",
-               **kw: Any) -> Run:
-        if store.get_run(name) is not None:
+    def create(cls, storage: Storage, name: str, config: SearchConfig, device: torch.device | str = "cpu", *,
+               objective: Objective | None = None, strategy: Strategy[Any] | None = None, **kw: Any) -> Run:
+        """A new run named `name`. Parts not given are the config's defaults (an `Objective` on
+        `device`, the strategy its `algorithm` names, fitness computed in this process)."""
+        if storage.get_run(name) is not None:
             raise RunError(f"a run named {name!r} exists; continue it with --resume {name}")
-        run_id = store.create_run(name, config.to_json(), config.seed)
-        record = store.get_run(run_id)
+        run_id = storage.create_run(name, config.to_json(), config.seed)
+        record = storage.get_run(run_id)
         assert record is not None
-        return cls._started(store, record, config, device, kw)
+        return cls._started(storage, record, config, device, objective, strategy, kw)
 
-    @classmethod
-    def resume(cls, store: Store, name: str, device: torch.device | str = "cpu", **kw: Any) -> Run:
-        record = store.get_run(name)
+    @staticmethod
+    def stored_config(storage: Storage, name: str) -> SearchConfig:
+        """The checked config of the unfinished run `name` (what `resume` continues), so a caller
+        can build the run's parts from it first. A tampered config is one line (RunError)."""
+        record = storage.get_run(name)
         if record is None:
-            raise RunError(f"no run named {name!r} in {store.url}")
+            raise RunError(f"no run named {name!r} in {storage.url}")
         if record["status"] == "finished":
             raise RunError(f"run {name!r} already finished")
         try:  # checked before the run is touched: a tampered config is one line, nothing written
@@ -110,17 +107,27 @@ class Run:
             config.check_task_code()  # the tasks resolve (a user's named again) and are unchanged
         except ValueError as e:
             raise RunError(f"run {name!r}: {e}") from None
-        store.set_run_status(record["id"], "running")
-        return cls._started(store, record, config, device, kw)
+        return config
 
     @classmethod
-    def _started(cls, store: Store, record: dict, config: SearchConfig, device: torch.device | str,
-                 kw: dict[str, Any]) -> Run:
+    def resume(cls, storage: Storage, name: str, device: torch.device | str = "cpu", *,
+               objective: Objective | None = None, strategy: Strategy[Any] | None = None, **kw: Any) -> Run:
+        """Continue the unfinished run `name` with its stored config (parts as in `create`)."""
+        config = cls.stored_config(storage, name)
+        record = storage.get_run(name)
+        assert record is not None
+        storage.set_run_status(record["id"], "running")
+        return cls._started(storage, record, config, device, objective, strategy, kw)
+
+    @classmethod
+    def _started(cls, storage: Storage, record: dict, config: SearchConfig, device: torch.device | str,
+                 objective: Objective | None, strategy: Strategy[Any] | None, kw: dict[str, Any]) -> Run:
         """The object of a run just marked running; if that fails, the run is marked failed."""
         try:
-            return cls(store, record, config, device, **kw)
+            return cls(storage, record, config, objective=objective or Objective(config, device),
+                       strategy=strategy or default_strategy(config), **kw)
         except BaseException:
-            store.set_run_status(record["id"], "failed")
+            storage.set_run_status(record["id"], "failed")
             raise
 
     @property
@@ -137,45 +144,31 @@ class Run:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        self.judge.close()
+        if self.claims is not None:
+            self.claims.close()
         if exc_type is None:
             if self.funnel_done:
-                self.store.set_run_status(self.id, "finished")
+                self.storage.set_run_status(self.id, "finished")
         else:
             status = "interrupted" if issubclass(exc_type, KeyboardInterrupt) else "failed"
             try:
-                self.store.set_run_status(self.id, status)
+                self.storage.set_run_status(self.id, status)
             except StoreError as e:  # the database itself failed (a full disk): its first error is what to say
                 log.warning(f"could not mark run {self.name!r} {status}: {e}")
 
     # ------------------------------------------------------------------ the search
-    def _evaluator(self, setups: list[SearchSetup]) -> TaskEvaluator | MultiEvaluator:
-        evaluators = [TaskEvaluator(setup, self.device) for setup in setups]
-        return evaluators[0] if len(evaluators) == 1 else MultiEvaluator(evaluators)
-
-    def _adam_reference_of(self, k: int) -> Callable[[], AdamReference | MultiReference]:
-        def reference() -> AdamReference | MultiReference:
-            ev = self.stages[k].evaluator
-            if isinstance(ev, MultiEvaluator):
-                return {e.setup.task: self.adam_reference(e.setup.reference, e) for e in ev.evaluators}
-            return self.adam_reference(ev.setup.reference, ev)
-
-        return reference
-
-    def adam_reference(self, task: str | None = None, evaluator: TaskEvaluator | None = None) -> AdamReference:
-        """Tuned Adam on each search instance of one task of a stage (its fitness normaliser),
-        computed once per run and stored (task `sine_search`; `sine_search_cheap` for a cheap
-        first stage; `<name>_search` for other tasks)."""
-        if evaluator is None:
-            ev = self.stages[-1].evaluator
-            evaluator = ev.evaluators[0] if isinstance(ev, MultiEvaluator) else ev
-        task = task or evaluator.setup.reference
+    def adam_reference(self, evaluator: TaskEvaluator | None = None) -> AdamReference:
+        """Tuned Adam on each search instance of one task of a stage (its fitness normaliser;
+        the full stage's first task by default), computed once per run and stored (task
+        `sine_search`; `sine_search_cheap` for a cheap first stage; `<name>_search` for other tasks)."""
+        evaluator = evaluator or self.objective.stages[-1].members[0]
+        task = evaluator.setup.reference
         if task not in self._adam:
             def stored_adam() -> list[dict]:
-                return [b for b in self.store.baselines(self.id, task=task) if b["method"] == "adam"]
+                return [b for b in self.storage.baselines(self.id, task=task) if b["method"] == "adam"]
 
             stored = stored_adam()
-            if not stored and self.coop is not None and not self.judge.claim_or_wait(
+            if not stored and self.claims is not None and not self.claims.claim_or_wait(
                     "adam" if task == "sine_search" else f"adam:{task}", lambda: bool(stored_adam())):
                 stored = stored_adam()  # another process tuned it
             if stored:
@@ -183,44 +176,62 @@ class Run:
             else:
                 self.progress.message(f"tuning Adam on the search task{'' if task == 'sine_search' else f' ({task})'}")
                 self._adam[task] = ref = evaluator.adam_reference()
-                self.store.add_baselines([
+                self.storage.add_baselines([
                     {"run_id": self.id, "method": "adam", "task": task, "task_key": evaluator.identity, "horizon": h, "seed": s,
                      "loss": loss, "hparam": lr, "budget": evaluator.setup.budget_fpe, "split": "search"}
                     for (h, s), (loss, lr) in ref.items()
                 ])
         return self._adam[task]
 
-    def optimize(self, strategy: Strategy) -> list[Candidate]:
-        """Ask the strategy for batches, judge them, tell it the results, until it stops.
-        Returns the strategy's best distinct candidates (its hall of fame).
+    def _reference(self, stage: ObjectiveStage) -> AdamReference | MultiReference:
+        """A stage's fitness normaliser: its task's Adam reference, or one per task."""
+        if isinstance(stage.evaluator, MultiEvaluator):
+            return {e.setup.task: self.adam_reference(e) for e in stage.members}
+        return self.adam_reference(stage.evaluator)
+
+    def judge(self) -> Judge:
+        """The judge of this run's proposals: every stage's fitness function (from the evaluator)
+        and Adam reference; it reports each chunk through `_judged`, which advances the search stage."""
+        if self._judge is None:
+            stages = [Stage(self.evaluator.fitness_fn(s.evaluator), self._reference(s), s.promote)
+                      for s in self.objective.stages]
+            self._judge = Judge(self.storage, self.id, stages, self.device,
+                                replace(self.progress, judged=self._judged), claims=self.claims)
+        return self._judge
+
+    def optimize(self) -> list[Candidate]:
+        """Ask the strategy for batches, judge them, tell it the results, until it stops; the
+        strategy's state goes in and out of each ask / tell. Returns the strategy's best distinct
+        candidates (its hall of fame).
 
         Stages of `progress`: "pretraining" (networks not cached yet, if any), "Adam reference"
-        (the fitness normaliser of each search task), "search" (a fixed count of the GA's
-        candidate slots, `search_total`; proposals, without a total, for another strategy)."""
-        from ..ga.particle import ParticleGA  # here: nos.ga.particle imports this package
-
-        cfg = self.config
-        first = True
-        self._by_slot = isinstance(strategy, ParticleGA)  # random search shares the GA's schedule
-        while (batch := strategy.ask()) is not None:
+        (the fitness normaliser of each search task), "search" (the strategy's fixed count of
+        slots, `strategy.total()`, advanced by the slots each judged chunk settled; proposals,
+        without a total, for a strategy that gives none)."""
+        cfg, strategy = self.config, self.strategy
+        state = strategy.init()
+        skipped = 0
+        judge: Judge | None = None
+        while (batch := strategy.ask(state)) is not None:
             self.progress.planned(len(batch.proposals))
-            if first:
+            if judge is None:
                 self.pretrain()
                 self._tune_references()
-                self.progress.stage("search", search_total(cfg) if self._by_slot else None, "candidates")
-                first = False
+                self.progress.stage("search", strategy.total(), "candidates")
+                judge = self.judge()
             self.progress.message(batch.label)
-            size = cfg.chunk if all(p.timestep == 0 for p in batch.proposals) else cfg.timestep_chunk
-            size = size or len(batch.proposals) or 1
+            size = (cfg.chunk if batch.initial else cfg.timestep_chunk) or len(batch.proposals) or 1
             props = batch.proposals
-            self.judge.judge_chunks([props[i : i + size] for i in range(0, len(props), size)])
-            judged = [Candidate.from_row(self.judge.rows[p.slot]) for p in props]
-            if self._by_slot and props and all(p.timestep == 0 for p in props):
-                self._skip_missing_particles(judged)
-            for generation in strategy.tell(judged):
-                self.store.put_timestep_stats(self.id, generation.row())
+            judge.judge_chunks([props[i : i + size] for i in range(0, len(props), size)])
+            judged = [Candidate.from_row(judge.rows[p.slot]) for p in props]
+            state, generations = strategy.tell(state, judged)
+            if (unreachable := strategy.unreachable(state)) > skipped:
+                self._skip_unreachable(unreachable - skipped)
+                skipped = unreachable
+            for generation in generations:
+                self.storage.put_timestep_stats(self.id, generation.row())
         self.progress.end()
-        self._best = strategy.best()
+        self._best = strategy.best(state)
         return self._best
 
     def pretrain(self) -> None:
@@ -228,12 +239,10 @@ class Run:
         the search seeds, and the validation and test seeds when this process may run the funnel
         -- as a stage of its own (they would otherwise be trained on first use: same weights)."""
         jobs: list[tuple[SineConfig, int, str]] = []
-        for stage in self.stages:
-            ev = stage.evaluator
-            for e in ev.evaluators if isinstance(ev, MultiEvaluator) else [ev]:
-                if isinstance(e.family, WaveFamily):
-                    jobs += [(e.family.sine, s, e.setup.cache_dir) for s in e.setup.seeds]
-        if self.config.funnel and self.coop is None:  # cooperating: the funnel's holder pretrains its own
+        for e in self.objective.members():
+            if isinstance(e.family, WaveFamily):
+                jobs += [(e.family.sine, s, e.setup.cache_dir) for s in e.setup.seeds]
+        if self.config.funnel and self.claims is None:  # cooperating: the funnel's holder pretrains its own
             for spec in self.config.all_tasks:
                 if spec in WAVES:
                     held = self.heldout_evaluator(spec)
@@ -244,19 +253,17 @@ class Run:
 
     def _tune_references(self) -> None:
         """Every fidelity stage's Adam reference, tuned or read back, as the stage "Adam reference"."""
-        todo = [e for stage in self.stages
-                for e in (stage.evaluator.evaluators if isinstance(stage.evaluator, MultiEvaluator) else [stage.evaluator])]
+        todo = self.objective.members()
         self.progress.stage("Adam reference", len(todo), "references")
-        for e in todo:  # what each stage's `adam_reference` asks for, in its order
-            self.adam_reference(e.setup.reference, e)
+        for e in todo:  # what each stage's reference asks for, in its order
+            self.adam_reference(e)
             self.progress.advance(1)
 
     def _judged(self, rows: list[dict]) -> None:
         """One chunk judged: the caller's callback, then the "search" stage advanced by the slots
         it settled (with the pass rate, duplicates and best full fitness so far)."""
         self.progress.judged(rows)
-        c, last_try = self._counts, self.config.max_tries - 1
-        settled = 0
+        c = self._counts
         for r in rows:
             c["judged"] += 1
             if r["status"] == "evaluated":
@@ -266,22 +273,17 @@ class Run:
                     self._best_fitness = r["fitness"]
             elif r["status"] == "duplicate":
                 c["duplicate"] += 1
-            settled += (not self._by_slot or r.get("timestep", 0) == 0 or r["status"] == "evaluated"
-                        or (r.get("attempt") or 0) >= last_try)
+        settled = self.strategy.settled([Candidate.from_row(r) for r in rows])
         passed = c["evaluated"] / max(1, c["judged"] - c["duplicate"])
         self.progress.advance(settled, passed=f"{100 * passed:.0f}%", dups=c["duplicate"],
                               best="-" if self._best_fitness is None else f"{self._best_fitness:.3g}")
 
-    def _skip_missing_particles(self, initial: list[Candidate]) -> None:
-        """Fewer evaluated initial candidates than particles: the missing particles' child slots
-        will never be proposed; count them as settled, so the search stage's total stays fixed."""
-        cfg = self.config
-        particles = min(cfg.particles, sum(c.evaluated for c in initial))
-        skipped = (cfg.particles - particles) * cfg.mutations * cfg.timesteps
-        if skipped:
-            self.progress.message(f"only {particles} particle(s) of {cfg.particles}: "
-                                  f"{skipped} child slot(s) will not be proposed")
-            self.progress.advance(skipped)
+    def _skip_unreachable(self, skipped: int) -> None:
+        """`skipped` more slots of the search will never be proposed (the strategy's
+        `unreachable`: for the GA, the child slots of particles the initial population could not
+        fill); count them as settled, so the search stage's total stays fixed."""
+        self.progress.message(f"{skipped} slot(s) of the search will not be proposed")
+        self.progress.advance(skipped)
 
     # ------------------------------------------------------------------ the funnel
     def funnel(self, best: list[Candidate] | None = None,
@@ -294,10 +296,10 @@ class Run:
         if not self.config.funnel or not best:
             self.funnel_done = True
             return None
-        if self.coop is not None and not self.judge.claim_or_wait(
-                "funnel", lambda: (self.store.get_run(self.id) or {}).get("status") == "finished"):
+        if self.claims is not None and not self.claims.claim_or_wait(
+                "funnel", lambda: (self.storage.get_run(self.id) or {}).get("status") == "finished"):
             return None
-        result = funnel_mod.run_funnel(self.store, self.id, self.config, self.heldout_evaluator, best,
+        result = funnel_mod.run_funnel(self.storage, self.id, self.config, self.heldout_evaluator, best,
                                        progress=progress or self.progress)
         self.progress.end()
         self.funnel_done = True
@@ -312,7 +314,7 @@ class Run:
 
     def comparison(self) -> Comparison | None:
         """The test-seed comparison rebuilt from the stored rows (None before the funnel)."""
-        return funnel_mod.comparison(self.store, self.id, self.config)
+        return funnel_mod.comparison(self.storage, self.id, self.config)
 
     def metrics(self) -> dict[str, Any]:
-        return run_metrics(self.store.status_counts(self.id))
+        return run_metrics(self.storage.status_counts(self.id))
