@@ -10,7 +10,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from .cli import fail, run_command, set_dispatcher
+from .ui.cli import fail, run_command, set_dispatcher
 
 VERBS = {
     "evolve": "run a search (the particle GA), then the held-out funnel",

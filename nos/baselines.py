@@ -18,7 +18,15 @@ from collections.abc import Sequence
 
 from db.store import Store, StoreError
 
-from .cli import (
+from .evaluation.compare import compare
+from .evaluation.fitness import HORIZONS
+from .evaluation.protocol import Protocol, Seeds
+from .search.config import DEFAULT_SEEDS
+from .search.funnel import before_of, tuned_baselines
+from .tasks.budget import DEFAULT_BUDGET_FPE, describe
+from .tasks.registry import WAVES, TaskError, resolve
+from .tasks.sine import DEFAULT_CACHE_DIR, SineConfig, WaveFamily, pretrain_missing
+from .ui.cli import (
     DEFAULT_DB,
     MAX_BUDGET,
     MAX_HORIZON,
@@ -39,16 +47,8 @@ from .cli import (
     run_command,
     text_arg,
 )
-from .evaluation.compare import compare
-from .evaluation.fitness import HORIZONS
-from .evaluation.protocol import Protocol, Seeds
-from .progress import Stages
-from .report_table import comparison_text
-from .search.config import DEFAULT_SEEDS
-from .search.funnel import before_of, tuned_baselines
-from .tasks.budget import DEFAULT_BUDGET_FPE, describe
-from .tasks.registry import WAVES, TaskError, resolve
-from .tasks.sine import DEFAULT_CACHE_DIR, SineConfig, WaveFamily, pretrain_missing
+from .ui.progress import Stages
+from .ui.tables import comparison_text
 
 log = logging.getLogger("nos.baselines")  # not __name__: it is __main__ under python -m
 

@@ -8,7 +8,7 @@ integrity check (a realistic mix of ops), each at one learning rate.
     python -m nos.bench                      # 64 candidates at horizon 5 is the headline row
     python -m nos.bench --format json        # one JSON document on stdout (keys below)
     python -m nos.bench --quick              # small sizes, a few seconds (for tests)
-    python -m nos.bench --threads 2          # torch threads (default: `nos.cli.apply_threads`)
+    python -m nos.bench --threads 2          # torch threads (default: `nos.ui.cli.apply_threads`)
     python -m nos.bench --no-scaling         # skip the Dask row (1 vs 2 local worker processes)
 
 What it reports (JSON keys):
@@ -30,7 +30,7 @@ What it reports (JSON keys):
   threads, `shared_cpu_slowdown_threads_N` at N threads.
 
 The scaling row: candidates per second evaluating the fitness of the same 32 candidates (small
-budget, horizon 1) through `nos.distributed.DaskFitness` on a local Dask cluster of 1 and of 2
+budget, horizon 1) through `nos.search.distributed.DaskFitness` on a local Dask cluster of 1 and of 2
 worker processes (one thread each), after a warm-up that pretrains the task on every worker.
 """
 
@@ -55,7 +55,12 @@ from search_space.builtins import builtin
 from search_space.genome import Genome
 from search_space.mutation import random_genome
 
-from .cli import (
+from .engine import integrity
+from .engine.interpreter import BatchedOptimizer
+from .engine.trainer import Task, train
+from .evaluation.fitness import SearchSetup, TaskEvaluator
+from .tasks.sine import DEFAULT_CACHE_DIR, SineConfig, SineTask, StackedSineTask
+from .ui.cli import (
     MAX_HORIZON,
     MIN_HORIZON,
     ArgumentParser,
@@ -71,11 +76,6 @@ from .cli import (
     resolve_device,
     run_command,
 )
-from .engine import integrity
-from .engine.interpreter import BatchedOptimizer
-from .engine.trainer import Task, train
-from .evaluation.fitness import SearchSetup, TaskEvaluator
-from .tasks.sine import DEFAULT_CACHE_DIR, SineConfig, SineTask, StackedSineTask
 
 log = logging.getLogger("nos.bench")  # not __name__: it is __main__ under python -m
 
@@ -130,7 +130,7 @@ def scaling(genomes: Sequence[Genome], cache_dir: str, workers: Sequence[int] = 
     """Candidates per second of `DaskFitness` on local clusters of 1 and 2 worker processes."""
     from distributed import Client, LocalCluster
 
-    from .distributed import DaskFitness
+    from .search.distributed import DaskFitness
 
     setup = SearchSetup(horizons=(1.0,), budget_fpe=300, sine=SineConfig(pretrain_steps=300), cache_dir=cache_dir)
     adam = TaskEvaluator(setup, "cpu").adam_reference()  # also fills the pretraining cache

@@ -29,15 +29,6 @@ from scipy import stats
 from search_space.genome import Genome
 from search_space.mutation import random_genome
 
-from .cli import (
-    ArgumentParser,
-    add_device,
-    add_format,
-    bounded_int,
-    print_json,
-    resolve_device,
-    run_command,
-)
 from .engine import integrity
 from .evaluation.fitness import (
     SEARCH_LRS,
@@ -47,6 +38,15 @@ from .evaluation.fitness import (
     geometric_mean_ratio,
 )
 from .tasks.sine import DEFAULT_CACHE_DIR, SineConfig
+from .ui.cli import (
+    ArgumentParser,
+    add_device,
+    add_format,
+    bounded_int,
+    print_json,
+    resolve_device,
+    run_command,
+)
 
 log = logging.getLogger("nos.calibrate")  # not __name__: it is __main__ under python -m
 HORIZONS = (2.0, 10.0)

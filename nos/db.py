@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 from db.migrate import upgrade  # the top-level `db` package (this module is `nos.db`)
 
-from .cli import DEFAULT_DB, ArgumentParser, db_arg, run_command
+from .ui.cli import DEFAULT_DB, ArgumentParser, db_arg, run_command
 
 
 def _parser() -> ArgumentParser:

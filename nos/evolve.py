@@ -24,7 +24,18 @@ from typing import Any
 
 from db.store import Store, StoreError
 
-from .cli import (
+from .evaluation.compare import Comparison
+from .evaluation.protocol import Seeds
+from .ga.particle import STRATEGIES
+from .search import PRESETS, Cooperation, Progress, Run, RunError, SearchConfig
+from .search.config import ALGORITHMS, DEFAULT_FIDELITY, DEFAULT_SEEDS
+from .search.funnel import candidate_id
+from .search.objective import LocalEvaluator, Objective
+from .tasks.api import TaskFamily
+from .tasks.budget import describe
+from .tasks.registry import TaskError, is_code
+from .tasks.registry import resolve as resolve_task
+from .ui.cli import (
     DEFAULT_DB,
     MAX_BUDGET,
     MAX_HORIZON,
@@ -51,19 +62,8 @@ from .cli import (
     run_ref,
     text_arg,
 )
-from .evaluation.compare import Comparison
-from .evaluation.protocol import Seeds
-from .ga.particle import STRATEGIES
-from .progress import Stages
-from .report_table import comparison_text
-from .search import PRESETS, Cooperation, Progress, Run, RunError, SearchConfig
-from .search.config import ALGORITHMS, DEFAULT_FIDELITY, DEFAULT_SEEDS
-from .search.funnel import candidate_id
-from .search.objective import LocalEvaluator, Objective
-from .tasks.api import TaskFamily
-from .tasks.budget import describe
-from .tasks.registry import TaskError, is_code
-from .tasks.registry import resolve as resolve_task
+from .ui.progress import Stages
+from .ui.tables import comparison_text
 
 log = logging.getLogger("nos.evolve")  # not __name__: it is __main__ under python -m
 
@@ -287,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     client = cluster = None
     try:
         if distributed:
-            from .distributed import connect
+            from .search.distributed import connect
 
             try:  # before the run exists: an unreachable cluster leaves nothing behind
                 client, cluster = connect(args.scheduler, args.workers)
@@ -302,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = Run.stored_config(store, args.resume) if args.resume else cfg
             assert config is not None
             if client is not None:
-                from .distributed import DaskEvaluator
+                from .search.distributed import DaskEvaluator
             parts: dict[str, Any] = {"objective": Objective(config, device), "strategy": STRATEGIES[config.algorithm].of(config),
                      "evaluator": LocalEvaluator() if client is None else
                      DaskEvaluator(client, args.device, args.batch_size, args.timeout),

@@ -30,7 +30,11 @@ from db.store import Store
 from search_space.builtins import BUILTINS, builtin, builtin_title
 from search_space.genome import Genome, GenomeError, from_json, read_file
 
-from .cli import (
+from .engine.codegen import LrChoice, check_class_name, class_name_for, render, visible
+from .search.config import SearchConfig
+from .search.funnel import validated_lrs
+from .tasks.budget import DEFAULT_BUDGET_FPE, steps_for
+from .ui.cli import (
     DEFAULT_DB,
     MAX_HORIZON,
     MAX_ID,
@@ -42,10 +46,6 @@ from .cli import (
     record_id,
     run_command,
 )
-from .codegen import LrChoice, check_class_name, class_name_for, render, visible
-from .search.config import SearchConfig
-from .search.funnel import validated_lrs
-from .tasks.budget import DEFAULT_BUDGET_FPE, steps_for
 
 BUILTIN_LR = {"sgd": 0.01, "momentum": 0.01, "nesterov": 0.01, "lion": 1e-4, "rso": 1.0,
               # sign-like updates: the lr their runs validated (README "Results")

@@ -18,7 +18,8 @@ from search_space.genome import Genome, read_file
 from search_space.mutation import random_genome
 from search_space.symbolic import describe
 
-from .cli import (
+from .engine import integrity
+from .ui.cli import (
     ArgumentParser,
     UsageError,
     add_device,
@@ -31,7 +32,6 @@ from .cli import (
     run_command,
     seed_int,
 )
-from .engine import integrity
 
 MAX_RANDOM = 100_000  # random genomes in one check (1,000 take about 0.5 s on a 2-core CPU)
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from db.store import Store, StoreError
 
-from .cli import (
+from .ui.cli import (
     DEFAULT_DB,
     MAX_ID,
     ArgumentParser,
@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("nos.query")  # not __name__: it is __main__ under python -m
 
-# nos.search and nos.report_table import torch (and scipy): they are imported inside the
+# nos.search and nos.ui.tables import torch (and scipy): they are imported inside the
 # subcommands that need them (stats, compare), so `runs`, `top`, `show`, `lineage`, --help and
 # usage errors start without them.
 
@@ -462,8 +462,8 @@ def _run_line(run: dict, cmp: Comparison) -> str:
 
 def compare_text(loaded: Sequence[tuple[dict, Comparison]], tables: Sequence[str]) -> str:
     """Several runs side by side: per task, each champion against each baseline, then each
-    champion's test losses beside the baselines' (`nos.report_table.versus_grid`, `methods_grid`)."""
-    from .report_table import methods_grid, task_keys, versus_grid
+    champion's test losses beside the baselines' (`nos.ui.tables.versus_grid`, `methods_grid`)."""
+    from .ui.tables import methods_grid, task_keys, versus_grid
 
     named = [(run["name"], cmp) for run, cmp in loaded]
     keys = task_keys(named)
@@ -485,7 +485,7 @@ def compare_text(loaded: Sequence[tuple[dict, Comparison]], tables: Sequence[str
 
 
 def cmd_compare(store: Store, args: argparse.Namespace) -> None:
-    from .report_table import comparison_text, methods_grid, versus_grid
+    from .ui.tables import comparison_text, methods_grid, versus_grid
 
     if args.format == "json" and args.table:
         raise UsageError("--table picks the table of --format table, csv or latex; --format json has both")

@@ -57,7 +57,7 @@ def update_moments(state, g, t, needed):
 class Response(IntEnum):
     """How a value of the update graph responds when every step's gradient g_t is multiplied by a
     positive factor c_t of its own (what the global-norm gradient clip does), from the most to the
-    least invariant. `nos.codegen` propagates it through the graph (with the ops' `keeps_sign`,
+    least invariant. `nos.engine.codegen` propagates it through the graph (with the ops' `keeps_sign`,
     `of_signs` and `scales_first`) to tell whether a gene can change what the optimizer does."""
 
     SAME = 0  # it does not change at all

@@ -23,8 +23,8 @@ from torch import nn
 from torch.func import functional_call
 
 from db.store import Store
-from nos.cli import run_command
 from nos.tasks.segments import Segments
+from nos.ui.cli import run_command
 
 
 class MLPTask:
@@ -156,13 +156,13 @@ def sigkill_at(proc: subprocess.Popen, db: Path, run: str, individuals: int, tim
 
 
 def run_entry(main, argv: list[str]) -> tuple[int, str, str]:
-    """A command's entry point (``nos.cli.run_command(main, argv)``) in this process, its
+    """A command's entry point (``nos.ui.cli.run_command(main, argv)``) in this process, its
     stdout and stderr captured without pytest fixtures (so hypothesis can call it):
     (exit status, stdout, stderr). An exception that escapes is NOT caught: it fails the test."""
     import contextlib
     import io
 
-    from nos.cli import run_command
+    from nos.ui.cli import run_command
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

@@ -24,7 +24,7 @@ import pytest
 
 from db.store import Store, StoreError
 from nos import query
-from nos.cli import MAX_LINE, escape, fail, one_line
+from nos.ui.cli import MAX_LINE, escape, fail, one_line
 from search_space import decay as decay_mod
 from search_space.genome import GenomeError, from_json, loads, node_index
 
@@ -223,7 +223,7 @@ def test_readonly_file_in_readonly_directory(template, tmp_path: Path) -> None:
                 "import sqlite3, sqlalchemy.dialects.sqlite.pysqlite\n"
                 "from nos import query\n"
                 "import nos.search.config, nos.search.diagnostics, nos.search.metrics  # stats: lazy\n"
-                "from nos.cli import run_command\n"
+                "from nos.ui.cli import run_command\n"
                 "import db.store, db.models\n"
                 "os.setgid(65534); os.setuid(65534)\n"
                 "assert not os.access(sys.argv[1], os.W_OK) and not os.access(os.path.dirname(sys.argv[1]), os.W_OK)\n"

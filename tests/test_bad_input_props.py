@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nos import query
-from nos.cli import MAX_BUDGET, MAX_HORIZON, MIN_BUDGET, MIN_HORIZON, run_command
+from nos.ui.cli import MAX_BUDGET, MAX_HORIZON, MIN_BUDGET, MIN_HORIZON, run_command
 from search_space.builtins import BUILTIN_JSON, BUILTINS, builtin
 from search_space.genome import Genome, GenomeError, check_valid, loads
 

@@ -95,7 +95,7 @@ def test_bench_quick_json(keep_threads: None) -> None:
 
 
 def test_threads_flag(keep_threads: None) -> None:
-    from nos.cli import ArgumentParser, add_threads, apply_threads
+    from nos.ui.cli import ArgumentParser, add_threads, apply_threads
 
     p = ArgumentParser()
     add_threads(p)

@@ -1,6 +1,6 @@
 """Knowledge that is defined once: in the definition it belongs to, read by everything else.
 
-- What the gradient-clip analysis of `nos.codegen` knows about each op and operand is a field of
+- What the gradient-clip analysis of `nos.engine.codegen` knows about each op and operand is a field of
   the op (`search_space.ops.Op`) and operand (`search_space.operands.Operand`) definitions; the
   analysis gives the same answers as the tables it once kept (re-stated here, independently).
 - A stored run config is validated by one function, `SearchConfig.checked`; export reads it
@@ -34,7 +34,7 @@ from search_space.ops import BINARY, OPS, UNARY
 NOS = Path(codegen.__file__).parent
 
 # =============================================================================================
-# 1. op and operand metadata: the old tables of nos.codegen, re-stated independently
+# 1. op and operand metadata: the old tables of nos.engine.codegen, re-stated independently
 
 SAME, SIGNS, ANY = 0, 1, 2
 OLD_GRAD_OPERANDS = {"g": SIGNS, "g2": SIGNS, "g3": SIGNS, "sign_g": SAME}
@@ -217,8 +217,8 @@ def _defines_main(path: Path) -> bool:
 
 def command_modules() -> set[str]:
     """The rule: a command module is a top-level module of nos whose docstring starts with
-    "`python -m nos.NAME" (its own name); it defines `main`. Library modules (cli, codegen,
-    distributed, progress, report_table, _deap ...) do not start so; `__main__` is the dispatcher."""
+    "`python -m nos.NAME" (its own name); it defines `main`. `__main__` is the dispatcher; library
+    modules live in subpackages (`test_the_top_level_of_nos_holds_only_commands`)."""
     found = set()
     for path in sorted(NOS.glob("*.py")):
         name = path.stem
@@ -246,3 +246,10 @@ def test_every_verb_answers_help(verb, capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert out.lower().startswith("usage:") and f"nos {verb}" in out
+
+
+def test_the_top_level_of_nos_holds_only_commands() -> None:
+    """A door or a room by its place: every top-level module of nos is a command (or the
+    dispatcher); the libraries are subpackages (ui, engine, search, ga, evaluation, tasks)."""
+    top = {p.stem for p in NOS.glob("*.py")} - {"__init__", "__main__"}
+    assert top == command_modules()

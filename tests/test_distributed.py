@@ -70,8 +70,8 @@ def test_killed_worker_loses_nothing(tmp_path: Path) -> None:
 
     from distributed import Client, LocalCluster
 
-    from nos.distributed import DaskFitness, _executing_keys
     from nos.evaluation.fitness import SearchSetup, TaskEvaluator
+    from nos.search.distributed import DaskFitness, _executing_keys
     from nos.tasks.sine import SineConfig
     from search_space.mutation import random_genome
 

@@ -21,14 +21,14 @@ import pytest
 import torch
 
 from db.store import Store
-from nos.cli import run_command
-from nos.codegen import Effects, LrChoice, check_class_name, class_name_for, render
+from nos.engine.codegen import Effects, LrChoice, check_class_name, class_name_for, render
 from nos.engine.trainer import train
 from nos.export import main as export_main
 from nos.query import main as query_main
 from nos.search.config import SearchConfig
 from nos.search.funnel import candidate_id, validated_lrs
 from nos.tasks.budget import steps_for
+from nos.ui.cli import run_command
 from search_space.builtins import BUILTINS, builtin
 from search_space.genome import Genome, from_json
 from search_space.mutation import random_genome

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from db.store import Store
-from nos.cli import run_command
+from nos.ui.cli import run_command
 
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "scipy", "sympy")

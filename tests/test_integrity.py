@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from nos.cli import run_command
 from nos.engine.integrity import LRS, STEPS, THRESHOLD, IntegrityResult, check
 from nos.integrity import main as integrity_main
 from nos.tasks.sphere import SHIFT, X0
+from nos.ui.cli import run_command
 from search_space.builtins import BUILTINS, builtin
 from search_space.genome import Genome, from_json
 from search_space.mutation import random_genome

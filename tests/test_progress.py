@@ -1,4 +1,4 @@
-"""Progress that tells, anywhere: `nos.progress.Stages` on its own (an injected clock and stream),
+"""Progress that tells, anywhere: `nos.ui.progress.Stages` on its own (an injected clock and stream),
 and real tiny searches in subprocesses -- stderr a file (timestamped lines) and a pseudo-terminal
 (bars with fixed totals) -- plus the seconds of the funnel's stored evaluation rows."""
 
@@ -23,8 +23,8 @@ import pytest
 
 from db.store import Store
 from nos.ga.particle import ParticleGA
-from nos.progress import MIN_GAP, Stages, duration_text, eta_text, every_from_env, reporter
 from nos.search import Progress, Run, SearchConfig
+from nos.ui.progress import MIN_GAP, Stages, duration_text, eta_text, every_from_env, reporter
 
 from .conftest import REPO
 

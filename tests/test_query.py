@@ -308,7 +308,7 @@ def test_messages_name_the_command_typed(tiny_db: Path) -> None:
 def test_invocation_rewrites_only_through_the_dispatcher(capsys: pytest.CaptureFixture[str]) -> None:
     """Messages from other modules (`fail`, log lines) are rewritten too, but only while a verb runs
     under `nos`; afterwards (or run directly) `python -m nos.X` names itself."""
-    from nos.cli import fail, invocation, set_dispatcher
+    from nos.ui.cli import fail, invocation, set_dispatcher
 
     text = "continue with  python -m nos.evolve --resume demo; see python -m nos.query runs"
     assert invocation(text) == text

@@ -19,10 +19,10 @@ from typing import Any
 import pytest
 
 from db.store import Store
-from nos.cli import latex_escape
 from nos.evaluation.compare import Comparison, combine, compare
 from nos.evaluation.protocol import BASELINES, Row, Seeds
-from nos.report_table import methods_grid, num, task_keys, versus_grid
+from nos.ui.cli import latex_escape
+from nos.ui.tables import methods_grid, num, task_keys, versus_grid
 
 from .conftest import RUN, TINY_EVOLVE, assert_one_line_error, in_process, run_module, tiny_search
 

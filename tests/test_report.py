@@ -19,7 +19,7 @@ from matplotlib.image import imread
 
 from db.store import Store
 from nos import report
-from nos.report_table import num
+from nos.ui.tables import num
 
 from .conftest import REPO, RUN, in_process, run_module, tiny_search
 
@@ -163,7 +163,7 @@ import nos.engine.trainer
 import nos.report
 import nos.tasks.randopt
 import nos.tasks.sine
-from nos.cli import run_command
+from nos.ui.cli import run_command
 
 
 def refuse(*args, **kwargs):

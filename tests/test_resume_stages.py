@@ -5,7 +5,7 @@ none twice), a sound database after every kill, and no unit that was stored befo
 again after it. Real subprocesses, real SQLite files, real SIGKILLs.
 
 How a kill is aimed: the run's stderr is not a terminal, so it carries a timestamped line at the
-start and end of every stage (`nos.progress`); a thread reads the child's stderr and the test
+start and end of every stage (`nos.ui.progress`); a thread reads the child's stderr and the test
 SIGKILLs it a random moment after the wanted stage's start line. What "not trained again" means is
 read from the progress lines of the run that resumes: each stage starts with its own count of work
 (`pretraining: started, 3 networks`, `funnel (validation): started, 2 horizons`), which must be
@@ -579,8 +579,8 @@ def test_a_damaged_cache_file_is_never_loaded_but_pretrained_again(
     """Truncated, garbage, the wrong shape or config, an npz that fails to load: each is detected,
     pretrained again to the very same weights (pretraining is deterministic) with one warning
     naming the file, and replaced by a good file; `pretrain_missing` counts it as missing."""
-    from nos.progress import Reporter
     from nos.tasks.sine import cache_path, pretrain_cached, pretrain_missing
+    from nos.ui.progress import Reporter
 
     cfg = _tiny_config()
     want, loaded = pretrain_cached(cfg, 0, tmp_path)

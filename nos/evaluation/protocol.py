@@ -35,12 +35,12 @@ import torch
 from search_space.builtins import builtin
 from search_space.genome import Genome
 
-from ..progress import Reporter, reporter
 from ..tasks.api import TaskFamily
 from ..tasks.budget import randopt_population
 from ..tasks.randopt import DEFAULT_TOP_K, randopt
 from ..tasks.registry import WAVES
 from ..tasks.sine import DEFAULT_CACHE_DIR, SineConfig
+from ..ui.progress import Reporter, reporter
 from .fitness import HORIZONS, LR_GRID, SIGMAS, SearchSetup, TaskEvaluator, _finite
 from .stats import first_best, gmean, settle
 
@@ -228,7 +228,7 @@ def best_randopt(choices: Mapping[tuple[str, float], Choice], horizon: float) ->
 # ------------------------------------------------------------------------------- computing
 
 
-# a Reporter (stages with counts: `nos.progress`), or a plain callable that hears the messages
+# a Reporter (stages with counts: `nos.ui.progress`), or a plain callable that hears the messages
 Progress = Reporter | Callable[[str], None]
 
 

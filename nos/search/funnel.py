@@ -47,9 +47,9 @@ from ..evaluation.protocol import (
     test_baselines,
     validation_baselines,
 )
-from ..progress import reporter
 from ..tasks.budget import steps_for
 from ..tasks.registry import WAVES
+from ..ui.progress import reporter
 from .config import SearchConfig
 from .records import Candidate
 

@@ -48,8 +48,8 @@ Row = dict[str, Any]  # an `individuals` row as it is built and stored
 
 @dataclass
 class Progress:
-    """Callbacks the command line hooks its progress display into (`nos.progress.Stages`); also a
-    `nos.progress.Reporter`, so the funnel and the baselines report through it."""
+    """Callbacks the command line hooks its progress display into (`nos.ui.progress.Stages`); also a
+    `nos.ui.progress.Reporter`, so the funnel and the baselines report through it."""
 
     planned: Callable[[int], None] = lambda n: None  # more candidates planned
     judged: Callable[[list[dict]], None] = lambda rows: None

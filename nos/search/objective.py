@@ -7,7 +7,7 @@ several (`MultiEvaluator`); its scores are normalised by tuned Adam on the same 
 run tunes and stores that reference: `Run.adam_reference`).
 
 `Evaluator`: computes a stage's fitness -- in this process (`LocalEvaluator`) or on a Dask cluster
-(`nos.distributed.DaskEvaluator`). The command picks one and hands it to the run.
+(`nos.search.distributed.DaskEvaluator`). The command picks one and hands it to the run.
 """
 
 from __future__ import annotations

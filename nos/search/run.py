@@ -32,9 +32,9 @@ from db.storage import Storage
 from ..evaluation.compare import Comparison
 from ..evaluation.fitness import AdamReference, MultiEvaluator, MultiReference, TaskEvaluator
 from ..ga.strategy import Strategy
-from ..progress import Reporter
 from ..tasks.registry import WAVES
 from ..tasks.sine import SineConfig, WaveFamily, pretrain_missing
+from ..ui.progress import Reporter
 from . import funnel as funnel_mod
 from .claims import Claims, Cooperation
 from .config import SearchConfig

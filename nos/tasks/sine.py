@@ -46,7 +46,7 @@ from nos.tasks.api import StackedTask, TaskFamily, TaskInstance
 from nos.tasks.segments import Segments
 
 if TYPE_CHECKING:
-    from nos.progress import Reporter
+    from nos.ui.progress import Reporter
 
 # Bump when the pretraining procedure changes in a way the config does not capture, so that
 # stale cached weights are never reused.

@@ -31,9 +31,9 @@ import torch
 
 from search_space.genome import Genome, from_json
 
-from .evaluation.fitness import AdamReference, Fitness, MultiEvaluator, SearchSetup, TaskEvaluator
-from .tasks.registry import is_code, resolve
-from .tasks.sine import SineConfig
+from ..evaluation.fitness import AdamReference, Fitness, MultiEvaluator, SearchSetup, TaskEvaluator
+from ..tasks.registry import is_code, resolve
+from ..tasks.sine import SineConfig
 
 log = logging.getLogger(__name__)
 

@@ -41,7 +41,7 @@ from search_space.ops import OPS, Op
 from search_space.schedules import lr_schedule
 from search_space.symbolic import SymbolicForm, symbolic
 
-from .engine.rng import (
+from .rng import (
     STREAM_DROPOUT,
     STREAM_NOISE_OPERAND,
     STREAM_PERTURBATION,

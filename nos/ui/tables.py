@@ -1,7 +1,7 @@
 """The comparison as tables (plain text for terminals, Markdown for summary.md and the README,
 booktabs LaTeX for papers).
 
-Tables go through nos.cli.render_table (the one renderer); losses and ratios through `num`.
+Tables go through nos.ui.cli.render_table (the one renderer); losses and ratios through `num`.
 `versus_grid` and `methods_grid` lay out one or several runs' comparisons as one table each
 (`nos query compare RUN RUN ...`, `--format latex`).
 """
@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ..evaluation.compare import AGGREGATE, Comparison, MethodResult, VersusRow, method_label
+from ..evaluation.protocol import BASELINES, BEFORE, PUBLISHED
+from ..tasks.registry import WAVES
 from .cli import render_table as render
-from .evaluation.compare import AGGREGATE, Comparison, MethodResult, VersusRow, method_label
-from .evaluation.protocol import BASELINES, BEFORE, PUBLISHED
-from .tasks.registry import WAVES
 
 
 def num(x: float | None, digits: int = 2) -> str:

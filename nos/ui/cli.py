@@ -107,7 +107,7 @@ def fail(message: str, code: int = 2) -> NoReturn:
 
 def run_command(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
     """Call a command's main, turning user errors into one line + exit 2 and Ctrl-C into 130."""
-    from db.store import StoreError  # local: keep `nos.cli` importable without touching the db
+    from db.store import StoreError  # local: keep `nos.ui.cli` importable without touching the db
 
     setup_logging()
     try:
