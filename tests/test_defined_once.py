@@ -21,9 +21,10 @@ from typing import Any
 import pytest
 
 from db.store import Store
-from nos import codegen, export
+from nos import export
 from nos.__main__ import VERBS
 from nos.__main__ import main as nos_main
+from nos.engine import codegen
 from nos.search.config import SearchConfig
 from search_space.builtins import BUILTINS, builtin
 from search_space.genome import Genome, node_index
@@ -31,7 +32,7 @@ from search_space.mutation import random_genome
 from search_space.operands import OPERANDS, Response
 from search_space.ops import BINARY, OPS, UNARY
 
-NOS = Path(codegen.__file__).parent
+NOS = Path(export.__file__).parent  # the nos package (export is a top-level command)
 
 # =============================================================================================
 # 1. op and operand metadata: the old tables of nos.engine.codegen, re-stated independently
