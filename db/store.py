@@ -83,8 +83,10 @@ class Store(SQLRuns, SQLCandidates, SQLBaselines, SQLClaims):
         retries: int = 5,
         retry_wait: float = 0.2,
         busy_timeout: float = 10.0,
+        empty_ok: bool = False,
     ) -> None:
         self.url = resolve_url(db)
+        self._empty_ok = empty_ok  # read-only probe of a writer that will create the schema
         self.readonly = readonly
         create = create and not readonly
         self._retries = max(0, retries)
@@ -99,6 +101,13 @@ class Store(SQLRuns, SQLCandidates, SQLBaselines, SQLClaims):
         self._path = None  # the SQLite file, when given as a path
         if self._sqlite and not self._memory:
             self._path = check_sqlite_file(url, self._label, create)
+            if not readonly and self._path is not None and self._path.exists() and self._path.stat().st_size:
+                # An existing file is checked read-only before a writer opens it: a file this nos
+                # refuses is never opened for writing, whose -wal / -shm files a read-only reader
+                # at the same moment could leave behind (it cannot delete them when it closes last).
+                Store(db, readonly=True, check=check, retries=retries, retry_wait=retry_wait,
+                      busy_timeout=busy_timeout, empty_ok=create).close()
+                check = False  # the probe ran PRAGMA quick_check
         self._engine = self._make_engine(url)
         self._sessions = sessionmaker(self._engine, expire_on_commit=False)
         try:
@@ -117,6 +126,8 @@ class Store(SQLRuns, SQLCandidates, SQLBaselines, SQLClaims):
         """Create the schema in an empty database, or check an existing one is ours."""
         tables, meta = self._read_schema()
         if not tables:
+            if self._empty_ok:
+                return  # a writer's probe: the writer creates the schema
             if not create:
                 raise StoreError(f"{self._label} is an empty database (opened with create=False)")
             self._create_schema()
