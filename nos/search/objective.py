@@ -57,11 +57,6 @@ class Objective:
             members = [TaskEvaluator(setup, self.device) for setup in setups]
             self.stages.append(ObjectiveStage(members[0] if len(members) == 1 else MultiEvaluator(members), promote))
 
-    @property
-    def full(self) -> TaskEvaluator | MultiEvaluator:
-        """The full search fitness (the last stage)."""
-        return self.stages[-1].evaluator
-
     def members(self) -> list[TaskEvaluator]:
         """Every stage's evaluator per task, stage by stage (the order references are tuned in)."""
         return [e for stage in self.stages for e in stage.members]
