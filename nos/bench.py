@@ -37,6 +37,7 @@ worker processes (one thread each), after a warm-up that pretrains the task on e
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import random
@@ -59,6 +60,7 @@ from .engine import integrity
 from .engine.interpreter import BatchedOptimizer
 from .engine.trainer import Task, train
 from .evaluation.fitness import SearchSetup, TaskEvaluator
+from .tasks import sine_kernel
 from .tasks.sine import DEFAULT_CACHE_DIR, SineConfig, SineTask, StackedSineTask
 from .ui.cli import (
     MAX_HORIZON,
@@ -171,10 +173,17 @@ class FloorSizes:
 QUICK_FLOOR = FloorSizes(candidates=16, horizon=1.0, seeds=(0,), steps=3, repeats=1)
 
 
-def stacked_task(sizes: FloorSizes, device: torch.device, cache_dir: str) -> StackedSineTask:
-    """`sizes.candidates` rows over the tasks of `sizes.seeds` (row i on seed i mod n)."""
-    tasks = [SineTask(SineConfig(), s, s, sizes.horizon, device, cache_dir) for s in sizes.seeds]
-    return StackedSineTask(tasks, torch.arange(sizes.candidates) % len(tasks))
+def stacked_task(sizes: FloorSizes, device: torch.device, cache_dir: str, kernel: str = "eager",
+                 candidates: int | None = None) -> StackedSineTask:
+    """`candidates` rows (`sizes.candidates` by default) over the tasks of `sizes.seeds` (row i on
+    seed i mod n), rolled out by `kernel` (`nos.tasks.sine_kernel`: "eager" is the floor's)."""
+    C = sizes.candidates if candidates is None else candidates
+    tasks = [SineTask(SineConfig(), s, s, sizes.horizon, device, cache_dir, kernel=kernel) for s in sizes.seeds]
+    return StackedSineTask(tasks, torch.arange(C) % len(tasks))
+
+
+def fused_available(device: torch.device) -> bool:
+    return sine_kernel.HAVE_NUMBA and device.type == "cpu"
 
 
 def reference_adam(task: StackedSineTask | SineTask, candidates: int, lr: float, steps: int) -> list[float]:
@@ -262,33 +271,151 @@ def top_ops(fn: Callable[[], Any], k: int = 8) -> list[dict]:
     return [{"op": e.key, "self_cpu_share": e.self_cpu_time_total / total, "calls": e.count} for e in events[:k]]
 
 
-def floor(task: StackedSineTask, sizes: FloorSizes, random_pool: Sequence[Genome], device: torch.device) -> dict:
-    """The interpreter's Adam vs `reference_adam`, and random genomes vs Adam, on one task."""
+def floor(task: StackedSineTask, sizes: FloorSizes, random_pool: Sequence[Genome], device: torch.device,
+          fused: StackedSineTask | None = None) -> dict:
+    """The interpreter's Adam vs `reference_adam`, and random genomes vs Adam, on one task (the
+    eager rollout); with `fused` (the same task on the fused kernel) also the search's own path
+    against that floor: `rollout_vs_floor_speedup` = the interpreter's Adam on the fused rollout
+    (trained in chunks, as the search does) / the hand-written Adam on the eager one."""
     C, T = sizes.candidates, sizes.steps
     adam = [builtin("adam")] * C
     randoms = list(random_pool[:C])
-    rates, results = best_rates({
+    fns: dict[str, Callable[[], Any]] = {
         "interpreter": lambda: train(task, adam, [ADAM_LR] * C, steps=T),
         "reference": lambda: reference_adam(task, C, ADAM_LR, T),
         "random": lambda: train(task, randoms, [ADAM_LR] * C, steps=T),
         "task": lambda: task_only(task, C, T),
-    }, C * T, sizes.repeats, device)
+    }
+    if fused is not None:
+        fns.update({
+            "fused": lambda: train(fused, adam, [ADAM_LR] * C, steps=T),
+            "fused_random": lambda: train(fused, randoms, [ADAM_LR] * C, steps=T),
+            "fused_task": lambda: task_only(fused, C, T),
+        })
+    rates, results = best_rates(fns, C * T, sizes.repeats, device)
+    search = fused if fused is not None else task  # what a search trains on
+    adam_key, random_key = ("fused", "fused_random") if fused is not None else ("interpreter", "random")
     out = {
         "interpreter_adam_candidate_steps_per_s": rates["interpreter"],
         "reference_adam_candidate_steps_per_s": rates["reference"],
         "interpreter_vs_reference": rates["reference"] / rates["interpreter"],
         "adam_loss_max_rel_diff": max_rel_diff(results["interpreter"].losses, results["reference"]),
         "random_genome_candidate_steps_per_s": rates["random"],
-        "random_vs_adam_cost": rates["interpreter"] / rates["random"],
+        "random_vs_adam_cost": rates[adam_key] / rates[random_key],  # on the kernel a search uses
+        "random_vs_adam_cost_eager": rates["interpreter"] / rates["random"],
         "task_only_candidate_steps_per_s": rates["task"],
-        "random_update_share": max(0.0, 1.0 - rates["random"] / rates["task"]),
-        "random_top_ops": top_ops(lambda: train(task, randoms, [ADAM_LR] * C, steps=T)),
+        "random_update_share": max(0.0, 1.0 - rates[random_key] / rates["fused_task" if fused is not None else "task"]),
+        "random_top_ops": top_ops(lambda: train(search, randoms, [ADAM_LR] * C, steps=T)),
         "random_update_top_ops": top_ops(lambda: update_only(task, randoms, T)),
-        "adam_top_ops": top_ops(lambda: train(task, adam, [ADAM_LR] * C, steps=T)),
+        "adam_top_ops": top_ops(lambda: train(search, adam, [ADAM_LR] * C, steps=T)),
+        "rollout_kernel": "fused" if fused is not None else "eager",
     }
+    if fused is not None:
+        out.update({
+            "fused_adam_candidate_steps_per_s": rates["fused"],
+            "fused_random_genome_candidate_steps_per_s": rates["fused_random"],
+            "fused_task_only_candidate_steps_per_s": rates["fused_task"],
+            "rollout_vs_floor_speedup": rates["fused"] / rates["reference"],
+            "task_fused_vs_eager_speedup": rates["fused_task"] / rates["task"],
+            "fused_adam_loss_max_rel_diff": max_rel_diff(results["fused"].losses, results["reference"]),
+        })
     log.info(f"  floor (C={C}, t_max={sizes.horizon:g}): interpreter Adam {rates['interpreter']:.0f}, "
              f"reference {rates['reference']:.0f} candidate-steps/s ({out['interpreter_vs_reference']:.2f}x); "
-             f"random genomes {rates['random']:.0f} ({out['random_vs_adam_cost']:.2f}x Adam's cost)")
+             f"random genomes {out['random_vs_adam_cost']:.2f}x Adam's cost")
+    if fused is not None:
+        log.info(f"  fused rollout: interpreter Adam {rates['fused']:.0f} candidate-steps/s = "
+                 f"{out['rollout_vs_floor_speedup']:.2f}x the floor; forward + backward "
+                 f"{out['task_fused_vs_eager_speedup']:.2f}x eager's")
+    return out
+
+
+def rollout_scaling(sizes: FloorSizes, batches: Sequence[int], device: torch.device, cache_dir: str,
+                    steps: int = 3) -> list[dict]:
+    """The interpreter's Adam rate (candidate-steps/s) on the eager and the fused rollout as the
+    batch grows: the eager one falls once the batch's weights spill out of cache."""
+    rows = []
+    kernels = ("eager", "fused") if fused_available(device) else ("eager",)
+    for C in batches:
+        adam, lrs = [builtin("adam")] * C, [ADAM_LR] * C
+
+        def run(task: StackedSineTask, adam: list[Genome] = adam, lrs: list[float] = lrs) -> None:
+            train(task, adam, lrs, steps=steps)
+
+        tasks = {k: stacked_task(sizes, device, cache_dir, k, candidates=C) for k in kernels}
+        rates, _ = best_rates({k: functools.partial(run, t) for k, t in tasks.items()}, C * steps, 1, device)
+        rows.append({"candidates": C, **rates})
+        log.info(f"  C={C}: " + ", ".join(f"{k} {r:.0f}" for k, r in rates.items()) + " candidate-steps/s")
+    return rows
+
+
+# ---------------------------------------------------------------------------------- end to end
+
+E2E_SEARCH = ("--funnel", "0", "--seed", "0", "--initial", "12", "--particles", "2", "--timesteps", "2",
+              "--mutations", "3")  # the default search's size, no funnel: the search stage alone
+
+
+@contextmanager
+def rollout_kernel(kernel: str) -> Iterator[None]:
+    """Tasks built inside the block roll out with `kernel` (the `NOS_ROLLOUT` they read)."""
+    before = os.environ.get("NOS_ROLLOUT")
+    os.environ["NOS_ROLLOUT"] = kernel
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["NOS_ROLLOUT"]
+        else:
+            os.environ["NOS_ROLLOUT"] = before
+
+
+def end_to_end(cache_dir: str, threads: int, genomes: Sequence[Genome]) -> dict:
+    """Before (eager rollout) vs after (fused): judged candidates per hour of the default search's
+    size (`nos evolve`, a subprocess each, its search stage's seconds), and the search fitness of
+    the same fixed genomes on both kernels (how far the numbers move)."""
+    import json
+    import tempfile
+
+    from scipy.stats import spearmanr
+
+    out: dict = {"search_args": " ".join(E2E_SEARCH)}
+    with tempfile.TemporaryDirectory() as tmp:
+        for when, kernel in (("before", "eager"), ("after", "fused")):
+            env = {**os.environ, "NOS_ROLLOUT": kernel}
+            cmd = [sys.executable, "-m", "nos.evolve", *E2E_SEARCH, "--db", os.path.join(tmp, f"{kernel}.sqlite"),
+                   "--name", kernel, "--cache-dir", cache_dir, "--threads", str(threads), "--format", "json"]
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
+            if proc.returncode != 0:
+                raise RuntimeError(f"the end-to-end search ({kernel}) failed: {proc.stderr.strip()[-400:]}")
+            summary = json.loads(proc.stdout)
+            judged = summary["status_counts"].get("evaluated", 0)
+            seconds = summary["stage_seconds"]["search"]
+            out[f"judged_{when}"], out[f"search_seconds_{when}"] = judged, seconds
+            out[f"judged_per_hour_{when}"] = 3600 * judged / seconds
+            log.info(f"  search ({kernel} rollout): {judged} judged in {seconds:.1f} s")
+    out["judged_per_hour_speedup"] = out["judged_per_hour_after"] / out["judged_per_hour_before"]
+    setup = SearchSetup(seeds=(0, 1), cache_dir=cache_dir)
+    scores: dict[str, list[float | None]] = {}
+    for kernel in ("eager", "fused"):
+        with rollout_kernel(kernel):
+            evaluator = TaskEvaluator(setup, "cpu")
+            start = time.perf_counter()
+            scores[kernel] = [f.fitness for f in evaluator.fitness(genomes, evaluator.adam_reference())]
+            out[f"fitness_seconds_{kernel}"] = time.perf_counter() - start
+    pairs = [(a, b) for a, b in zip(scores["fused"], scores["eager"]) if a is not None and b is not None]
+    rel = sorted(abs(a - b) / abs(b) for a, b in pairs)
+    out.update({
+        "fitness_genomes": len(genomes),
+        "fitness_both_finite": len(pairs),
+        "fitness_finite_eager_only": sum(a is None and b is not None for a, b in zip(scores["fused"], scores["eager"])),
+        "fitness_finite_fused_only": sum(a is not None and b is None for a, b in zip(scores["fused"], scores["eager"])),
+        "fitness_median_rel_diff": rel[len(rel) // 2] if rel else None,
+        "fitness_max_rel_diff": rel[-1] if rel else None,
+        "fitness_within_1e-6": sum(r <= 1e-6 for r in rel),
+        "fitness_within_1e-3": sum(r <= 1e-3 for r in rel),
+        "fitness_spearman": float(spearmanr([a for a, _ in pairs], [b for _, b in pairs])[0]) if len(pairs) > 2 else None,
+    })
+    log.info(f"  fitness of {len(genomes)} fixed genomes, fused vs eager: median relative difference "
+             f"{out['fitness_median_rel_diff']:.1e}, Spearman {out['fitness_spearman']:.3f}")
     return out
 
 
@@ -410,7 +537,8 @@ def task_adapter_bench(threads: int, candidates: int = 64, steps: int = 5, repea
 
         config = SineConfig(pretrain_steps=50)
         with tempfile.TemporaryDirectory() as cache:
-            hand = StackedSineTask([SineTask(config, 0, 0, 5.0, dev, cache)], torch.zeros(C, dtype=torch.long))
+            hand = StackedSineTask([SineTask(config, 0, 0, 5.0, dev, cache, kernel="eager")],  # like with like
+                                   torch.zeros(C, dtype=torch.long))
             adapter = sine_module_family(config).instance(5.0, 0, dev, cache)
         sine, _ = best_rates({"hand": lambda: _forward_backward(hand, C, steps),
                               "adapter": lambda: _forward_backward(adapter, C, steps)},
@@ -449,6 +577,9 @@ def _parser() -> ArgumentParser:
     p.add_argument("--scaling", action=argparse.BooleanOptionalAction, default=None,
                    help="add the Dask row: 32 candidates with 1 and 2 local workers "
                         "(default: on when Dask is installed, off with --quick)")
+    p.add_argument("--end-to-end", action=argparse.BooleanOptionalAction, default=None,
+                   help="add the end-to-end row: the default search's size judged on the eager and the fused "
+                        "rollout (two `nos evolve` runs, a few minutes; default: on, off with --quick)")
     add_device(p)
     add_threads(p)
     add_format(p)
@@ -479,6 +610,21 @@ def _print_table(out: dict) -> None:
         print(f"\n{what}:")
         print(format_table([{**r, "self_cpu_share": 100 * r["self_cpu_share"]} for r in out[key]],
                            ["op", "self_cpu_share", "calls"], ["op", "self CPU %", "calls"]))
+    if "rollout_vs_floor_speedup" in out:
+        print(f"\nfused rollout (nos.tasks.sine_kernel): the interpreter's Adam "
+              f"{out['fused_adam_candidate_steps_per_s']:.0f} candidate-steps/s = {out['rollout_vs_floor_speedup']:.2f}x "
+              f"the hand-written floor (losses within {out['fused_adam_loss_max_rel_diff']:.1e}); forward + backward "
+              f"{out['task_fused_vs_eager_speedup']:.2f}x the eager rollout's")
+    print("\nthe interpreter's Adam as the batch grows (candidate-steps/s):")
+    kernels = [k for k in ("eager", "fused") if k in out["rollout_scaling"][0]]
+    print(format_table(out["rollout_scaling"], ["candidates", *kernels], ["candidates", *kernels]))
+    if out.get("end_to_end"):
+        e = out["end_to_end"]
+        print(f"\nend to end ({e['search_args']}): {e['judged_per_hour_before']:.0f} judged/hour before (eager), "
+              f"{e['judged_per_hour_after']:.0f} after (fused): {e['judged_per_hour_speedup']:.1f}x")
+        print(f"search fitness of {e['fitness_genomes']} fixed genomes, fused vs eager: median relative difference "
+              f"{e['fitness_median_rel_diff']:.1e}, max {e['fitness_max_rel_diff']:.1e}, "
+              f"{e['fitness_within_1e-3']} of {e['fitness_both_finite']} within 1e-3, Spearman {e['fitness_spearman']:.3f}")
     print("\nsharing the CPU with a busy torch process (interpreter, Adam genome, candidate-steps/s):")
     print(format_table([{"threads": int(n), **r} for n, r in out["shared_cpu"].items()],
                        ["threads", "alone", "shared", "slowdown"], ["threads", "alone", "shared", "slowdown"]))
@@ -544,9 +690,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     headline = headline or rows[-1]
 
     stack = stacked_task(fsizes, device, args.cache_dir)
-    fl = floor(stack, fsizes, pool, device)
+    fused = stacked_task(fsizes, device, args.cache_dir, "fused") if fused_available(device) else None
+    fl = floor(stack, fsizes, pool, device, fused)
+    grow = rollout_scaling(fsizes, (8, 16) if quick else (64, 256, 1024), device, args.cache_dir,
+                           steps=1 if quick else 3)
     compared = sorted({1, threads, torch_default_threads}) if device.type == "cpu" else [threads]
-    shared = shared_cpu(stack, fsizes, compared, device)
+    shared = shared_cpu(fused or stack, fsizes, compared, device)  # on the search's own rollout
+    e2e = end_to_end(args.cache_dir, threads, passing_genomes(32, seed=11)) \
+        if (not quick if args.end_to_end is None else args.end_to_end) and fused_available(device) else None
     scale = scaling(passing_genomes(32, seed=7, device=device), args.cache_dir) if do_scaling else None
     adapter = task_adapter_bench(threads, steps=2 if quick else 5, repeats=1 if quick else 3) \
         if device.type == "cpu" else {}
@@ -561,6 +712,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "floor": {"candidates": fsizes.candidates, "horizon": fsizes.horizon, "seeds": list(fsizes.seeds),
                   "steps": fsizes.steps, "lr": ADAM_LR, "best_of": fsizes.repeats},
         **fl,
+        "rollout_scaling": grow,
+        **({"fused_1024_vs_64": grow[-1]["fused"] / grow[0]["fused"], "eager_1024_vs_64": grow[-1]["eager"] / grow[0]["eager"]}
+           if not quick and "fused" in grow[0] else {}),
+        "end_to_end": e2e,
+        **({k: e2e[k] for k in ("judged_per_hour_before", "judged_per_hour_after", "judged_per_hour_speedup")}
+           if e2e else {}),
         "shared_cpu_slowdown": shared[threads]["slowdown"],
         **{f"shared_cpu_slowdown_threads_{n}": r["slowdown"] for n, r in shared.items()},
         "shared_cpu": {str(n): r for n, r in shared.items()},

@@ -14,6 +14,7 @@ import torch
 
 from nos import bench
 from nos.engine.trainer import train
+from nos.tasks import sine_kernel
 from nos.tasks.sine import SineConfig, SineTask, StackedSineTask
 from search_space.builtins import builtin
 
@@ -92,6 +93,17 @@ def test_bench_quick_json(keep_threads: None) -> None:
         assert all(_positive(r[k]) for k in ("alone", "shared", "slowdown"))
         assert doc[f"shared_cpu_slowdown_threads_{n}"] == r["slowdown"]
     assert doc["shared_cpu_slowdown"] == doc["shared_cpu"]["1"]["slowdown"]
+    assert doc["end_to_end"] is None  # --quick leaves the two searches out
+    assert [r["candidates"] for r in doc["rollout_scaling"]] == [8, 16]
+    if sine_kernel.HAVE_NUMBA:  # the fused rollout against the eager floor, in the same run
+        assert doc["rollout_kernel"] == "fused"
+        for key in ("fused_adam_candidate_steps_per_s", "fused_task_only_candidate_steps_per_s",
+                    "rollout_vs_floor_speedup", "task_fused_vs_eager_speedup", "random_vs_adam_cost_eager"):
+            assert _positive(doc[key]), (key, doc[key])
+        assert doc["rollout_vs_floor_speedup"] == pytest.approx(
+            doc["fused_adam_candidate_steps_per_s"] / doc["reference_adam_candidate_steps_per_s"])
+        assert 0 <= doc["fused_adam_loss_max_rel_diff"] < 1e-3
+        assert all(_positive(r["eager"]) and _positive(r["fused"]) for r in doc["rollout_scaling"])
 
 
 def test_threads_flag(keep_threads: None) -> None:

@@ -57,11 +57,48 @@ def train(
     budget_fpe: int | None = None,
     record_curves: bool = False,
 ) -> TrainResult:
-    """Train candidate i with genomes[i] at lrs[i]; `steps` fixed, or as many as `budget_fpe` buys."""
-    start = time.perf_counter()
-    C = len(genomes)
+    """Train candidate i with genomes[i] at lrs[i]; `steps` fixed, or as many as `budget_fpe` buys.
+
+    A task may ask for its rows in chunks (`chunk_rows`: the fused sine rollout, whose cost does not
+    shrink with the batch, while the update's elementwise passes stay in cache on a chunk of rows
+    and spill out of it on the whole batch). Candidates are independent, so the chunks train one
+    after the other to the same numbers."""
     if steps is None and budget_fpe is None:
         raise ValueError("give steps or budget_fpe")
+    C = len(genomes)
+    chunk = getattr(task, "chunk_rows", None)
+    if not chunk or C <= chunk:
+        return _train(task, genomes, lrs, seeds=seeds, steps=steps, budget_fpe=budget_fpe, record_curves=record_curves)
+    seed_list = [seeds] * C if isinstance(seeds, int) else list(seeds)
+    parts = []
+    for lo in range(0, C, chunk):
+        rows = list(range(lo, min(C, lo + chunk)))
+        part = task.select(torch.tensor(rows, device=task.device)) if hasattr(task, "select") else task
+        parts.append(_train(part, [genomes[i] for i in rows], [lrs[i] for i in rows], seeds=[seed_list[i] for i in rows],
+                            steps=steps, budget_fpe=budget_fpe, record_curves=record_curves))
+    return TrainResult(
+        losses=[x for p in parts for x in p.losses],
+        steps=[x for p in parts for x in p.steps],
+        fpe=[x for p in parts for x in p.fpe],
+        seconds=sum(p.seconds for p in parts),
+        curves=[c for p in parts for c in p.curves] if record_curves else None,  # type: ignore[union-attr]
+        failed_at={lo * chunk + r: t for lo, p in enumerate(parts) for r, t in p.failed_at.items()},
+        params=torch.cat([p.params for p in parts]),  # type: ignore[misc]
+    )
+
+
+def _train(
+    task: Task,
+    genomes: Sequence[Genome],
+    lrs: Sequence[float],
+    *,
+    seeds: Sequence[int] | int,
+    steps: int | None,
+    budget_fpe: int | None,
+    record_curves: bool,
+) -> TrainResult:
+    start = time.perf_counter()
+    C = len(genomes)
     total = [steps if steps is not None else steps_for(g, budget_fpe) for g in genomes]  # type: ignore[arg-type]
     seed_list = [seeds] * C if isinstance(seeds, int) else list(seeds)
     opt = BatchedOptimizer(genomes, lrs, total, seed_list, task.segments, task.device)

@@ -1,0 +1,93 @@
+"""The sine task's rollout loss and its gradient in one compiled pass per candidate (numba).
+
+Why: the eager rollout (`nos.tasks.sine.rollout`) runs one batched GEMV per layer and time step
+over all C candidates, so each of the ~100 time steps streams every candidate's ~19 KB of weights
+through the cache, forward and again backward: at 256 candidates that is ~5 MB per time step, far
+past this kind of CPU's 1 MB L2, and throughput *falls* as the batch grows. Here one candidate is
+rolled out forward and back-propagated through time while its weights, activations and gradient
+stay in L1/L2; candidates are independent, so chunks of them run on threads (numba releases the
+GIL). The math is the eager path's, step for step (same layer order, tanh or relu, MSE mean), in
+float32; only the order of summation inside a layer differs, so losses and gradients agree to
+float32 rounding (~1e-7 relative), which the tests check against autograd through the eager path.
+
+`SineLoss.apply(theta, context, target, activation)` is a `torch.autograd.Function`: loss [C],
+and d loss / d theta computed in the same pass when autograd wants it (each candidate's loss
+depends on its own row only, so the backward is one row-wise scale). CPU float32 only; anything
+else (CUDA, float64, no numba) takes the eager path, which is also the reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import torch
+
+# numba is a dependency; without it (or with NOS_ROLLOUT=eager) the eager rollout runs
+HAVE_NUMBA = importlib.util.find_spec("numba") is not None
+
+KERNELS = ("fused", "eager")
+
+
+def default_kernel() -> str:
+    """The rollout kernel tasks use unless told: `NOS_ROLLOUT` (fused | eager), else fused when
+    numba is importable."""
+    choice = os.environ.get("NOS_ROLLOUT", "fused")
+    if choice not in KERNELS:
+        raise ValueError(f"NOS_ROLLOUT must be one of {', '.join(KERNELS)}, got {choice!r}")
+    return choice if HAVE_NUMBA else "eager"
+
+
+def usable(theta: torch.Tensor) -> bool:
+    """Whether the fused kernel can take `theta` (CPU float32 [C, P])."""
+    return HAVE_NUMBA and theta.device.type == "cpu" and theta.dtype == torch.float32 and theta.dim() == 2
+
+
+@functools.cache
+def _pool(n: int) -> ThreadPoolExecutor:
+    """A pool of n threads, kept for the process (the kernel releases the GIL)."""
+    return ThreadPoolExecutor(max_workers=n, thread_name_prefix="nos-rollout")
+
+
+def loss_and_grad(theta: torch.Tensor, context: torch.Tensor, target: torch.Tensor, k: int, width: int,
+                  activation: str, want_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Loss [C] (and d loss_c / d theta_c as [C, P]) of the sine MLP rolled out from `context`
+    [C, k] against `target` [C, S], on torch's thread count (candidates split in chunks)."""
+    th = theta.detach().contiguous().numpy()
+    ctx = context.detach().to(torch.float32).contiguous().numpy()
+    tgt = target.detach().to(torch.float32).contiguous().numpy()
+    C = th.shape[0]
+    loss = np.empty(C, np.float32)
+    grad = np.zeros(th.shape if want_grad else (1, 1), np.float32)
+    tanh = activation == "tanh"
+    from ._sine_numba import rows as _rows  # compiled on first use, then cached on disk by numba
+    n = max(1, min(torch.get_num_threads(), C // 4 or 1))
+    if n == 1:
+        _rows(th, ctx, tgt, k, width, tanh, want_grad, 0, C, loss, grad)
+    else:
+        bounds = np.linspace(0, C, n + 1).astype(int)
+        jobs = [_pool(n).submit(_rows, th, ctx, tgt, k, width, tanh, want_grad, int(a), int(b), loss, grad)
+                for a, b in zip(bounds[:-1], bounds[1:])]
+        for j in jobs:
+            j.result()
+    return torch.from_numpy(loss), (torch.from_numpy(grad) if want_grad else None)
+
+
+class SineLoss(torch.autograd.Function):
+    """Loss [C] of C sine MLPs theta [C, P]; the gradient comes from the same compiled pass."""
+
+    @staticmethod
+    def forward(ctx: Any, theta: torch.Tensor, context: torch.Tensor, target: torch.Tensor,
+                k: int, width: int, activation: str, want_grad: bool) -> torch.Tensor:
+        loss, grad = loss_and_grad(theta, context, target, k, width, activation, want_grad)
+        ctx.save_for_backward(grad if grad is not None else torch.empty(0))
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss[:, None], None, None, None, None, None, None
