@@ -3,7 +3,7 @@
 Float32 rounding is amplified by the autoregressive rollout: the eager float32 path itself is
 ~1e-5..1e-4 (relative) from the same math in float64. No two float32 orders of summation agree to
 1e-6, so the fused kernel is held to the eager path's own error: against a float64 reference it
-must be as close as eager is (within a small factor), for the loss and for the gradient."""
+must be as close as eager is (within a factor of 10: the same order), for the loss and for the gradient."""
 
 from __future__ import annotations
 
@@ -62,8 +62,8 @@ def test_loss_and_gradient_match_float64_as_closely_as_eager(cache: str, activat
     e_loss, e_grad = _loss_grad(eager, theta)
     f_loss, f_grad = _loss_grad(fused, theta)
     # the tolerance floor: eager's own float32 error, never below float32 epsilon's scale
-    tol_loss = 4 * max(_rel(e_loss, ref_loss), 1e-6)
-    tol_grad = 4 * max(_rel(e_grad, ref_grad), 1e-6)
+    tol_loss = 10 * max(_rel(e_loss, ref_loss), 1e-6)
+    tol_grad = 10 * max(_rel(e_grad, ref_grad), 1e-6)
     assert _rel(f_loss, ref_loss) <= tol_loss
     assert _rel(f_grad, ref_grad) <= tol_grad
     assert tol_loss < 1e-3 and tol_grad < 1e-2  # the comparison is meaningful: both are close
