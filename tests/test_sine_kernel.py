@@ -12,7 +12,7 @@ import torch
 
 from nos.engine.trainer import train
 from nos.tasks import sine_kernel
-from nos.tasks.sine import SineConfig, SineTask, StackedSineTask, rollout
+from nos.tasks.sine import FUSED_CHUNK_ROWS, SineConfig, SineTask, StackedSineTask, rollout
 from search_space.builtins import builtin
 
 pytestmark = pytest.mark.skipif(not sine_kernel.HAVE_NUMBA, reason="numba is not installed")
@@ -122,19 +122,13 @@ def test_training_on_the_fused_kernel_agrees_with_eager(cache: str) -> None:
     amplifies (measured ~3e-5 at the default size), far below any difference a method makes."""
     eager = StackedSineTask([_task(TINY, cache, "eager", seed=s) for s in (0, 1, 2)], torch.arange(12) % 3)
     fused = StackedSineTask([_task(TINY, cache, "fused", seed=s) for s in (0, 1, 2)], torch.arange(12) % 3)
-    assert fused.chunk_rows == sine_kernel_chunk() and eager.chunk_rows is None
+    assert fused.chunk_rows == FUSED_CHUNK_ROWS and eager.chunk_rows is None
     genomes, lrs = [builtin("adam")] * 12, [1e-3, 3e-3, 1e-2, 3e-2] * 3
     e = train(eager, genomes, lrs, steps=10)
     f = train(fused, genomes, lrs, steps=10)
     rel = max(abs(a - b) / abs(b) for a, b in zip(f.losses, e.losses))  # type: ignore[operator, arg-type]
     assert rel < 1e-4
     assert e.losses != f.losses  # they are two computations (the check above is not trivial)
-
-
-def sine_kernel_chunk() -> int:
-    from nos.tasks.sine import FUSED_CHUNK_ROWS
-
-    return FUSED_CHUNK_ROWS
 
 
 def test_the_kernel_is_chosen_by_environment(cache: str, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -82,7 +82,7 @@ def train(
         fpe=[x for p in parts for x in p.fpe],
         seconds=sum(p.seconds for p in parts),
         curves=[c for p in parts for c in p.curves] if record_curves else None,  # type: ignore[union-attr]
-        failed_at={lo * chunk + r: t for lo, p in enumerate(parts) for r, t in p.failed_at.items()},
+        failed_at={n * chunk + r: t for n, p in enumerate(parts) for r, t in p.failed_at.items()},
         params=torch.cat([p.params for p in parts]),  # type: ignore[misc]
     )
 

@@ -11,7 +11,7 @@ float32; only the order of summation inside a layer differs. The rollout amplifi
 rounding (eager float32 is itself ~2e-5 from float64), and the tests hold the kernel to the eager
 path's own distance from float64 autograd.
 
-`SineLoss.apply(theta, context, target, activation)` is a `torch.autograd.Function`: loss [C],
+`SineLoss.apply(theta, context, target, k, width, activation, want_grad)` is a `torch.autograd.Function`: loss [C],
 and d loss / d theta computed in the same pass when autograd wants it (each candidate's loss
 depends on its own row only, so the backward is one row-wise scale). CPU float32 only; anything
 else (CUDA, float64, no numba) takes the eager path, which is also the reference.
@@ -63,7 +63,7 @@ def loss_and_grad(theta: torch.Tensor, context: torch.Tensor, target: torch.Tens
     tgt = target.detach().to(torch.float32).contiguous().numpy()
     C = th.shape[0]
     loss = np.empty(C, np.float32)
-    grad = np.zeros(th.shape if want_grad else (1, 1), np.float32)
+    grad = np.empty(th.shape if want_grad else (1, 1), np.float32)  # the kernel writes every entry
     tanh = activation == "tanh"
     from ._sine_numba import rows as _rows  # compiled on first use, then cached on disk by numba
     n = max(1, min(torch.get_num_threads(), C // 4 or 1))
