@@ -5,7 +5,12 @@
     python -m nos.export --builtin adam -o adam.py            # a classic optimizer's genome
     python -m nos.export --builtin discovered_erf_sign -o d.py  # a champion of the README's runs
     python -m nos.export --genome my.json --lr 3e-4 -o my.py  # any genome file
+    python -m nos.export 42 --no-simplify -o raw42.py         # the genome exactly as stored
 
+The file is generated from the simplified genome (`nos.engine.simplify`): the same update with
+the nodes, edge decays and gradient clip it does not depend on left out. Where something was
+left out, its docstring lists what, and the stored genome it came from; where nothing can be,
+the file is the stored genome's. `--no-simplify` exports the genome as stored.
 The file imports only torch, math and warnings; see its docstring for the update rule and provenance.
 An individual's default lr is the one its search chose (on the search seeds); with --horizon H,
 the one its run's funnel chose for rollout horizon H on the validation seeds. The docstring
@@ -31,6 +36,8 @@ from search_space.builtins import BUILTINS, builtin, builtin_title
 from search_space.genome import Genome, GenomeError, from_json, read_file
 
 from .engine.codegen import LrChoice, check_class_name, class_name_for, render, visible
+from .engine.simplify import describe as describe_simplification
+from .engine.simplify import simplification
 from .search.config import SearchConfig
 from .search.funnel import validated_lrs
 from .tasks.budget import DEFAULT_BUDGET_FPE, steps_for
@@ -84,6 +91,9 @@ def _parser() -> ArgumentParser:
     p.add_argument("--horizon", type=finite_float(-MAX_HORIZON, MAX_HORIZON, "a horizon t_max (a task's variant)"), metavar="H",
                    help="default lr: the one chosen on validation seeds for rollout horizon t_max = H in the "
                         "individual's run's funnel (default: the lr chosen in the search)")
+    p.add_argument("--no-simplify", action="store_true",
+                   help="export the genome as stored (default: simplified, leaving out the nodes, edge decays "
+                        "and clip its update does not depend on; the file says what was left out)")
     return p
 
 
@@ -301,6 +311,22 @@ def export_individual(store: Store, ind_id: int, horizon: float | None = None) -
     return Exported(genome, f"NosOptimizer{ind_id}", lr_choice.default, total_steps, provenance, lr_choice)
 
 
+def simplified(genome: Genome, provenance: dict[str, Any]) -> tuple[Genome, dict[str, Any]]:
+    """The genome to write, simplified, and the provenance saying what was left out of which
+    stored genome. A genome that cannot be simplified comes back as it is, with the provenance
+    unchanged, so its file is the one `--no-simplify` writes. The default total_steps and lr stay
+    those of the stored genome: the steps it was trained for, the lr chosen for it."""
+    s = simplification(genome)
+    if not s.changed:
+        return genome, provenance
+    return s.genome, {
+        **provenance,
+        "simplified": f"{describe_simplification(s)} (the same updates on nos's probe problems; "
+                      "export with --no-simplify for the stored genome)",
+        "stored genome": genome.dumps(),
+    }
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -335,6 +361,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.lr is not None and args.lr != lr:  # the user's lr replaces the chosen one, and the file says so
         provenance["lr"] = f"{args.lr:g}, given on the command line (nos's choice: {lr:g})"
         lr, lr_choice = args.lr, None
+    if not args.no_simplify:
+        genome, provenance = simplified(genome, provenance)
     class_name = args.class_name or name
     code = render(genome, class_name=class_name, lr=lr, total_steps=total, provenance=provenance, lr_choice=lr_choice)
     write_atomically(target, code)
