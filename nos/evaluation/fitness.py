@@ -6,6 +6,10 @@
   whatever their scale (a 10x gain counts the same at t_max = 1 as at t_max = 20); the candidate's
   lr is the grid point with the best score (NOS picks each candidate's lr from a sweep too). Lower
   is better; Adam itself scores about 1. Adam's lr grid and the candidates' come from the family.
+  With reference "best" (`SearchConfig.reference`) the divisor is, per variant, the strongest tuned
+  gradient baseline instead (`best_reference`: Adam, Adam + clip and both with warmup-cosine, each
+  tuned like Adam; the one with the lowest geometric mean over the search seeds), so that a fitness
+  below 1 means "beats the strongest of them", nearer the claim the funnel tests than "beats Adam".
 - `MultiEvaluator`: the same objective over several families (a search on a mix of tasks): the
   geometric mean over every (task, variant, seed) ratio, each task at the candidate's best lr there.
 
@@ -37,7 +41,7 @@ from ..tasks.api import (
 from ..tasks.budget import DEFAULT_BUDGET_FPE, steps_for
 from ..tasks.registry import WAVES, resolve
 from ..tasks.sine import DEFAULT_CACHE_DIR, HORIZONS, SineConfig, WaveFamily
-from .stats import first_best
+from .stats import first_best, gmean
 
 # The sine task's grids (the family defaults of nos.tasks.api are these). The RandOpt post's
 # authors tuned Adam on {1e-4 ... 1e-2}; we go lower because Adam kept picking the grid's low end.
@@ -45,8 +49,11 @@ LR_GRID = DEFAULT_LR_GRID
 SEARCH_LRS = DEFAULT_SEARCH_LRS
 # RandOpt's sigma grid: the post's 0.002 and below (the long horizons picked the grid's low end)
 SIGMAS = DEFAULT_SIGMAS
-__all__ = ["HORIZONS", "LR_GRID", "SEARCH_LRS", "SIGMAS", "SearchSetup", "TaskEvaluator", "MultiEvaluator"]
+__all__ = ["HORIZONS", "LR_GRID", "REFERENCES", "SEARCH_LRS", "SIGMAS", "SearchSetup", "TaskEvaluator", "MultiEvaluator"]
 MAX_ROWS = 2048  # candidates x lrs trained in one batch; more are split into chunks
+# What the search fitness is divided by (`SearchConfig.reference`): tuned Adam, or per search
+# variant the strongest of the tuned gradient baselines (`nos.evaluation.protocol.GRADIENT_BASELINES`)
+REFERENCES = ("adam", "best")
 
 
 @dataclass(frozen=True)
@@ -80,12 +87,24 @@ class SearchSetup:
     def reference(self) -> str:
         """The `task` of the stored Adam reference rows of this setup: `<task>_search`, or
         `<task>_search_cheap` for a cheap first stage (`sine_search`, `sine_search_cheap`)."""
+        return self.reference_task("adam")
+
+    def reference_task(self, kind: str = "adam") -> str:
+        """The `task` of the stored reference rows of one kind (`REFERENCES`): Adam's (`reference`),
+        or for "best" the tuned gradient baselines' `<task>_search_best` (`_search_best_cheap` for
+        a cheap first stage), so that the two references never mix."""
+        if kind not in REFERENCES:
+            raise ValueError(f"reference: one of {', '.join(REFERENCES)}, not {kind!r}")
         base, cheap = (self.task[: -len("_cheap")], "_cheap") if self.task.endswith("_cheap") else (self.task, "")
-        return f"{base}_search{cheap}"
+        return f"{base}_search{'' if kind == 'adam' else '_' + kind}{cheap}"
 
 
-# (horizon, search seed) -> (tuned Adam's loss, its lr): the fitness normaliser
+# (horizon, search seed) -> (tuned Adam's loss, its lr): the fitness normaliser (with reference
+# "best": the loss and lr of the strongest tuned gradient baseline at that horizon)
 AdamReference = dict[tuple[float, int], tuple[float, float]]
+# gradient baseline -> its tuned (loss, lr) per (horizon, search seed); a (horizon, seed) where it
+# diverged at every lr is missing (`TaskEvaluator.tuned_baselines`)
+TunedBaselines = dict[str, AdamReference]
 
 
 @dataclass
@@ -104,6 +123,27 @@ class Fitness:
 
 def _finite(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) else None
+
+
+def strongest(tuned: TunedBaselines, horizons: Sequence[float], seeds: Sequence[int],
+              where: str = "horizon") -> tuple[AdamReference, dict[float, str]]:
+    """The "best" reference from tuned baselines: per horizon, the baseline whose tuned losses have
+    the lowest geometric mean over `seeds` (near-ties, within `stats.TIE_RTOL`: the first in
+    `tuned`'s order, Adam first), and its per-seed (loss, lr) as the reference; also which baseline
+    that is per horizon. A baseline that diverged at every lr on some seed of a horizon is no
+    candidate there; ValueError when none is left."""
+    ref: AdamReference = {}
+    chosen: dict[float, str] = {}
+    for h in horizons:
+        scored = [(gmean([per[(h, s)][0] for s in seeds]), m)
+                  for m, per in tuned.items() if all((h, s) in per for s in seeds)]
+        if not scored:
+            raise ValueError(f"every tuned gradient baseline diverges at every lr on some search seed "
+                             f"({where} {h:g}): widen the family's lr_grid")
+        method = first_best(scored)[1]
+        chosen[h] = method
+        ref.update({(h, s): tuned[method][(h, s)] for s in seeds})
+    return ref, chosen
 
 
 def geometric_mean_ratio(losses: Sequence[float], reference: Sequence[float]) -> float:
@@ -186,10 +226,34 @@ class TaskEvaluator:
                 out[(h, s)] = min(finite)
         return out
 
+    def tuned_baselines(self, methods: Sequence[str] | None = None) -> TunedBaselines:
+        """Each gradient baseline (`protocol.GRADIENT_BASELINES` unless `methods` names others) tuned
+        on each search instance exactly like Adam in `adam_reference` -- its best loss over the
+        family's lr grid, and that lr -- all of them in one batch per horizon."""
+        from .protocol import GRADIENT_BASELINES, baseline_genome  # protocol imports this module
+
+        names = list(GRADIENT_BASELINES if methods is None else methods)
+        grid = self.family.lr_grid
+        out: TunedBaselines = {m: {} for m in names}
+        for h in self.setup.horizons:
+            results = self.grid_seeds([baseline_genome(m) for m in names], grid, self.search_tasks(h))
+            for s, res in zip(self.setup.seeds, results):
+                for m, per_lr in zip(names, res.losses):
+                    finite = [(x, lr) for x, lr in zip(per_lr, grid) if x is not None]
+                    if finite:
+                        out[m][(h, s)] = min(finite)
+        return out
+
+    def best_reference(self) -> AdamReference:
+        """The strongest tuned gradient baseline per search horizon (`strongest` of
+        `tuned_baselines`): its (loss, lr) on each search instance."""
+        where = f"task {self.family.name!r}, {self.family.variant_label}"
+        return strongest(self.tuned_baselines(), self.setup.horizons, self.setup.seeds, where)[0]
+
     def fitness(self, genomes: Sequence[Genome], adam: AdamReference) -> list[Fitness]:
         """Score genomes against tuned Adam: the geometric mean over search horizons and search
         seeds of loss / Adam's loss, at the candidate's best lr of the grid (lower is better;
-        ~1 means Adam-like)."""
+        ~1 means Adam-like). `adam` may be any reference of that shape (`best_reference`)."""
         lrs, seeds, horizons = self.setup.lrs, self.setup.seeds, self.setup.horizons
         per_h = {h: self.grid_seeds(genomes, lrs, self.search_tasks(h)) for h in horizons}
         out = []
@@ -234,6 +298,9 @@ class MultiEvaluator:
 
     def adam_reference(self) -> MultiReference:
         return {e.setup.task: e.adam_reference() for e in self.evaluators}
+
+    def best_reference(self) -> MultiReference:
+        return {e.setup.task: e.best_reference() for e in self.evaluators}
 
     def fitness(self, genomes: Sequence[Genome], adam: MultiReference) -> list[Fitness]:
         per_task = [(e, e.fitness(genomes, adam[e.setup.task])) for e in self.evaluators]

@@ -3,8 +3,9 @@
 `Objective`: the fidelity stages of the search fitness (successive halving, as in Hyperband / ASHA
 and the Lion search's funnel): every candidate gets the first stage, the best `promote` fraction of
 each chunk the next, and the last stage is the full fitness. A stage trains on one task family or
-several (`MultiEvaluator`); its scores are normalised by tuned Adam on the same instances (the
-run tunes and stores that reference: `Run.adam_reference`).
+several (`MultiEvaluator`); its scores are normalised by tuned Adam on the same instances -- or,
+with the config's `reference` "best", by the strongest tuned gradient baseline per horizon (the
+run tunes and stores that reference: `Run.reference`).
 
 `Evaluator`: computes a stage's fitness -- in this process (`LocalEvaluator`) or on a Dask cluster
 (`nos.search.distributed.DaskEvaluator`). The command picks one and hands it to the run.
@@ -52,6 +53,7 @@ class Objective:
 
     def __init__(self, config: SearchConfig, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
+        self.reference = config.reference  # what every stage's fitness is divided by: "adam" or "best"
         self.stages: list[ObjectiveStage] = []
         for setups, promote in config.stage_setups():
             members = [TaskEvaluator(setup, self.device) for setup in setups]

@@ -11,7 +11,8 @@
 The parts are passed in (the command builds them; missing ones get the config's defaults) and
 nothing outside assigns to a run's internals. The run owns everything a strategy must not know
 about: the storage (through the judge), claims and heartbeats when several processes share it
-(`nos.search.claims`), the stored Adam reference that normalises fitness, the funnel and its rows,
+(`nos.search.claims`), the stored reference that normalises fitness (tuned Adam, or the strongest
+tuned gradient baseline: the config's `reference`), the funnel and its rows,
 the champion and the run's metrics. Its status follows the `with` block: `running` inside;
 `finished` on a normal exit (once the funnel is done), `interrupted` on Ctrl-C, `failed` on any
 other exception.
@@ -30,7 +31,15 @@ from db.errors import StoreError
 from db.storage import Storage
 
 from ..evaluation.compare import Comparison
-from ..evaluation.fitness import AdamReference, MultiEvaluator, MultiReference, TaskEvaluator
+from ..evaluation.fitness import (
+    AdamReference,
+    MultiEvaluator,
+    MultiReference,
+    TaskEvaluator,
+    TunedBaselines,
+    strongest,
+)
+from ..evaluation.protocol import GRADIENT_BASELINES
 from ..ga.strategy import Strategy
 from ..tasks.registry import WAVES
 from ..tasks.sine import SineConfig, WaveFamily, pretrain_missing
@@ -183,15 +192,66 @@ class Run:
                 ])
         return self._adam[task]
 
+    def best_reference(self, evaluator: TaskEvaluator | None = None) -> AdamReference:
+        """The fitness normaliser of reference "best" on one task of a stage (the full stage's
+        first task by default): every gradient baseline tuned on each search instance like Adam
+        (`TaskEvaluator.tuned_baselines`), per horizon the strongest (`strongest`). Computed once
+        per run and stored -- every baseline's tuned rows, task `<task>_search_best`
+        (`_search_best_cheap` for a cheap first stage; loss NULL where one diverged at every lr),
+        apart from Adam's reference rows -- and rebuilt from those rows when the run resumes."""
+        evaluator = evaluator or self.objective.stages[-1].members[0]
+        setup = evaluator.setup
+        task = setup.reference_task("best")
+        if task not in self._adam:
+            def stored_rows() -> list[dict]:
+                return [b for b in self.storage.baselines(self.id, task=task) if b["method"] in GRADIENT_BASELINES]
+
+            stored = stored_rows()
+            if not stored and self.claims is not None and not self.claims.claim_or_wait(
+                    f"best:{task}", lambda: bool(stored_rows())):
+                stored = stored_rows()  # another process tuned them
+            where = f"task {evaluator.family.name!r}, {evaluator.family.variant_label}"
+            if stored:
+                tuned: TunedBaselines = {m: {} for m in GRADIENT_BASELINES}  # in their order: ties go to Adam
+                for b in stored:
+                    if b["loss"] is not None:
+                        tuned[b["method"]][(b["horizon"], b["seed"])] = (b["loss"], b["hparam"])
+                self._adam[task] = strongest(tuned, setup.horizons, setup.seeds, where)[0]
+            else:
+                self.progress.message(f"tuning {', '.join(GRADIENT_BASELINES)} on the search task ({task})")
+                tuned = evaluator.tuned_baselines()
+                self._adam[task], chosen = strongest(tuned, setup.horizons, setup.seeds, where)  # before storing
+                rows = []
+                for m, per in tuned.items():
+                    for h in setup.horizons:
+                        for s in setup.seeds:
+                            loss, lr = per.get((h, s), (None, None))
+                            rows.append({"run_id": self.id, "method": m, "task": task, "task_key": evaluator.identity,
+                                         "horizon": h, "seed": s, "loss": loss, "hparam": lr,
+                                         "budget": setup.budget_fpe, "split": "search"})
+                self.storage.add_baselines(rows)
+                label = evaluator.family.variant_label
+                self.progress.message(f"the strongest tuned baseline ({task}): "
+                                      + ", ".join(f"{m} at {label} = {h:g}" for h, m in chosen.items()))
+        return self._adam[task]
+
+    def reference(self, evaluator: TaskEvaluator | None = None) -> AdamReference:
+        """One task's fitness normaliser as the objective asks for it: tuned Adam
+        (`adam_reference`), or with reference "best" the strongest tuned gradient baseline per
+        horizon (`best_reference`)."""
+        if self.objective.reference == "best":
+            return self.best_reference(evaluator)
+        return self.adam_reference(evaluator)
+
     def _reference(self, stage: ObjectiveStage) -> AdamReference | MultiReference:
-        """A stage's fitness normaliser: its task's Adam reference, or one per task."""
+        """A stage's fitness normaliser: its task's reference (`reference`), or one per task."""
         if isinstance(stage.evaluator, MultiEvaluator):
-            return {e.setup.task: self.adam_reference(e) for e in stage.members}
-        return self.adam_reference(stage.evaluator)
+            return {e.setup.task: self.reference(e) for e in stage.members}
+        return self.reference(stage.evaluator)
 
     def judge(self) -> Judge:
         """The judge of this run's proposals: every stage's fitness function (from the evaluator)
-        and Adam reference; it reports each chunk through `_judged`, which advances the search stage."""
+        and reference; it reports each chunk through `_judged`, which advances the search stage."""
         if self._judge is None:
             stages = [Stage(self.evaluator.fitness_fn(s.evaluator), self._reference(s), s.promote)
                       for s in self.objective.stages]
@@ -205,9 +265,9 @@ class Run:
         candidates (its hall of fame).
 
         Stages of `progress`: "pretraining" (networks not cached yet, if any), "Adam reference"
-        (the fitness normaliser of each search task), "search" (the strategy's fixed count of
-        slots, `strategy.total()`, advanced by the slots each judged chunk settled; proposals,
-        without a total, for a strategy that gives none)."""
+        (the fitness normaliser of each search task; "best-baseline reference" with reference
+        "best"), "search" (the strategy's fixed count of slots, `strategy.total()`, advanced by the
+        slots each judged chunk settled; proposals, without a total, for a strategy that gives none)."""
         cfg, strategy = self.config, self.strategy
         state = strategy.init()
         skipped = 0
@@ -252,11 +312,13 @@ class Run:
         pretrain_missing(jobs, self.device, self.progress)
 
     def _tune_references(self) -> None:
-        """Every fidelity stage's Adam reference, tuned or read back, as the stage "Adam reference"."""
+        """Every fidelity stage's reference, tuned or read back, as the stage "Adam reference"
+        ("best-baseline reference" with reference "best")."""
         todo = self.objective.members()
-        self.progress.stage("Adam reference", len(todo), "references")
+        self.progress.stage("Adam reference" if self.objective.reference == "adam" else "best-baseline reference",
+                            len(todo), "references")
         for e in todo:  # what each stage's reference asks for, in its order
-            self.adam_reference(e)
+            self.reference(e)
             self.progress.advance(1)
 
     def _judged(self, rows: list[dict]) -> None:
