@@ -13,16 +13,27 @@ grid) and on held-out seeds, then reports:
   as in a search), and the cost of the cheap stage relative to the full fitness.
 
     python -m nos.calibrate --genomes 60 --format json
+
+**Power from a pilot** (`--power RUN`: reads the database only, evaluates nothing): for a finished
+run's funnel champion against each baseline at each horizon (of each task), the standard
+deviation of the per-seed log loss ratios on the run's test seeds, the ratio those seeds detect
+with 80% power, how many seeds detect a ratio of `--ratio` (or its inverse) with 80% power
+(two-sided paired t test at level 0.05), and how many make the expected 95% interval of the ratio
+span less than `--span` (high / low); see `nos.evaluation.stats`.
+
+    python -m nos.calibrate --power RUN [--ratio 2] [--span 10] [--db runs/nos.sqlite] [--format json]
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import math
 import random
 import sys
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from scipy import stats
 
@@ -37,16 +48,25 @@ from .evaluation.fitness import (
     TaskEvaluator,
     geometric_mean_ratio,
 )
+from .evaluation.stats import ALPHA, CONFIDENCE, MAX_SEEDS, POWER, seeds_for, seeds_for_span
 from .tasks.sine import DEFAULT_CACHE_DIR, SineConfig
 from .ui.cli import (
+    DEFAULT_DB,
     ArgumentParser,
     add_device,
     add_format,
     bounded_int,
+    db_arg,
+    finite_float,
     print_json,
+    render_table,
     resolve_device,
     run_command,
+    run_ref,
 )
+
+if TYPE_CHECKING:
+    from .evaluation.compare import Comparison
 
 log = logging.getLogger("nos.calibrate")  # not __name__: it is __main__ under python -m
 HORIZONS = (2.0, 10.0)
@@ -64,9 +84,78 @@ def _parser() -> ArgumentParser:
     p.add_argument("--sine-pretrain-steps", type=bounded_int(1, 1_000_000, "--sine-pretrain-steps"))
     p.add_argument("--sine-width", type=bounded_int(1, 4096, "--sine-width"))
     p.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR)
+    p.add_argument("--power", metavar="RUN", type=run_ref,
+                   help="power from a pilot: read RUN's test-seed comparison from --db (evaluates nothing)")
+    p.add_argument("--ratio", type=finite_float(1, 1e12, "--ratio (> 1)", lo_open=True), default=2.0,
+                   help="--power: the loss ratio (or its inverse) to detect with 80%% power (2)")
+    p.add_argument("--span", type=finite_float(1, 1e12, "--span (> 1)", lo_open=True), default=10.0,
+                   help="--power: the 95%% CI's width high / low to stay under (10)")
+    p.add_argument("--db", type=db_arg, default=DEFAULT_DB, help=f"--power: database path or URL ({DEFAULT_DB})")
     add_device(p)
     add_format(p)
     return p
+
+
+POWER_COLUMNS = ("task", "horizon", "baseline", "n", "gmean_ratio", "log_std", "detectable_ratio",
+                 "seeds_for_ratio", "seeds_for_span")
+
+
+def power_rows(cmp: Comparison, ratio: float, span: float) -> list[dict[str, Any]]:
+    """The champion against each baseline at each horizon of each task (aggregates left out): the
+    test seeds' count n, geometric-mean ratio, std of the per-seed log ratios, the ratio n seeds
+    detect with 80% power, and the seeds that detect `ratio` / make the 95% CI span less than
+    `span` (None: one test seed, or more than `MAX_SEEDS` needed)."""
+    rows = []
+    for v in cmp.versus:
+        if v.candidate != cmp.champion or v.horizon is None:
+            continue
+        s, std = v.stats, v.stats.log_std
+        rows.append({"task": v.task, "horizon": v.horizon, "baseline": v.baseline, "n": s.n,
+                     "gmean_ratio": s.gmean_ratio, "log_std": std, "detectable_ratio": s.detectable_ratio,
+                     "seeds_for_ratio": None if std is None else seeds_for(std, ratio),
+                     "seeds_for_span": None if std is None else seeds_for_span(std, span, CONFIDENCE)})
+    return rows
+
+
+def _seeds(row: dict[str, Any], key: str) -> str:
+    if row["log_std"] is None:
+        return "-"
+    return f"> {MAX_SEEDS:,}" if row[key] is None else str(row[key])
+
+
+def power_main(args: argparse.Namespace) -> int:
+    """`--power RUN`: the power numbers of RUN's stored comparison; never writes the database."""
+    from db.store import Store
+
+    from .query import load_comparisons
+    from .ui.cli import UsageError, shown
+    from .ui.tables import num
+
+    store = Store(args.db, readonly=True)
+    try:
+        ((run, cmp),) = load_comparisons(store, [args.power])
+    finally:
+        store.close()
+    if cmp.champion is None:
+        raise UsageError(f"run {shown(run['name'])} has no champion (no funnel candidate has a validation score)")
+    rows = power_rows(cmp, args.ratio, args.span)
+    if args.format == "json":
+        print_json({"run": run["name"], "champion": cmp.champion, "test_seeds": len(cmp.seeds.test),
+                    "ratio": args.ratio, "span": args.span, "power": POWER, "alpha": ALPHA,
+                    "confidence": CONFIDENCE, "rows": rows})
+        return 0
+    print(f"run {run['name']!r} (id {run['id']}, {run['status']}): champion {cmp.champion} vs each baseline on "
+          f"{len(cmp.seeds.test)} test seeds. log std = std of the per-seed log loss ratios; detects = the ratio "
+          f"(or its inverse) these seeds detect with {POWER:.0%} power; seeds for {args.ratio:g}x = the seeds "
+          f"that detect a {args.ratio:g}x ratio with {POWER:.0%} power (two-sided paired t test, alpha "
+          f"{ALPHA:.2g}); seeds for span < {args.span:g}x = the seeds whose expected {CONFIDENCE:.0%} CI is "
+          f"narrower than {args.span:g}x (high / low)")
+    cells = [[r["task"], f"{r['horizon']:g}", r["baseline"], str(r["n"]), num(r["gmean_ratio"]),
+              num(r["log_std"]), "-" if r["detectable_ratio"] is None else f"{num(r['detectable_ratio'])}x",
+              _seeds(r, "seeds_for_ratio"), _seeds(r, "seeds_for_span")] for r in rows]
+    print(render_table(cells, ["task", "horizon", "baseline", "n", "ratio", "log std", "detects",
+                               f"seeds for {args.ratio:g}x", f"seeds for span < {args.span:g}x"]))
+    return 0
 
 
 def _fitness(losses: dict[tuple[float, int], list[float | None]], adam: AdamReference,
@@ -101,6 +190,8 @@ def top10_dropped(full: Sequence[float | None], cheap: Sequence[float | None], p
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.power is not None:
+        return power_main(args)
     device = resolve_device(args.device)
     sine = SineConfig(**{k: v for k, v in (("pretrain_steps", args.sine_pretrain_steps),
                                             ("width", args.sine_width)) if v})

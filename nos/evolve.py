@@ -25,10 +25,12 @@ from typing import Any
 from db.store import Store, StoreError
 
 from .evaluation.compare import Comparison
+from .evaluation.fitness import REFERENCES
 from .evaluation.protocol import Seeds
 from .ga.particle import STRATEGIES
 from .search import PRESETS, Cooperation, Progress, Run, RunError, SearchConfig
-from .search.config import ALGORITHMS, DEFAULT_FIDELITY, DEFAULT_SEEDS
+from .search.config import ALGORITHMS, DEFAULT_FIDELITY, DEFAULT_SEEDS, parse_race
+from .search.diagnostics import diagnostics
 from .search.funnel import candidate_id
 from .search.objective import LocalEvaluator, Objective
 from .tasks.api import TaskFamily
@@ -63,7 +65,7 @@ from .ui.cli import (
     text_arg,
 )
 from .ui.progress import Stages
-from .ui.tables import comparison_text
+from .ui.tables import comparison_text, race_text
 
 log = logging.getLogger("nos.evolve")  # not __name__: it is __main__ under python -m
 
@@ -96,6 +98,9 @@ def _parser() -> ArgumentParser:
     p.add_argument("--algorithm", choices=ALGORITHMS, default="ga",
                    help="ga: the particle GA (default); random: random search with the GA's schedule of proposals "
                         "(the control for any claim that evolution found something)")
+    p.add_argument("--reference", choices=REFERENCES, default=None,
+                   help="what the search fitness is divided by, per search horizon: adam, tuned Adam (default); "
+                        "best, the strongest of the tuned gradient baselines (Adam, + clip, + warmup-cosine, both)")
     # Every number is checked here, before anything is opened or built (bad -> one line, exit 2).
     p.add_argument("--initial", type=bounded_int(1, 100_000, "--initial"),
                    help=f"random genomes in the initial population ({d.initial}; at most 100,000)")
@@ -116,6 +121,10 @@ def _parser() -> ArgumentParser:
     p.add_argument("--funnel", type=bounded_int(0, 1_000, "--funnel"),
                    help=f"best candidates re-evaluated on held-out seeds ({d.funnel}); 0 skips")
     p.add_argument("--heldout-horizons", type=horizons, help="funnel horizons, comma-separated (1,2,5,10,20)")
+    p.add_argument("--race", metavar="NxS,...", type=text_arg("--race"),
+                   help="a racing funnel: stage k judges N candidates on its own S validation seeds, the best "
+                        "distinct ones advance, the last stage alone picks the champion (e.g. 32x2,8x4,3x10; "
+                        "sets --funnel and, unless given, --validation-seeds; default: one stage)")
     seeds = DEFAULT_SEEDS
     p.add_argument("--search-seeds", type=bounded_int(1, 100, "--search-seeds"),
                    help=f"seeds whose losses give the fitness ({len(seeds.search)}: {_seed_range(seeds.search)})")
@@ -188,6 +197,8 @@ def _config(args) -> SearchConfig:
             setattr(cfg, attr, getattr(args, arg))
     cfg.seed, cfg.seed_builtins, cfg.elitism, cfg.cache_dir = args.seed, args.seed_builtins, args.elitism, args.cache_dir
     cfg.algorithm = args.algorithm
+    if args.reference is not None:
+        cfg.reference = args.reference
     cfg.published = cfg.published or args.published
     if args.chunk:
         cfg.chunk = args.chunk
@@ -197,8 +208,17 @@ def _config(args) -> SearchConfig:
         if getattr(args, attr):
             setattr(cfg, attr, tuple(getattr(args, attr)))
     d = cfg.seeds()
-    seeds = Seeds.counted(args.search_seeds or len(d.search), args.validation_seeds or len(d.validation),
-                          args.test_seeds or len(d.test))
+    n_validation = args.validation_seeds or len(d.validation)
+    if args.race:
+        try:
+            stages = parse_race(args.race)
+        except ValueError as e:
+            raise UsageError(f"-{e}") from None
+        if args.funnel is not None and args.funnel != stages[0][0]:
+            raise UsageError(f"--race judges {stages[0][0]} candidates at its first stage, --funnel says {args.funnel}")
+        cfg.race, cfg.funnel = args.race.replace(" ", ""), stages[0][0]
+        n_validation = args.validation_seeds or sum(s for _, s in stages)
+    seeds = Seeds.counted(args.search_seeds or len(d.search), n_validation, args.test_seeds or len(d.test))
     cfg.search_seeds, cfg.validation_seeds, cfg.test_seeds = seeds.search, seeds.validation, seeds.test
     cfg.fidelity = _fidelity(args, cfg)
     if args.sine_pretrain_steps:
@@ -349,6 +369,8 @@ def _search(run: Run, stages: Stages, fmt: str) -> int:
                                      for c in best]}
     if comparison is not None:
         summary["champion"] = comparison.champion
+        if run.config.race:
+            summary["race"] = diagnostics(run.storage, run.storage.get_run(run.id) or {}, cmp=comparison)["race"]
         summary["comparison"] = comparison.json(run.name)
         if comparison.champion:
             summary["verdicts"] = {f"{h:g}": v for h, v in comparison.verdicts(comparison.champion).items()}
@@ -372,6 +394,8 @@ def _print_summary(run: Run, summary: dict, best: list, comparison: Comparison |
         return
     print(f"\nheld-out comparison ({describe(run.config.budget_fpe)})")
     print(comparison_text(comparison))
+    if summary.get("race"):
+        print("\n" + race_text(summary["race"]))
     champ = comparison.champion
     if champ:
         print()

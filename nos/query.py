@@ -401,19 +401,28 @@ def cmd_stats(store: Store, args: argparse.Namespace) -> None:
     _emit(args.format, rows, STATS_COLUMNS, title=f"run {run['name']!r} (id {run['id']}, {run['status']})")
     if args.format == "table":
         rc, best = diag["rank_correlation"], diag["best_so_far"]
-        rho = "-" if rc["spearman"] is None else f"{rc['spearman']:.2f} (p = {rc['p_value']:.2g})"
+        rho = "-" if rc["spearman"] is None else f"{rc['spearman']:.2f}{_rho_ci(rc)} (p = {rc['p_value']:.2g})"
         print(f"\nsearch fitness vs validation score over {rc['n']} funnel candidate(s): Spearman {rho}")
         print(f"best fitness after {len(best)} judged candidates: {fmt_value(best[-1] if best else None)}")
+        if diag.get("race"):
+            from .ui.tables import race_text
+
+            print(race_text(diag["race"]))
         if diag["control"]:
             c = diag["control"]
             print(f"random-search control {c['run']!r}: best after {len(c['best_so_far'])} judged candidates: "
                   f"{fmt_value(c['best_so_far'][-1] if c['best_so_far'] else None)}")
 
 
+def _rho_ci(rc: dict) -> str:
+    """" [low, high]" of a rank correlation's 95% bootstrap interval; "" when it has none."""
+    return "" if rc.get("ci_low") is None else f" [95% CI {rc['ci_low']:.2f}, {rc['ci_high']:.2f}]"
+
+
 COMPARE_METHOD_COLUMNS = ["run", "task", "method", "horizon", "hparam", "variant", "median", "gmean", "diverged",
                           "per_seed"]
 COMPARE_VERSUS_COLUMNS = ["run", "task", "candidate", "champion", "baseline", "horizon", "gmean_ratio", "ci_low",
-                          "ci_high", "wins", "n", "p_value", "verdict"]
+                          "ci_high", "wins", "n", "p_value", "verdict", "detectable_ratio"]
 
 
 def load_comparisons(store: Store, refs: Sequence[str]) -> list[tuple[dict, Comparison]]:

@@ -205,7 +205,7 @@ def test_stats(q: Query, store: Store, ids: dict[str, int]) -> None:
     for d in doc:  # the integrity pass rate: screened candidates (not duplicates or invalid) that passed
         assert d["pass_rate"] == pytest.approx((d["passed"] + d["errors"]) / (d["candidates"] - d["duplicates"] - d["invalid"]))
     diag = full["diagnostics"]
-    assert set(diag["rank_correlation"]) == {"n", "spearman", "p_value"} and diag["rank_correlation"]["n"] == 1
+    assert set(diag["rank_correlation"]) == {"n", "spearman", "p_value", "ci_low", "ci_high"} and diag["rank_correlation"]["n"] == 1
     assert len(diag["best_so_far"]) == len(store.individuals(ids["run"]))
     finite = [b for b in diag["best_so_far"] if b is not None]
     assert finite == sorted(finite, reverse=True) and finite[-1] == pytest.approx(store.top(ids["run"], 1)[0]["fitness"])

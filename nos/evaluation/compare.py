@@ -6,7 +6,9 @@ the same numbers from the same stored rows. Its JSON (`nos query compare --forma
 contract with outside tools:
 `{"run", "seeds": {"search", "validation", "test"}, "methods": [{"method", "horizon", "hparam",
 "per_seed", "median", "gmean"}], "versus": [{"candidate", "baseline", "horizon", "gmean_ratio",
-"ci_low", "ci_high", "wins", "n", "p_value"}]}`.
+"ci_low", "ci_high", "wins", "n", "p_value", "detectable_ratio"}]}`. `detectable_ratio` (added
+later; null below 2 seeds) is the ratio r such that a true ratio r or 1/r would be detected with 80%
+power on those seeds (`nos.evaluation.stats.detectable_ratio`): how much a "ties" can rule out.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ class VersusRow:
         s = self.stats
         return {"task": self.task, "candidate": self.candidate, "baseline": self.baseline, "horizon": self.horizon,
                 "gmean_ratio": s.gmean_ratio, "ci_low": s.ci_low, "ci_high": s.ci_high, "wins": s.wins,
-                "n": s.n, "p_value": s.p_value, "verdict": s.verdict}
+                "n": s.n, "p_value": s.p_value, "verdict": s.verdict, "detectable_ratio": s.detectable_ratio}
 
 
 AGGREGATE = "all"  # the task of aggregate rows over every task (and horizon) of a run

@@ -87,6 +87,8 @@ def search_figure(data: RunData) -> Figure:
     ax.set_ylabel("best search fitness so far (loss / tuned Adam's)")
     rc = diag["rank_correlation"]
     rho = "n/a" if rc["spearman"] is None else f"{rc['spearman']:.2f}"
+    if rc["spearman"] is not None and rc.get("ci_low") is not None:
+        rho += f" [95% CI {rc['ci_low']:.2f}, {rc['ci_high']:.2f}]"
     vs = f" vs random-search control {control['run']!r}" if control else " (no random-search control)"
     ax.set_title(f"run {data.run['name']!r}: search progress{vs}\nSpearman(fitness, validation) over "
                  f"{rc['n']} funnel candidate(s) = {rho}", fontsize=9)

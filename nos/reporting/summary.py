@@ -11,7 +11,7 @@ from ..search.funnel import candidate_name
 from ..search.metrics import duplicate_rate, integrity_pass_rate
 from ..tasks.budget import describe
 from ..ui.cli import DEFAULT_DB
-from ..ui.tables import comparison_text
+from ..ui.tables import comparison_text, race_text
 from .data import RunData, particle_paths
 
 
@@ -60,6 +60,8 @@ def summary_markdown(data: RunData, images: dict[str, str], db_arg: str, skipped
     out += ["## Held-out comparison", ""]
     if data.comparison:
         out += [comparison_text(data.comparison, "markdown"), ""]
+        if data.diagnostics.get("race"):
+            out += ["## Racing funnel", "", "```", race_text(data.diagnostics["race"]), "```", ""]
     else:
         out += [skipped or "No held-out results.", ""]
     if data.stats:

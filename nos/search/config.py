@@ -11,7 +11,7 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from ..evaluation.fitness import HORIZONS, SEARCH_LRS, SearchSetup
+from ..evaluation.fitness import HORIZONS, REFERENCES, SEARCH_LRS, SearchSetup
 from ..evaluation.protocol import Protocol, Seeds
 from ..tasks.api import TaskFamily
 from ..tasks.budget import DEFAULT_BUDGET_FPE, gradient_steps
@@ -55,6 +55,10 @@ PRESETS: dict[str, dict[str, int]] = {
 @dataclass
 class SearchConfig:
     algorithm: str = "ga"  # "ga": the particle GA; "random": random search with the GA's schedule
+    # What the search fitness is divided by, per search horizon and task: "adam", tuned Adam; "best",
+    # the strongest of the tuned gradient baselines there (`TaskEvaluator.best_reference`). A stored
+    # config without it is "adam": what every run before the option meant.
+    reference: str = "adam"
     initial: int = 12
     particles: int = 2
     timesteps: int = 2
@@ -82,6 +86,10 @@ class SearchConfig:
     # (`nos evolve` turns DEFAULT_FIDELITY on unless --promote 1; a config built in code has one stage)
     fidelity: dict[str, Any] | None = None
     published: bool = False  # also tune and report NOS's published optimizers in the funnel
+    # The racing funnel (`nos.search.race`): "NxS,NxS,..." -- stage k judges N candidates on its own
+    # S validation seeds (disjoint blocks, in order), the best distinct ones advance; "" = one stage
+    # (every funnel candidate on every validation seed, the funnel as it was before racing)
+    race: str = ""
     # The tasks (`nos.tasks.registry` specs): the search mix, and held-out test tasks that no choice
     # ever reads. `horizons`, `lrs` and `heldout_horizons` above are the wave tasks' (t_max); every
     # other family brings its own variants and grids. `task_info` snapshots the contract (identity,
@@ -149,6 +157,8 @@ class SearchConfig:
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm: one of {', '.join(ALGORITHMS)}")
+        if self.reference not in REFERENCES:
+            raise ValueError(f"reference: one of {', '.join(REFERENCES)}")
         if not self.tasks:
             raise ValueError("tasks: at least one search task")
         for spec in self.all_tasks:
@@ -159,6 +169,8 @@ class SearchConfig:
         if len(set(names)) != len(names):
             raise ValueError(f"two tasks share a name ({', '.join(names)}): rows could not tell them apart")
         self.seeds()  # disjoint and non-empty, or ValueError
+        if self.race:
+            self.race_plan()  # well formed and fits the funnel and the validation seeds, or ValueError
         if self.fidelity:
             f = self.fidelity
             if set(f) != {"seeds", "horizons", "budget_fpe", "promote"}:
@@ -169,6 +181,21 @@ class SearchConfig:
 
     def seeds(self) -> Seeds:
         return Seeds(tuple(self.search_seeds), tuple(self.validation_seeds), tuple(self.test_seeds))
+
+    def race_plan(self) -> list[tuple[int, tuple[int, ...]]]:
+        """The racing funnel's stages: (candidates, its own block of validation seeds) each; the
+        blocks are consecutive slices of the validation seeds, disjoint, covering all of them."""
+        counts = parse_race(self.race)
+        if counts[0][0] != self.funnel:
+            raise ValueError(f"race: its first stage judges {counts[0][0]} candidates but the funnel has {self.funnel}")
+        if sum(s for _, s in counts) != len(self.validation_seeds):
+            raise ValueError(f"race: its stages use {sum(s for _, s in counts)} validation seeds, the run has "
+                             f"{len(self.validation_seeds)}")
+        plan, start = [], 0
+        for n, s in counts:
+            plan.append((n, tuple(self.validation_seeds[start:start + s])))
+            start += s
+        return plan
 
     # ------------------------------------------------------------------ tasks
     @property
@@ -273,6 +300,20 @@ class SearchConfig:
             return self.family(spec)
         except TaskError:
             return None
+
+
+def parse_race(text: str) -> list[tuple[int, int]]:
+    """"32x2,8x4,3x10" -> [(32, 2), (8, 4), (3, 10)]: (candidates, validation seeds) per stage,
+    at least one candidate and one seed each, candidates never growing. ValueError otherwise."""
+    out = []
+    for part in text.split(","):
+        n, sep, s = part.strip().partition("x")
+        if not sep or not n.isdigit() or not s.isdigit() or int(n) < 1 or int(s) < 1:
+            raise ValueError(f"race: {part.strip()!r} is not CANDIDATESxSEEDS (e.g. 32x2,8x4,3x10)")
+        out.append((int(n), int(s)))
+    if any(b[0] > a[0] for a, b in zip(out, out[1:])):
+        raise ValueError("race: a later stage cannot judge more candidates than the one before")
+    return out
 
 
 @functools.lru_cache(maxsize=64)

@@ -17,11 +17,13 @@ from ..evaluation.compare import Comparison
 from .config import SearchConfig
 from .funnel import candidate_id, comparison
 from .metrics import best_so_far, rank_correlation
+from .race import Race, stored_race
 
 # what makes two runs comparable: everything but the algorithm, the seed and the names
 _SAME = ("initial", "particles", "timesteps", "mutations", "max_tries", "seed_builtins", "horizons", "lrs",
-         "budget_fpe", "search_seeds", "sine", "fidelity", "tasks")
-_BEFORE_TASKS = {"tasks": ["sine"]}  # what a config written before tasks had names searched on
+         "budget_fpe", "search_seeds", "sine", "fidelity", "tasks", "reference")
+# what a config written before a key existed meant by it
+_BEFORE_TASKS = {"tasks": ["sine"], "reference": "adam"}
 _READ = object()  # `diagnostics(cmp=...)` not given: read the comparison from the store
 
 
@@ -53,8 +55,53 @@ def diagnostics(store: Storage, run: dict, individuals: list[dict] | None = None
         "rank_correlation": rank_correlation(fitness, validation),
         "best_so_far": best_so_far(individuals),
         "control": None,
+        "race": None,
     }
+    cfg = SearchConfig.checked(run["config"] or {})
+    race = stored_race(store, run["id"], cfg) if cfg.race else None
+    if race is not None:
+        out["race"] = race_diagnostics(race, fitness)
+        # the first stage's scores: the one validation score every funnel candidate of a race has
+        # (the finalists' last-stage scores are in "race"), so that the Spearman is over all of them
+        first = race.stages[0].scores
+        out["rank_correlation"] = rank_correlation(fitness, {i: x for n, x in first.items()
+                                                             if (i := candidate_id(n)) is not None})
     control = control_for(store, run)
     if control is not None:
         out["control"] = {"run": control["name"], "best_so_far": best_so_far(store.individuals(control["id"]))}
+    return out
+
+
+def race_diagnostics(race: Race, fitness: dict[int, float]) -> dict[str, Any]:
+    """What a race measured: each stage's size, seeds and clusters, its cost, and the rank
+    correlations (with 95% bootstrap CIs) between the search fitness and each stage's scores,
+    and between consecutive stages' own blocks of seeds (disjoint): does each step of selection
+    agree with the next, or is the funnel ranking noise?"""
+
+    def ids(scores: dict[str, float]) -> dict[int, float]:
+        return {i: x for n, x in scores.items() if (i := candidate_id(n)) is not None}
+
+    stages = [s for s in race.stages if s.scores]
+    out: dict[str, Any] = {
+        "stages": [{"stage": s.index + 1, "candidates": len(s.entrants), "seeds": len(s.seeds),
+                    "clusters": len(set(s.cluster.values())) if s.cluster else None, "advanced": len(s.advanced)}
+                   for s in race.stages],
+        "trainings": race.trainings,
+        "finalists": list(race.finalists),
+        "within_noise": list(race.within_noise),
+        "champion": race.champion,
+        "finalist_clusters": len({race.stages[-2].cluster.get(n, n) for n in race.finalists})
+        if len(race.stages) > 1 else len(race.finalists),
+        "correlations": [],
+    }
+    for s in stages:
+        out["correlations"].append({"between": "search fitness", "and": f"stage {s.index + 1}",
+                                    **rank_correlation(fitness, ids(s.scores))})
+    # consecutive stages on their own blocks: disjoint seeds, so agreement is not shared noise
+    for a, b in zip(stages, stages[1:]):
+        out["correlations"].append({"between": f"stage {a.index + 1} block", "and": f"stage {b.index + 1} block",
+                                    **rank_correlation(ids(a.block_scores), ids(b.block_scores))})
+    if race.final_scores:
+        out["correlations"].append({"between": "search fitness", "and": "last block alone",
+                                    **rank_correlation(fitness, ids(race.final_scores))})
     return out

@@ -78,7 +78,8 @@ def _baseline_row(row: dict) -> Row:
     return Row(row["method"], row["horizon"], row["seed"], row["hparam"], row["loss"], row["split"])
 
 
-def _stored(store: Storage, key: str) -> list[Row]:
+def stored_baselines(store: Storage, key: str) -> list[Row]:
+    """The baseline rows stored under one protocol key."""
     return [_baseline_row(b) for b in store.baselines(protocol=key)]
 
 
@@ -120,7 +121,7 @@ def _tuned(store: Storage, protocol: Protocol, evaluator: TaskEvaluator, progres
     rows: list[Row] = []
     for split in ("validation", "test"):
         key = protocol.key(split) + suffix
-        stored = _stored(store, key)
+        stored = stored_baselines(store, key)
         have = {r.horizon for r in stored}
         if have:
             log.info(f"reusing stored {split} rows of {', '.join(gradient)}{' and RandOpt' if with_randopt else ''} "
@@ -288,6 +289,11 @@ def run_funnel(store: Storage, run_id: int, cfg: SearchConfig, evaluator_of: Cal
     """Steps 1-3 of the module docstring for every task of the run (`evaluator_of(spec)` trains on
     a task's held-out seeds); idempotent: every baseline horizon and funnel unit already stored is
     reused, so an interrupted funnel resumes where it stopped."""
+    if cfg.race:  # the racing funnel (`nos.search.race`): successive halving, then the same tables
+        from .race import run_race
+
+        run_race(store, run_id, cfg, evaluator_of, best, progress)
+        return comparison(store, run_id, cfg)
     genomes = {candidate_name(c.id): from_json(dict(c.genome)) for c in best}
     for spec in cfg.all_tasks:
         protocol = cfg.protocol(spec)
@@ -306,22 +312,43 @@ def comparison(store: Storage, run_id: int, cfg: SearchConfig) -> Comparison | N
         if one is None:
             return None
         per_task.append(one)
-    return combine(per_task, [cfg.task_name(s) for s in cfg.tasks], [cfg.task_name(s) for s in cfg.test_tasks])
+    out = combine(per_task, [cfg.task_name(s) for s in cfg.tasks], [cfg.task_name(s) for s in cfg.test_tasks])
+    if cfg.race:  # the champion is the race's: chosen on its last stage's seeds alone
+        from .race import apply, stored_race
+
+        race = stored_race(store, run_id, cfg)
+        assert race is not None  # every task's rows are whole, so its race is stored
+        out = apply(out, race)
+    return out
+
+
+def task_rows(store: Storage, run_id: int, cfg: SearchConfig, spec: str | None = None) -> list[Row] | None:
+    """A task's funnel rows once every unit is stored (the plain funnel's or the race's: a race's
+    search tasks hold rows of every stage, its test tasks a plain funnel of the finalists); None
+    while one is missing."""
+    spec = spec or cfg.tasks[0]
+    if cfg.race and spec in cfg.tasks:
+        from .race import race_rows
+
+        got = race_rows(store, run_id, cfg, spec)
+        return None if got is None else got[0]
+    return funnel_rows(store, run_id, cfg.protocol(spec))
 
 
 def _task_comparison(store: Storage, run_id: int, cfg: SearchConfig, spec: str) -> Comparison | None:
     protocol = cfg.protocol(spec)
-    cand = funnel_rows(store, run_id, protocol)
+    cand = task_rows(store, run_id, cfg, spec)
     if cand is None:  # not run yet, or interrupted: never a partial table
         return None
     suffixes = ("", "+published") if cfg.published else ("",)
-    base = [r for split in ("validation", "test") for sfx in suffixes for r in _stored(store, protocol.key(split) + sfx)]
+    base = [r for split in ("validation", "test") for sfx in suffixes for r in stored_baselines(store, protocol.key(split) + sfx)]
     before = before_of(base)
     seeds = (*protocol.seeds.validation, *protocol.seeds.test)
     if any((h, s) not in before for h in protocol.horizons for s in seeds):
         raise StoreError(f"the baselines of this run's protocol ({protocol.key('test')}) are not in the database; "
                          "rerun its funnel (nos evolve --resume) or `nos baselines` with the run's settings")
-    names = sorted({r.method for r in cand}, key=lambda n: candidate_id(n) or 0)
+    # candidates with test rows (a race's finalists; the plain funnel's every candidate)
+    names = sorted({r.method for r in cand if r.split == "test"}, key=lambda n: candidate_id(n) or 0)
     out = compare([*base, *cand], before, protocol.seeds, protocol.horizons, names, task=protocol.task)
     out.labels[protocol.task] = str(cfg.info(spec).get("variant_label", "variant"))
     return out
@@ -333,9 +360,9 @@ def validated_lrs(store: Storage, run_id: int, cfg: SearchConfig, ind_id: int, s
     funnel is not done). What `nos export ID --horizon H` makes the default."""
     name = candidate_name(ind_id)
     protocol = cfg.protocol(spec)
-    rows = [r for r in funnel_rows(store, run_id, protocol) or () if r.method == name and r.split == "validation"]
+    rows = [r for r in task_rows(store, run_id, cfg, spec) or () if r.method == name and r.split == "validation"]
     if not rows:  # not in the funnel, or the funnel is not done (its choices are not final until then)
         return {}
-    before = before_of(_stored(store, protocol.key("validation")))
+    before = before_of(stored_baselines(store, protocol.key("validation")))
     chosen = choose(rows, {k: before.get(k, float("inf")) for k in {(r.horizon, r.seed) for r in rows}})
     return {h: c.hparam for (_, h), c in sorted(chosen.items(), key=lambda kv: kv[0][1]) if c.hparam is not None}

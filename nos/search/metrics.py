@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from scipy import stats
+from ..evaluation.stats import spearman_ci
 
 
 def integrity_pass_rate(counts: Mapping[str, int]) -> float | None:
@@ -40,12 +41,16 @@ def best_so_far(individuals: Sequence[Mapping[str, Any]]) -> list[float | None]:
     return out
 
 
-def rank_correlation(fitness: Mapping[int, float], validation: Mapping[int, float]) -> dict[str, Any]:
+def rank_correlation(fitness: Mapping[int, float], validation: Mapping[int, float], seed: int = 0) -> dict[str, Any]:
     """Spearman's rank correlation between search fitness and validation score over the funnel
-    candidates (does the search objective predict held-out results?); None below 3 candidates."""
+    candidates (does the search objective predict held-out results?) with its 95% percentile
+    bootstrap interval over candidates (`spearman_ci`, seeded: the same run prints the same
+    interval): keys n, spearman, p_value, ci_low, ci_high; None below 3 candidates (or when one
+    side is constant, so that rho is undefined)."""
     ids = sorted(set(fitness) & set(validation))
-    out: dict[str, Any] = {"n": len(ids), "spearman": None, "p_value": None}
+    out: dict[str, Any] = {"n": len(ids), "spearman": None, "p_value": None, "ci_low": None, "ci_high": None}
     if len(ids) >= 3:
-        res = stats.spearmanr([fitness[i] for i in ids], [validation[i] for i in ids])
-        out["spearman"], out["p_value"] = float(res.statistic), float(res.pvalue)
+        rho, lo, hi, p = spearman_ci([fitness[i] for i in ids], [validation[i] for i in ids], seed=seed)
+        for key, x in (("spearman", rho), ("p_value", p), ("ci_low", lo), ("ci_high", hi)):
+            out[key] = x if math.isfinite(x) else None
     return out

@@ -57,12 +57,14 @@ def _versus_cell(v: VersusRow | None) -> str:
         return "-"
     s = v.stats
     p = "-" if s.p_value is None else f"{s.p_value:.2g}"
-    return f"{num(s.gmean_ratio)} [{num(s.ci_low)}, {num(s.ci_high)}] {s.wins}/{s.n} p={p} {v.verdict}"
+    det = "" if s.detectable_ratio is None else f" det {num(s.detectable_ratio)}x"
+    return f"{num(s.gmean_ratio)} [{num(s.ci_low)}, {num(s.ci_high)}] {s.wins}/{s.n} p={p} {v.verdict}{det}"
 
 
 def versus_table(cmp: Comparison, candidate: str, fmt: str = "plain", task: str | None = None) -> str:
     """Candidate / baseline per horizon of one task: geometric-mean ratio [95% CI], wins k/n, p,
-    verdict; and the aggregate over the task's horizons (or, on several tasks, the run's aggregates)."""
+    verdict, the detectable ratio (80% power); and the aggregate over the task's horizons (or, on
+    several tasks, the run's aggregates)."""
     task = task or cmp.task
     horizons = cmp.task_horizons.get(task, cmp.horizons)
     several = len(cmp.tasks) > 1
@@ -115,7 +117,8 @@ def comparison_text(cmp: Comparison, fmt: str = "plain", parts: Sequence[str] = 
             out.append(methods_table(cmp, fmt, task=task))
         for c in cmp.candidates if "versus" in parts else ():
             out += ["", f"{c}{' (champion)' if c == cmp.champion else ''} vs each baseline: geometric mean of the "
-                    "per-seed loss ratios [95% bootstrap CI], seeds won, Wilcoxon p; wins only when the CI is below 1",
+                    "per-seed loss ratios [95% bootstrap CI], seeds won, Wilcoxon p; wins only when the CI is below 1; "
+                    "det = the ratio (or its inverse) these seeds detect with 80% power",
                     versus_table(cmp, c, fmt, task=task)]
     if several and "versus" in parts:
         for c in cmp.candidates:
@@ -256,3 +259,23 @@ def methods_grid(runs: Sequence[Named], champions_only: bool = True,
                 rows.append([name, task, label, *_method_cells(cmp, c, task, cols)])
     headers = ["run", "task", "method", *[f"{label}={h:g}" for label, h in cols]]
     return _pruned(headers, rows, runs, keys)
+
+
+def race_text(race: dict) -> str:
+    """The racing funnel of a run (`nos.search.diagnostics.race_diagnostics`) in a few lines:
+    each stage's size, seeds, clusters and advancers, the champion's rule, the rank correlations."""
+    lines = [f"racing funnel: {race['trainings']} candidate trainings on validation seeds"]
+    for s in race["stages"]:
+        clusters = "" if s["clusters"] is None else f", {s['clusters']} behaviour cluster(s)"
+        nxt = f", {s['advanced']} advanced" if s["advanced"] else ""
+        lines.append(f"  stage {s['stage']}: {s['candidates']} candidate(s) on {s['seeds']} seed(s){clusters}{nxt}")
+    if race["champion"]:
+        lines.append(f"  champion {race['champion']}: the fewest effective nodes among the finalists within one standard "
+                     f"error of the best on the last stage's seeds ({', '.join(race['within_noise'])}); "
+                     f"finalists from {race['finalist_clusters']} cluster(s)")
+    for c in race["correlations"]:
+        if c["spearman"] is None:
+            continue
+        ci = "" if c.get("ci_low") is None else f" [95% CI {c['ci_low']:.2f}, {c['ci_high']:.2f}]"
+        lines.append(f"  Spearman({c['between']}, {c['and']}) over {c['n']}: {c['spearman']:.2f}{ci}")
+    return "\n".join(lines)
