@@ -102,24 +102,28 @@ def before_of(rows: Sequence[Row]) -> dict[tuple[float, int], float]:
 
 
 def tuned_baselines(store: Storage, protocol: Protocol, evaluator: TaskEvaluator,
-                    progress: Progress | None = None, published: bool = False) -> list[Row]:
+                    progress: Progress | None = None, published: bool = False,
+                    splits: Sequence[str] = ("validation", "test")) -> list[Row]:
     """Validation and test rows of every baseline under `protocol`, computed once and stored
     (with `published`, also NOS's published optimizers, under keys of their own).
 
     Horizons already stored under the protocol's keys are reused (and the log says so); the rest
     are computed and stored one horizon at a time, each split a stage of `progress` ("baselines
-    (validation)", "baselines (test)", "published (validation)", ...) counting its trainings."""
-    rows = _tuned(store, protocol, evaluator, progress, "", GRADIENT_BASELINES, True)
+    (validation)", "baselines (test)", "published (validation)", ...) counting its trainings.
+    `splits` = ("validation",): the validation rows alone (a race needs no test row until its
+    finalists are known); the test split always needs the validation one, computed first."""
+    rows = _tuned(store, protocol, evaluator, progress, "", GRADIENT_BASELINES, True, splits=splits)
     if published:
-        rows += _tuned(store, protocol, evaluator, progress, "+published", PUBLISHED, False, base=rows)
+        rows += _tuned(store, protocol, evaluator, progress, "+published", PUBLISHED, False, base=rows, splits=splits)
     return rows
 
 
 def _tuned(store: Storage, protocol: Protocol, evaluator: TaskEvaluator, progress: Progress | None, suffix: str,
-           gradient: Sequence[str], with_randopt: bool, base: Sequence[Row] = ()) -> list[Row]:
+           gradient: Sequence[str], with_randopt: bool, base: Sequence[Row] = (),
+           splits: Sequence[str] = ("validation", "test")) -> list[Row]:
     say = reporter(progress)
     rows: list[Row] = []
-    for split in ("validation", "test"):
+    for split in [s for s in ("validation", "test") if s in splits]:
         key = protocol.key(split) + suffix
         stored = stored_baselines(store, key)
         have = {r.horizon for r in stored}

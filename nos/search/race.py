@@ -292,8 +292,11 @@ def run_race(store: Storage, run_id: int, cfg: SearchConfig, evaluator_of: Calla
     plan = cfg.race_plan()
     protocols = _protocols(cfg)
     evaluators = {spec: evaluator_of(spec) for spec in cfg.all_tasks}
+    # the validation rows of the baselines first: the race reads tuned Adam's; the test rows (long
+    # at many test seeds) are computed once the race is stored, so a stopped race keeps its stages
     base = {cfg.protocol(spec).task: tuned_baselines(store, cfg.protocol(spec), evaluators[spec], progress,
-                                                      published=cfg.published) for spec in cfg.all_tasks}
+                                                      published=cfg.published, splits=("validation",))
+            for spec in cfg.tasks}
     for k in range(len(plan)):
         cand = _search_rows(store, run_id, cfg)
         race = record(cand, base, plan, list(genomes), protocols, genomes, run_id)
@@ -315,6 +318,8 @@ def run_race(store: Storage, run_id: int, cfg: SearchConfig, evaluator_of: Calla
                 say.advance(1)
     race = record(_search_rows(store, run_id, cfg), base, plan, list(genomes), protocols, genomes, run_id)
     finalists = {n: genomes[n] for n in race.finalists}
+    base = {cfg.protocol(spec).task: tuned_baselines(store, cfg.protocol(spec), evaluators[spec], progress,
+                                                      published=cfg.published) for spec in cfg.all_tasks}
     for spec in cfg.tasks:
         _test_units(store, run_id, evaluators[spec], cfg.protocol(spec), finalists, base[cfg.protocol(spec).task], say)
     for spec in cfg.test_tasks:
