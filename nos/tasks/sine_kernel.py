@@ -19,14 +19,14 @@ else (CUDA, float64, no numba) takes the eager path, which is also the reference
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import torch
+
+from ..engine.threads import run_rows
 
 # numba is a dependency; without it (or with NOS_ROLLOUT=eager) the eager rollout runs
 HAVE_NUMBA = importlib.util.find_spec("numba") is not None
@@ -48,12 +48,6 @@ def usable(theta: torch.Tensor) -> bool:
     return HAVE_NUMBA and theta.device.type == "cpu" and theta.dtype == torch.float32 and theta.dim() == 2
 
 
-@functools.cache
-def _pool(n: int) -> ThreadPoolExecutor:
-    """A pool of n threads, kept for the process (the kernel releases the GIL)."""
-    return ThreadPoolExecutor(max_workers=n, thread_name_prefix="nos-rollout")
-
-
 def loss_and_grad(theta: torch.Tensor, context: torch.Tensor, target: torch.Tensor, k: int, width: int,
                   activation: str, want_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Loss [C] (and d loss_c / d theta_c as [C, P]) of the sine MLP rolled out from `context`
@@ -66,15 +60,7 @@ def loss_and_grad(theta: torch.Tensor, context: torch.Tensor, target: torch.Tens
     grad = np.empty(th.shape if want_grad else (1, 1), np.float32)  # the kernel writes every entry
     tanh = activation == "tanh"
     from ._sine_numba import rows as _rows  # compiled on first use, then cached on disk by numba
-    n = max(1, min(torch.get_num_threads(), C // 4 or 1))
-    if n == 1:
-        _rows(th, ctx, tgt, k, width, tanh, want_grad, 0, C, loss, grad)
-    else:
-        bounds = np.linspace(0, C, n + 1).astype(int)
-        jobs = [_pool(n).submit(_rows, th, ctx, tgt, k, width, tanh, want_grad, int(a), int(b), loss, grad)
-                for a, b in zip(bounds[:-1], bounds[1:])]
-        for j in jobs:
-            j.result()
+    run_rows(_rows, C, (th, ctx, tgt, k, width, tanh, want_grad), (loss, grad))
     return torch.from_numpy(loss), (torch.from_numpy(grad) if want_grad else None)
 
 
