@@ -21,9 +21,14 @@ What it reports (JSON keys):
   `interpreter_vs_reference` = reference rate / interpreter rate (1 = at the floor), and
   `adam_loss_max_rel_diff`, the largest relative difference of their final losses (same lr).
 - Random genomes on the same task: `random_vs_adam_cost` (cost per candidate-step relative to
-  Adam's), `random_update_share` (the share of it outside the task's forward + backward) and
-  the ops by self CPU time (torch.profiler): `random_top_ops` / `adam_top_ops` of whole training
-  steps, `random_update_top_ops` of the interpreter's update alone (`update_only`).
+  Adam's, on the kernels a search uses: the fused rollout and, where numba is there, the fused
+  update of `nos.engine.fused`), `random_vs_adam_cost_eager_update` (the same with the eager
+  update), `random_update_share` (the share of a random genome's step outside the task's forward +
+  backward) and the ops by self CPU time (torch.profiler): `random_top_ops` / `adam_top_ops` of
+  whole training steps, `random_update_top_ops` of the interpreter's update alone (`update_only`).
+  The update alone on random genomes, eager op groups vs the fused kernel:
+  `random_update_eager_candidate_steps_per_s`, `random_update_fused_candidate_steps_per_s`,
+  `update_fused_vs_eager_speedup` (`update_kernel` says which one a search takes).
 - Sharing the CPU: the interpreter's Adam rate alone and then beside a second busy torch process
   (large matmuls, torch's default threads), at this run's thread count and at the others
   compared (1 and torch's default): `shared_cpu_slowdown` = alone / shared at this run's
@@ -56,6 +61,7 @@ from search_space.builtins import builtin
 from search_space.genome import Genome
 from search_space.mutation import random_genome
 
+from .engine import fused as fused_update
 from .engine import integrity
 from .engine.interpreter import BatchedOptimizer
 from .engine.trainer import Task, train
@@ -291,8 +297,13 @@ def floor(task: StackedSineTask, sizes: FloorSizes, random_pool: Sequence[Genome
             "fused": lambda: train(fused, adam, [ADAM_LR] * C, steps=T),
             "fused_random": lambda: train(fused, randoms, [ADAM_LR] * C, steps=T),
             "fused_task": lambda: task_only(fused, C, T),
+            # the fused rollout with the eager update: what the fused update buys
+            "eager_update": on_kernels("fused", "eager", lambda: train(fused, adam, [ADAM_LR] * C, steps=T)),
+            "eager_update_random": on_kernels("fused", "eager", lambda: train(fused, randoms, [ADAM_LR] * C, steps=T)),
         })
+    update_fns = {path: on_kernels("fused", path, lambda: update_only(task, randoms, T)) for path in ("eager", "fused")}
     rates, results = best_rates(fns, C * T, sizes.repeats, device)
+    update_rates, _ = best_rates(update_fns, C * T, sizes.repeats, device)
     search = fused if fused is not None else task  # what a search trains on
     adam_key, random_key = ("fused", "fused_random") if fused is not None else ("interpreter", "random")
     out = {
@@ -307,6 +318,11 @@ def floor(task: StackedSineTask, sizes: FloorSizes, random_pool: Sequence[Genome
         "random_update_share": max(0.0, 1.0 - rates[random_key] / rates["fused_task" if fused is not None else "task"]),
         "random_top_ops": top_ops(lambda: train(search, randoms, [ADAM_LR] * C, steps=T)),
         "random_update_top_ops": top_ops(lambda: update_only(task, randoms, T)),
+        # the update alone (a fixed gradient), random genomes: eager op groups vs the fused kernel
+        "random_update_eager_candidate_steps_per_s": update_rates["eager"],
+        "random_update_fused_candidate_steps_per_s": update_rates["fused"],
+        "update_fused_vs_eager_speedup": update_rates["fused"] / update_rates["eager"],
+        "update_kernel": "fused" if fused_update.supports(randoms, device, torch.float32) else "eager",
         "adam_top_ops": top_ops(lambda: train(search, adam, [ADAM_LR] * C, steps=T)),
         "rollout_kernel": "fused" if fused is not None else "eager",
     }
@@ -318,6 +334,9 @@ def floor(task: StackedSineTask, sizes: FloorSizes, random_pool: Sequence[Genome
             "rollout_vs_floor_speedup": rates["fused"] / rates["reference"],
             "task_fused_vs_eager_speedup": rates["fused_task"] / rates["task"],
             "fused_adam_loss_max_rel_diff": max_rel_diff(results["fused"].losses, results["reference"]),
+            "random_vs_adam_cost_eager_update": rates["eager_update"] / rates["eager_update_random"],
+            "eager_update_adam_candidate_steps_per_s": rates["eager_update"],
+            "eager_update_random_genome_candidate_steps_per_s": rates["eager_update_random"],
         })
     log.info(f"  floor (C={C}, t_max={sizes.horizon:g}): interpreter Adam {rates['interpreter']:.0f}, "
              f"reference {rates['reference']:.0f} candidate-steps/s ({out['interpreter_vs_reference']:.2f}x); "
@@ -355,23 +374,33 @@ E2E_SEARCH = ("--funnel", "0", "--seed", "0", "--initial", "12", "--particles", 
 
 
 @contextmanager
-def rollout_kernel(kernel: str) -> Iterator[None]:
-    """Tasks built inside the block roll out with `kernel` (the `NOS_ROLLOUT` they read)."""
-    before = os.environ.get("NOS_ROLLOUT")
-    os.environ["NOS_ROLLOUT"] = kernel
+def kernels(rollout: str, update: str) -> Iterator[None]:
+    """Tasks and optimizers built inside the block use these kernels (the `NOS_ROLLOUT` and
+    `NOS_UPDATE` they read: `nos.tasks.sine_kernel`, `nos.engine.fused`)."""
+    saved = {k: os.environ.get(k) for k in ("NOS_ROLLOUT", "NOS_UPDATE")}
+    os.environ.update({"NOS_ROLLOUT": rollout, "NOS_UPDATE": update})
     try:
         yield
     finally:
-        if before is None:
-            del os.environ["NOS_ROLLOUT"]
-        else:
-            os.environ["NOS_ROLLOUT"] = before
+        for k, v in saved.items():
+            if v is None:
+                del os.environ[k]
+            else:
+                os.environ[k] = v
+
+
+def on_kernels(rollout: str, update: str, fn: Callable[[], Any]) -> Callable[[], Any]:
+    """`fn` run inside `kernels(rollout, update)`."""
+    def run() -> Any:
+        with kernels(rollout, update):
+            return fn()
+    return run
 
 
 def end_to_end(cache_dir: str, threads: int, genomes: Sequence[Genome]) -> dict:
-    """Before (eager rollout) vs after (fused): judged candidates per hour of the default search's
-    size (`nos evolve`, a subprocess each, its search stage's seconds), and the search fitness of
-    the same fixed genomes on both kernels (how far the numbers move)."""
+    """Before (the eager rollout and the eager update) vs after (both fused): judged candidates per
+    hour of the default search's size (`nos evolve`, a subprocess each, its search stage's
+    seconds), and the search fitness of the same fixed genomes both ways (how far the numbers move)."""
     import json
     import tempfile
 
@@ -380,7 +409,7 @@ def end_to_end(cache_dir: str, threads: int, genomes: Sequence[Genome]) -> dict:
     out: dict = {"search_args": " ".join(E2E_SEARCH)}
     with tempfile.TemporaryDirectory() as tmp:
         for when, kernel in (("before", "eager"), ("after", "fused")):
-            env = {**os.environ, "NOS_ROLLOUT": kernel}
+            env = {**os.environ, "NOS_ROLLOUT": kernel, "NOS_UPDATE": kernel}
             cmd = [sys.executable, "-m", "nos.evolve", *E2E_SEARCH, "--db", os.path.join(tmp, f"{kernel}.sqlite"),
                    "--name", kernel, "--cache-dir", cache_dir, "--threads", str(threads), "--format", "json"]
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
@@ -391,12 +420,12 @@ def end_to_end(cache_dir: str, threads: int, genomes: Sequence[Genome]) -> dict:
             seconds = summary["stage_seconds"]["search"]
             out[f"judged_{when}"], out[f"search_seconds_{when}"] = judged, seconds
             out[f"judged_per_hour_{when}"] = 3600 * judged / seconds
-            log.info(f"  search ({kernel} rollout): {judged} judged in {seconds:.1f} s")
+            log.info(f"  search ({kernel} rollout and update): {judged} judged in {seconds:.1f} s")
     out["judged_per_hour_speedup"] = out["judged_per_hour_after"] / out["judged_per_hour_before"]
     setup = SearchSetup(seeds=(0, 1), cache_dir=cache_dir)
     scores: dict[str, list[float | None]] = {}
     for kernel in ("eager", "fused"):
-        with rollout_kernel(kernel):
+        with kernels(kernel, kernel):
             evaluator = TaskEvaluator(setup, "cpu")
             start = time.perf_counter()
             scores[kernel] = [f.fitness for f in evaluator.fitness(genomes, evaluator.adam_reference())]
@@ -604,8 +633,14 @@ def _print_table(out: dict) -> None:
     ], ["what", "rate"], ["", "candidate-steps/s"]))
     print(f"interpreter vs reference: {out['interpreter_vs_reference']:.2f}x "
           f"(final losses agree to {out['adam_loss_max_rel_diff']:.1e} relative)")
-    print(f"random genomes: {out['random_vs_adam_cost']:.2f}x Adam's cost per candidate-step, "
-          f"{100 * out['random_update_share']:.0f}% of it outside the task's forward + backward; top ops by self CPU:")
+    print(f"random genomes: {out['random_vs_adam_cost']:.2f}x Adam's cost per candidate-step "
+          f"({out['update_kernel']} update), {100 * out['random_update_share']:.0f}% of it outside the task's "
+          f"forward + backward")
+    if "random_vs_adam_cost_eager_update" in out:
+        print(f"  with the eager update: {out['random_vs_adam_cost_eager_update']:.2f}x")
+    print(f"the update alone, random genomes: eager {out['random_update_eager_candidate_steps_per_s']:.0f}, fused "
+          f"{out['random_update_fused_candidate_steps_per_s']:.0f} candidate-steps/s "
+          f"({out['update_fused_vs_eager_speedup']:.1f}x); top ops by self CPU:")
     for key, what in (("random_top_ops", "whole steps"), ("random_update_top_ops", "the update alone")):
         print(f"\n{what}:")
         print(format_table([{**r, "self_cpu_share": 100 * r["self_cpu_share"]} for r in out[key]],
@@ -620,8 +655,8 @@ def _print_table(out: dict) -> None:
     print(format_table(out["rollout_scaling"], ["candidates", *kernels], ["candidates", *kernels]))
     if out.get("end_to_end"):
         e = out["end_to_end"]
-        print(f"\nend to end ({e['search_args']}): {e['judged_per_hour_before']:.0f} judged/hour before (eager), "
-              f"{e['judged_per_hour_after']:.0f} after (fused): {e['judged_per_hour_speedup']:.1f}x")
+        print(f"\nend to end ({e['search_args']}): {e['judged_per_hour_before']:.0f} judged/hour before (eager "
+              f"rollout and update), {e['judged_per_hour_after']:.0f} after (fused): {e['judged_per_hour_speedup']:.1f}x")
         print(f"search fitness of {e['fitness_genomes']} fixed genomes, fused vs eager: median relative difference "
               f"{e['fitness_median_rel_diff']:.1e}, max {e['fitness_max_rel_diff']:.1e}, "
               f"{e['fitness_within_1e-3']} of {e['fitness_both_finite']} within 1e-3, Spearman {e['fitness_spearman']:.3f}")

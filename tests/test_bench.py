@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from nos import bench
+from nos.engine import fused
 from nos.engine.trainer import train
 from nos.tasks import sine_kernel
 from nos.tasks.sine import SineConfig, SineTask, StackedSineTask
@@ -87,6 +88,11 @@ def test_bench_quick_json(keep_threads: None) -> None:
     assert doc["threads"] == 1 and doc["scaling"] is None
     assert 0 <= doc["adam_loss_max_rel_diff"] < 1e-4
     assert 0 <= doc["random_update_share"] <= 1
+    for key in ("random_update_eager_candidate_steps_per_s", "random_update_fused_candidate_steps_per_s"):
+        assert _positive(doc[key]), (key, doc[key])
+    assert doc["update_fused_vs_eager_speedup"] == pytest.approx(
+        doc["random_update_fused_candidate_steps_per_s"] / doc["random_update_eager_candidate_steps_per_s"])
+    assert doc["update_kernel"] == ("fused" if fused.HAVE_NUMBA else "eager")
     for ops in (doc["random_top_ops"], doc["adam_top_ops"], doc["random_update_top_ops"]):
         assert ops and all(isinstance(r["op"], str) and 0 <= r["self_cpu_share"] <= 1 and r["calls"] >= 1 for r in ops)
     for n, r in doc["shared_cpu"].items():
@@ -98,7 +104,9 @@ def test_bench_quick_json(keep_threads: None) -> None:
     if sine_kernel.HAVE_NUMBA:  # the fused rollout against the eager floor, in the same run
         assert doc["rollout_kernel"] == "fused"
         for key in ("fused_adam_candidate_steps_per_s", "fused_task_only_candidate_steps_per_s",
-                    "rollout_vs_floor_speedup", "task_fused_vs_eager_speedup", "random_vs_adam_cost_eager"):
+                    "rollout_vs_floor_speedup", "task_fused_vs_eager_speedup", "random_vs_adam_cost_eager",
+                    "random_vs_adam_cost_eager_update", "eager_update_adam_candidate_steps_per_s",
+                    "eager_update_random_genome_candidate_steps_per_s"):
             assert _positive(doc[key]), (key, doc[key])
         assert doc["rollout_vs_floor_speedup"] == pytest.approx(
             doc["fused_adam_candidate_steps_per_s"] / doc["reference_adam_candidate_steps_per_s"])

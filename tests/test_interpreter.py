@@ -25,6 +25,13 @@ from .conftest import MLPTask
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
+
+@pytest.fixture(autouse=True, params=["fused", "eager"])
+def update_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here on both update paths (`nos.engine.fused` and the eager op groups)."""
+    monkeypatch.setenv("NOS_UPDATE", request.param)
+    return request.param
+
 SPHERE_F0 = sum((x - b) ** 2 for x, b in zip(X0, SHIFT))  # 7.1525 (the docstring rounds to 7.15)
 
 

@@ -27,6 +27,7 @@ from search_space.ops import OPS
 from search_space.schedules import lr_values
 
 from ..tasks.segments import Segments
+from . import fused
 from .rng import STREAM_DROPOUT, STREAM_NOISE_OPERAND, STREAM_PERTURBATION, rng_normal, rng_uniform
 
 
@@ -82,7 +83,10 @@ class BatchedOptimizer:
         segments: Segments,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        update: str | None = None,
     ) -> None:
+        """`update`: "fused" (the compiled update of `nos.engine.fused`, where it can take the
+        batch) or "eager" (torch op groups); by default `fused.default_update()`."""
         self.genomes = list(genomes)
         self.device = torch.device(device)
         self.dtype = dtype
@@ -95,6 +99,8 @@ class BatchedOptimizer:
         self.node_state: dict[int, torch.Tensor] = {}  # slot -> [C, P] state of stateful ops
         self._compile_structure()
         self._compile_tables(list(lrs), list(total_steps))
+        self.update = update if update is not None else fused.default_update()
+        self._compile_fused()
 
     @property
     def C(self) -> int:
@@ -139,6 +145,7 @@ class BatchedOptimizer:
         self.noise_rows = self._rows([c for c, g in enumerate(gs) if "noise" in g.operands_used()])
         self.layer_std = self._mask([g.noise.scale == "layer_std" for g in gs])[:, None]
         self.if_better = self._mask([g.noise.active and g.noise.accept == "if_better" for g in gs])
+        self.if_better_rows = torch.nonzero(self.if_better).squeeze(1)
         self.any_if_better = bool(self.if_better.any())
 
     def _table(self, rows: Sequence[Sequence[float]], total_steps: list[int]) -> torch.Tensor:
@@ -171,6 +178,18 @@ class BatchedOptimizer:
         self.sigma_table = self._table(sig, total_steps) * sigma0[:, None]
         clip = [g.clip if g.clip is not None else float("inf") for g in gs]
         self.clip = torch.tensor(clip, dtype=self.dtype, device=self.device)
+
+    def _compile_fused(self, previous: fused.FusedUpdate | None = None, keep: torch.Tensor | None = None) -> None:
+        """The fused update's tables (None when the batch takes the eager path)."""
+        self.fused: fused.FusedUpdate | None = None
+        self.edge_keys = sorted(self.edge_tables)
+        self.edge_stack = torch.stack([self.edge_tables[k] for k in self.edge_keys]) if self.edge_keys else None
+        if self.update != "fused" or not fused.supports(self.genomes, self.device, self.dtype):
+            return
+        if previous is not None and keep is not None:
+            self.fused = previous.select(keep, self.genomes, self.edge_keys)
+        else:
+            self.fused = fused.FusedUpdate(self.genomes, self.edge_keys, self.segments.n_params)
 
     # ------------------------------------------------------------------ stepping
     def _operand_values(self, g: torch.Tensor, w: torch.Tensor) -> dict[str | int, torch.Tensor]:
@@ -212,6 +231,11 @@ class BatchedOptimizer:
 
     def direction(self, theta: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         """lr_t * sign * D(u_t): the amount subtracted from theta at this step."""
+        if self.fused is not None:
+            decays = self.edge_stack[:, :, self.t] if self.edge_stack is not None else None
+            noise = self._normal_rows(self.noise_rows, STREAM_NOISE_OPERAND, 0.01) if "noise" in self.fused.operands else None
+            return self.fused.direction(grad, theta, self.state, noise, decays, self.lr_table[:, self.t], self.clip,
+                                        self.seeds, self.t, self.seg_ids, len(self.segments.bounds), self.needs_buffer)
         C, P = theta.shape
         if self.any_clip:
             norm = grad.norm(dim=1)
@@ -252,6 +276,9 @@ class BatchedOptimizer:
         """The noise rule's delta for this step (None when no candidate has noise)."""
         if not self.any_noise:
             return None
+        if self.fused is not None:
+            return fused.perturbation(theta, self.perturbed_rows, self.seeds, self.t, STREAM_PERTURBATION,
+                                      self.sigma_table[:, self.t], self.layer_std[:, 0], self.seg_ids)
         eps = self._normal_rows(self.perturbed_rows, STREAM_PERTURBATION, 1.0)
         scale = torch.where(self.layer_std, segment_std(theta, self.seg_ids, len(self.segments.bounds)), 1.0)
         return self.sigma_table[:, self.t : self.t + 1] * scale * eps
@@ -279,4 +306,5 @@ class BatchedOptimizer:
         new.edge_tables = {k: v[keep] for k, v in self.edge_tables.items()}
         new.lr_table, new.sigma_table, new.clip = self.lr_table[keep], self.sigma_table[keep], self.clip[keep]
         new._compile_structure()
+        new._compile_fused(self.fused, keep)
         return new

@@ -107,6 +107,7 @@ def _train(
     failed_at: dict[int, int] = {}
     curves: list[list[float]] | None = [[] for _ in range(C)] if record_curves else None
 
+    trial_task = _trial_task(task, opt)
     dead = torch.zeros(C, dtype=torch.bool, device=theta.device)  # failed rows not yet dropped
     any_dead = False  # kept in Python so the common case costs no extra tensor op per step
     for t in range(max(total)):
@@ -131,11 +132,12 @@ def _train(
                     any_dead = False
                     if hasattr(task, "select"):  # tasks with per-row data follow the rows
                         task = task.select(keep)
+                    trial_task = _trial_task(task, opt)
                     if rows.numel() == 0:
                         break
             if any_dead:
                 grad = torch.where(dead[:, None], 0.0, grad)
-            theta = _with_noise(task, opt, theta.detach() - opt.direction(theta.detach(), grad), loss)
+            theta = _with_noise(trial_task, opt, theta.detach() - opt.direction(theta.detach(), grad), loss)
             opt.advance()
 
     losses, params = _final(task, theta, rows, dead, C)
@@ -150,15 +152,24 @@ def _train(
     )
 
 
-def _with_noise(task: Task, opt: BatchedOptimizer, new: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
-    """The step's noise (if any rule is active); `if_better` rows keep it only when the loss improves."""
+def _trial_task(task: Task, opt: BatchedOptimizer) -> Task | None:
+    """The task over the `if_better` rows alone: only they need the loss of their noisy trial."""
+    if not opt.any_if_better:
+        return None
+    return task.select(opt.if_better_rows) if hasattr(task, "select") else task  # per-row data follows
+
+
+def _with_noise(trial_task: Task | None, opt: BatchedOptimizer, new: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+    """The step's noise (if any rule is active); `if_better` rows keep it only when the loss improves
+    (`trial_task`: `_trial_task`'s, None when no row is `if_better`)."""
     delta = opt.perturbation(new)
     if delta is None:
         return new
     trial = new + delta
-    if opt.any_if_better:
-        better = task.loss(trial) < loss
-        trial = torch.where((better | ~opt.if_better)[:, None], trial, new)
+    if trial_task is not None:
+        rows = opt.if_better_rows
+        worse = ~(trial_task.loss(trial[rows]) < loss[rows])  # NaN trials are rejected too
+        trial[rows[worse]] = new[rows[worse]]
     return trial
 
 

@@ -1,0 +1,164 @@
+"""The interpreter's update step compiled into one pass per candidate (numba): the fused update.
+
+Why: the eager interpreter (`BatchedOptimizer.direction`) spends one or more torch calls per op
+group per slot -- gather the inputs, scale by the edge decay, apply the op, scatter the rows back
+into a zeroed buffer -- each streaming [C, P] tensors through memory. A random genome's update
+then cost more than the task's whole forward + backward. Here one compiled call walks each
+candidate's *live* nodes (those the root depends on; the eager path computes dead ones too, which
+changes nothing) in slot order, each a tight loop over its P parameters on a scratch that stays
+in cache, after the global gradient clip and the moments the candidate reads, and before the
+momentum buffer and the lr, all in the same call. The compiled code is one generic kernel, not
+code generated per genome: there is nothing to compile per batch, and numba caches the kernel on
+disk after its first build (about 10 s, once per machine). The noise rule
+(`BatchedOptimizer.perturbation`) has a kernel of its own; the noise operand stays in torch.
+
+The eager path is the reference and the fallback: CUDA, float64, no numba, an op the kernel does
+not know, or `NOS_UPDATE=eager`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from search_space.genome import MAX_NODES, Genome, node_index
+from search_space.operands import OPERANDS
+from search_space.ops import OPS
+
+from .threads import run_rows
+
+HAVE_NUMBA = importlib.util.find_spec("numba") is not None
+UPDATES = ("fused", "eager")
+
+# the kernel's codes (`_update_numba` holds the same tuples; importing it would import numba)
+_UNARY = ("neg", "log_abs", "sqrt_abs", "exp", "abs", "sigmoid", "inv_1p_abs", "softplus", "erf", "erfc",
+          "asinh", "tanh", "atan", "reciprocal", "bessel_i1e", "relu", "min0", "softsign", "sign")
+_SPECIAL = ("dropout50", "dropout30", "dropout10", "clip_by_norm", "ema", "delta", "running_max")
+_BINARY = ("add", "sub", "mul", "max", "min", "div", "div_sqrt", "clip", "interp", "pow_abs")
+OP_CODES = {name: i for i, name in enumerate(_UNARY + _SPECIAL + _BINARY)}
+OPERAND_CODES = {name: i for i, name in enumerate((
+    "g", "g2", "g3", "m", "v", "y", "one", "two", "zero", "w_1e6", "w_1e5", "w_1e4", "w_1e3",
+    "sign_g", "sign_m", "qh_gm", "qh_g2v", "aggmo", "lion_mix", "noise", "v99"))}
+UPDATE_KINDS = {"plain": 0, "momentum": 1, "nesterov": 2}
+_STATEFUL = frozenset(name for name, op in OPS.items() if op.stateful)
+_MOMENT_BITS = {"m": 1, "v": 2, "y": 4, "m99": 8, "v99": 16}  # the kernel's MOMENT_NAMES order
+_EMPTY = np.zeros((1, 1), np.float32)  # stands for an input the batch does not use
+
+
+def default_update() -> str:
+    """The update path the interpreter takes unless told: `NOS_UPDATE` (fused | eager), else fused
+    when numba is importable."""
+    choice = os.environ.get("NOS_UPDATE", "fused")
+    if choice not in UPDATES:
+        raise ValueError(f"NOS_UPDATE must be one of {', '.join(UPDATES)}, got {choice!r}")
+    return choice if HAVE_NUMBA else "eager"
+
+
+def supports(genomes: Sequence[Genome], device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the fused update can take this batch (CPU float32, every op and operand known)."""
+    if not HAVE_NUMBA or device.type != "cpu" or dtype != torch.float32:
+        return False
+    return all(n.op in OP_CODES and all(r in OPERAND_CODES or node_index(r) is not None for r in n.inputs)
+               and g.update in UPDATE_KINDS for g in genomes for n in g.nodes)
+
+
+class FusedUpdate:
+    """The live update graphs of C genomes as small integer tables, plus the stateful nodes' state.
+
+    Slot s of candidate c holds node s - first[c] (genomes are right-aligned, the root in the last
+    slot, as in the interpreter), so an input that is node k sits in slot first[c] + k."""
+
+    def __init__(self, genomes: Sequence[Genome], edge_keys: Sequence[tuple[int, int]], n_params: int) -> None:
+        C, S = len(genomes), MAX_NODES
+        self.ops = np.full((C, S), -1, np.int32)
+        self.refs = np.zeros((C, S, 2), np.int32)
+        self.edges = np.full((C, S, 2), -1, np.int32)
+        self.state_rows = np.full((C, S), -1, np.int32)
+        self.node_idx = np.zeros((C, S), np.int32)
+        self.kinds = np.array([UPDATE_KINDS[g.update] for g in genomes], np.int32)
+        row_of_edge = {key: k for k, key in enumerate(edge_keys)}
+        self.need = np.zeros(C, np.int32)
+        operands: set[str] = set()
+        n_state = 0
+        for c, g in enumerate(genomes):
+            first = S - len(g.nodes)
+            for name in g.operands_used():
+                for moment in OPERANDS[name].needs - {"noise"}:
+                    self.need[c] |= _MOMENT_BITS[moment]
+            for i in g.reachable():
+                node, s = g.nodes[i], first + i
+                self.ops[c, s] = OP_CODES[node.op]
+                self.node_idx[c, s] = i
+                if node.op in _STATEFUL:
+                    self.state_rows[c, s] = n_state
+                    n_state += 1
+                for j, ref in enumerate(node.inputs):
+                    k = node_index(ref)
+                    if k is None:
+                        operands.add(ref)
+                        self.refs[c, s, j] = S + OPERAND_CODES[ref]
+                    else:
+                        self.refs[c, s, j] = first + k
+                    if node.decays[j] is not None:
+                        self.edges[c, s, j] = row_of_edge[(s, j)]
+        #: operands the live nodes read, and the moments those need (the eager path's sets cover
+        #: dead nodes too)
+        self.operands = operands
+        self.moments = set().union(*(OPERANDS[o].needs for o in operands)) - {"noise"}
+        self.n_params = n_params
+        self.node_state = np.zeros((max(n_state, 1), n_params if n_state else 1), np.float32)
+
+    def select(self, keep: torch.Tensor, genomes: Sequence[Genome], edge_keys: Sequence[tuple[int, int]]) -> FusedUpdate:
+        """The rows `keep` (a long tensor), with their stateful nodes' state carried along."""
+        idx = keep.cpu().numpy()
+        new = FusedUpdate(genomes, edge_keys, self.n_params)
+        old_rows = self.state_rows[idx]
+        old_rows = old_rows[old_rows >= 0]  # in (candidate, slot) order, as the new table's rows
+        if old_rows.size:
+            new.node_state = self.node_state[old_rows].copy()
+        return new
+
+    def direction(self, grad: torch.Tensor, theta: torch.Tensor, state: dict[str, torch.Tensor],
+                  noise: torch.Tensor | None, decays: torch.Tensor | None, lr: torch.Tensor, clip: torch.Tensor,
+                  seeds: torch.Tensor, step: int, seg_ids: torch.Tensor, n_seg: int,
+                  needs_buffer: bool) -> torch.Tensor:
+        """lr_t * sign * D(u_t) for every candidate, as `BatchedOptimizer.direction` returns it, from
+        the raw gradient (the global clip and the moments are done here too).
+
+        state: the moments' EMAs and the momentum buffer ("buf"), [C, P] each, created on step 0
+        and updated in place; noise: the noise operand's [C, P] (or None); decays: [K, C] edge
+        decays at this step, rows in `edge_keys` order; lr, clip: [C] (clip inf: none)."""
+        from ._update_numba import MOMENT_NAMES, rows  # compiled on first use, then cached on disk
+
+        def arr(x: torch.Tensor | None) -> np.ndarray:
+            return _EMPTY if x is None else x.detach().contiguous().numpy()
+
+        if step == 0:
+            for key in self.moments | ({"buf"} if needs_buffer else set()):
+                state[key] = torch.zeros_like(theta)
+        out = torch.empty_like(theta)
+        before = (self.ops, self.refs, self.edges, self.state_rows, self.node_idx, self.need, arr(decays),
+                  arr(grad), arr(theta), clip.numpy(), *(arr(state.get(k)) for k in MOMENT_NAMES),
+                  arr(noise), self.node_state, seeds.numpy(), step, seg_ids.numpy(), n_seg,
+                  lr.contiguous().numpy(), self.kinds, needs_buffer, arr(state.get("buf")))
+        run_rows(rows, out.shape[0], before, (out.numpy(),))
+        return out
+
+
+def perturbation(theta: torch.Tensor, rows: torch.Tensor, seeds: torch.Tensor, step: int, stream: int,
+                 sigma: torch.Tensor, layer_std: torch.Tensor, seg_ids: torch.Tensor) -> torch.Tensor:
+    """`BatchedOptimizer.perturbation` in one compiled pass over the perturbed `rows` (zeros in the
+    others): sigma [C] at this step, layer_std [C] bool (scale by each tensor's std)."""
+    from ._update_numba import perturb
+
+    out = torch.zeros_like(theta)
+    th = theta.detach().contiguous().numpy()
+    counts = torch.bincount(seg_ids).to(torch.float32).numpy()
+    before = (th, rows.numpy(), seeds.numpy(), step, stream, sigma.contiguous().numpy(),
+              layer_std.contiguous().numpy(), seg_ids.numpy(), counts)
+    run_rows(perturb, rows.numel(), before, (out.numpy(),))
+    return out
