@@ -255,3 +255,13 @@ def test_choosing_the_path() -> None:
         mp.setenv("NOS_UPDATE", "compiled")
         with pytest.raises(ValueError, match="NOS_UPDATE must be one of fused, eager"):
             BatchedOptimizer([genome], [0.1], [3], [0], SEG)
+
+
+def test_finite_rows_is_isfinite_all() -> None:
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(40, 300, generator=gen)
+    for row, col, bad in [(1, 0, float("nan")), (5, 299, float("inf")), (9, 150, -float("inf")), (20, 7, float("nan"))]:
+        x[row, col] = bad
+    x[30] = 3e38  # huge but finite: a sum would overflow, this must not
+    for t in (x, x.double(), x[:, ::2]):
+        assert torch.equal(fused.finite_rows(t), torch.isfinite(t).all(dim=1))

@@ -348,6 +348,20 @@ def _stateful(which: int, x: Any, prev: Any, first: bool, out: Any) -> None:
 
 
 @_jit
+def _input(ref: int, k: int, c: int, S: int, vals: Any, gc: Any, wc: Any, mom: Any, noise_c: Any,
+           dec: Any, tmp: Any) -> Any:
+    """A node's input: slot `ref` (< S) or the operand ref - S, times its edge decay dec[k, c]
+    when k >= 0 (written into tmp unless it is there already)."""
+    x = vals[ref] if ref < S else _operand(ref - S, gc, wc, mom, noise_c, tmp)
+    if k >= 0:
+        d = dec[k, c]
+        for p in range(tmp.shape[0]):
+            tmp[p] = x[p] * d
+        return tmp
+    return x
+
+
+@_jit
 def rows(ops: Any, refs: Any, edges: Any, state_rows: Any, node_idx: Any, need: Any, dec: Any,
          grad: Any, theta: Any, clip: Any, ms: Any, vs: Any, ys: Any, m99s: Any, v99s: Any,
          noise: Any, node_state: Any, seeds: Any, step: int, seg_ids: Any, n_seg: int,
@@ -401,32 +415,17 @@ def rows(ops: Any, refs: Any, edges: Any, state_rows: Any, node_idx: Any, need: 
             op = ops[c, s]
             if op < 0:
                 continue
-            arity = 2 if op >= FIRST_BINARY else 1
-            xs = (tmp0, tmp1)
-            ins = []
-            for j in range(arity):
-                ref = refs[c, s, j]
-                tmp = xs[j]
-                if ref < S:
-                    x = vals[ref]
-                else:
-                    x = _operand(ref - S, gc, theta[c], mom, noise[c] if noise.shape[0] == grad.shape[0] else noise[0], tmp)
-                k = edges[c, s, j]
-                if k >= 0:
-                    d = dec[k, c]
-                    for p in range(P):
-                        tmp[p] = x[p] * d
-                    x = tmp
-                ins.append(x)
+            noise_c = noise[c] if noise.shape[0] == grad.shape[0] else noise[0]
+            x = _input(refs[c, s, 0], edges[c, s, 0], c, S, vals, gc, theta[c], mom, noise_c, dec, tmp0)
             dst = vals[s]
-            if op < FIRST_SPECIAL:
-                _unary(op, ins[0], dst)
-            elif op >= FIRST_BINARY:
-                _binary(op - FIRST_BINARY, ins[0], ins[1], dst)
+            if op >= FIRST_BINARY:
+                y = _input(refs[c, s, 1], edges[c, s, 1], c, S, vals, gc, theta[c], mom, noise_c, dec, tmp1)
+                _binary(op - FIRST_BINARY, x, y, dst)
+            elif op < FIRST_SPECIAL:
+                _unary(op, x, dst)
             elif op < FIRST_SPECIAL + 3:
-                _dropout(op - FIRST_SPECIAL, ins[0], seeds[c], step, 100 + node_idx[c, s], dst)
+                _dropout(op - FIRST_SPECIAL, x, seeds[c], step, 100 + node_idx[c, s], dst)
             elif op == FIRST_SPECIAL + 3:  # clip_by_norm: each parameter tensor to L2 norm <= 1
-                x = ins[0]
                 sq[:] = 0.0
                 for p in range(P):
                     sq[seg_ids[p]] += x[p] * x[p]
@@ -436,7 +435,7 @@ def rows(ops: Any, refs: Any, edges: Any, state_rows: Any, node_idx: Any, need: 
                 for p in range(P):
                     dst[p] = x[p] / sq[seg_ids[p]]
             else:
-                _stateful(op - FIRST_SPECIAL - 4, ins[0], node_state[state_rows[c, s]], first, dst)
+                _stateful(op - FIRST_SPECIAL - 4, x, node_state[state_rows[c, s]], first, dst)
         u = vals[S - 1]
         kind = kinds[c]
         rate = lr[c]
@@ -493,3 +492,17 @@ def perturb(theta: Any, rows: Any, seeds: Any, step: int, stream: int, sigma: An
             u1 = _F(1.0) - _uniform(k1, p)
             z = math.sqrt(_F(-2.0) * math.log(u1)) * math.cos(two_pi * _uniform(k2, p))
             oc[p] = s * std[seg_ids[p]] * _F(z)
+
+
+@_jit
+def finite_rows(x: Any, lo: int, hi: int, out: Any) -> None:
+    """out[c] = every entry of x[c] is finite (torch.isfinite(x).all(dim=1)), for c in lo..hi-1:
+    one read of the rows, stopping at the first entry that is not."""
+    for c in range(lo, hi):
+        ok = True
+        row = x[c]
+        for p in range(row.shape[0]):
+            if not math.isfinite(row[p]):
+                ok = False
+                break
+        out[c] = ok

@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -66,6 +67,45 @@ def supports(genomes: Sequence[Genome], device: torch.device, dtype: torch.dtype
                and g.update in UPDATE_KINDS for g in genomes for n in g.nodes)
 
 
+@dataclass(frozen=True)
+class _Tables:
+    """One genome's rows of the kernel's tables (see FusedUpdate)."""
+
+    ops: np.ndarray  # [S]
+    refs: np.ndarray  # [S, 2]
+    node_idx: np.ndarray  # [S]
+    need: int  # the moment bits
+    decayed: list[tuple[int, int]]  # (slot, input) with an edge decay
+    stateful: list[int]  # slots of stateful nodes, in order
+    operands: set[str]
+
+
+def _tables(g: Genome) -> _Tables:
+    S = MAX_NODES
+    first = S - len(g.nodes)
+    ops, refs, node_idx = np.full(S, -1, np.int32), np.zeros((S, 2), np.int32), np.zeros(S, np.int32)
+    decayed, stateful, operands = [], [], set()
+    for i in g.reachable():
+        node, s = g.nodes[i], first + i
+        ops[s], node_idx[s] = OP_CODES[node.op], i
+        if node.op in _STATEFUL:
+            stateful.append(s)
+        for j, ref in enumerate(node.inputs):
+            k = node_index(ref)
+            if k is None:
+                operands.add(ref)
+                refs[s, j] = S + OPERAND_CODES[ref]
+            else:
+                refs[s, j] = first + k
+            if node.decays[j] is not None:
+                decayed.append((s, j))
+    need = 0
+    for name in operands:
+        for moment in OPERANDS[name].needs - {"noise"}:
+            need |= _MOMENT_BITS[moment]
+    return _Tables(ops, refs, node_idx, need, decayed, stateful, operands)
+
+
 class FusedUpdate:
     """The live update graphs of C genomes as small integer tables, plus the stateful nodes' state.
 
@@ -80,31 +120,22 @@ class FusedUpdate:
         self.state_rows = np.full((C, S), -1, np.int32)
         self.node_idx = np.zeros((C, S), np.int32)
         self.kinds = np.array([UPDATE_KINDS[g.update] for g in genomes], np.int32)
-        row_of_edge = {key: k for k, key in enumerate(edge_keys)}
         self.need = np.zeros(C, np.int32)
+        row_of_edge = {key: k for k, key in enumerate(edge_keys)}
+        tables: dict[int, _Tables] = {}  # by id: a batch repeats genome objects (one per lr, sign, seed)
         operands: set[str] = set()
         n_state = 0
         for c, g in enumerate(genomes):
-            first = S - len(g.nodes)
-            for name in g.operands_used():
-                for moment in OPERANDS[name].needs - {"noise"}:
-                    self.need[c] |= _MOMENT_BITS[moment]
-            for i in g.reachable():
-                node, s = g.nodes[i], first + i
-                self.ops[c, s] = OP_CODES[node.op]
-                self.node_idx[c, s] = i
-                if node.op in _STATEFUL:
-                    self.state_rows[c, s] = n_state
-                    n_state += 1
-                for j, ref in enumerate(node.inputs):
-                    k = node_index(ref)
-                    if k is None:
-                        operands.add(ref)
-                        self.refs[c, s, j] = S + OPERAND_CODES[ref]
-                    else:
-                        self.refs[c, s, j] = first + k
-                    if node.decays[j] is not None:
-                        self.edges[c, s, j] = row_of_edge[(s, j)]
+            t = tables.get(id(g))
+            if t is None:
+                t = tables[id(g)] = _tables(g)
+                operands |= t.operands
+            self.ops[c], self.refs[c], self.node_idx[c], self.need[c] = t.ops, t.refs, t.node_idx, t.need
+            for s, j in t.decayed:
+                self.edges[c, s, j] = row_of_edge[(s, j)]
+            for s in t.stateful:
+                self.state_rows[c, s] = n_state
+                n_state += 1
         #: operands the live nodes read, and the moments those need (the eager path's sets cover
         #: dead nodes too)
         self.operands = operands
@@ -161,4 +192,16 @@ def perturbation(theta: torch.Tensor, rows: torch.Tensor, seeds: torch.Tensor, s
     before = (th, rows.numpy(), seeds.numpy(), step, stream, sigma.contiguous().numpy(),
               layer_std.contiguous().numpy(), seg_ids.numpy(), counts)
     run_rows(perturb, rows.numel(), before, (out.numpy(),))
+    return out
+
+
+def finite_rows(x: torch.Tensor) -> torch.Tensor:
+    """torch.isfinite(x).all(dim=1) of a [C, P] tensor; compiled where the fused update runs (the
+    trainer asks it of every step's gradient, and torch's isfinite makes four passes over it)."""
+    if not (HAVE_NUMBA and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2):
+        return torch.isfinite(x).all(dim=1)
+    from ._update_numba import finite_rows as kernel
+
+    out = torch.empty(x.shape[0], dtype=torch.bool)
+    run_rows(kernel, x.shape[0], (x.detach().contiguous().numpy(),), (out.numpy(),))
     return out

@@ -18,6 +18,7 @@ import torch
 from search_space.genome import Genome
 
 from ..tasks.budget import step_cost, steps_for
+from . import fused
 from .interpreter import BatchedOptimizer, Segments
 
 
@@ -115,7 +116,7 @@ def _train(
         loss = task.loss(theta)
         (grad,) = torch.autograd.grad(torch.where(torch.isfinite(loss), loss, 0.0).sum(), theta)
         with torch.no_grad():
-            failed = ~(torch.isfinite(loss) & torch.isfinite(grad).all(dim=1)) & ~dead
+            failed = ~(torch.isfinite(loss) & fused.finite_rows(grad)) & ~dead
             if curves is not None:
                 for r, v in zip(rows.tolist(), loss.tolist()):
                     curves[r].append(v)
