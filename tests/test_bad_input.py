@@ -146,6 +146,15 @@ def test_create_false_never_creates_a_file_or_a_schema(tmp_path: Path) -> None:
     assert "does not exist" in line and not missing.parent.exists()
 
 
+@pytest.mark.parametrize("var", ["NOS_UPDATE", "NOS_ROLLOUT"])
+def test_a_bad_kernel_choice_is_one_line_before_anything_is_written(tmp_path: Path, var: str) -> None:
+    db = tmp_path / "nos.sqlite"
+    proc = Proc(["-m", "nos.evolve", "--db", str(db), "--device", "cpu", "--initial", "4"],
+                env={**os.environ, var: "turbo"})
+    line = assert_one_line_error(*proc.result())
+    assert f"{var} must be one of fused, eager" in line and not db.exists()
+
+
 def test_evolve_resume_never_creates_or_modifies_a_database(tmp_path: Path) -> None:
     """The run-lifecycle half is the run object's; this is the database half, through the real
     command: --resume on a missing path, an empty file or a damaged file is one line and

@@ -177,8 +177,18 @@ def add_device(p: argparse.ArgumentParser) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device a training command runs on (and a check of the kernel choices in the
+    environment, `NOS_ROLLOUT` and `NOS_UPDATE`, before anything is written)."""
     import torch  # here, not at the top: `nos.query` and friends start faster without it
 
+    from ..engine.fused import default_update
+    from ..tasks.sine_kernel import default_kernel
+
+    for choose in (default_kernel, default_update):
+        try:
+            choose()
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
