@@ -373,6 +373,24 @@ E2E_SEARCH = ("--funnel", "0", "--seed", "0", "--initial", "12", "--particles", 
               "--mutations", "3")  # the default search's size, no funnel: the search stage alone
 
 
+def _fitness_moves(new: Sequence[float | None], old: Sequence[float | None], prefix: str) -> dict:
+    """How far the search fitness of the same genomes moved between two ways of computing it."""
+    from scipy.stats import spearmanr
+
+    pairs = [(a, b) for a, b in zip(new, old) if a is not None and b is not None]
+    rel = sorted(abs(a - b) / abs(b) for a, b in pairs)
+    return {f"{prefix}{k}": v for k, v in {
+        "fitness_both_finite": len(pairs),
+        "fitness_finite_eager_only": sum(a is None and b is not None for a, b in zip(new, old)),
+        "fitness_finite_fused_only": sum(a is not None and b is None for a, b in zip(new, old)),
+        "fitness_median_rel_diff": rel[len(rel) // 2] if rel else None,
+        "fitness_max_rel_diff": rel[-1] if rel else None,
+        "fitness_within_1e-6": sum(r <= 1e-6 for r in rel),
+        "fitness_within_1e-3": sum(r <= 1e-3 for r in rel),
+        "fitness_spearman": float(spearmanr([a for a, _ in pairs], [b for _, b in pairs])[0]) if len(pairs) > 2 else None,
+    }.items()}
+
+
 @contextmanager
 def kernels(rollout: str, update: str) -> Iterator[None]:
     """Tasks and optimizers built inside the block use these kernels (the `NOS_ROLLOUT` and
@@ -404,8 +422,6 @@ def end_to_end(cache_dir: str, threads: int, genomes: Sequence[Genome]) -> dict:
     import json
     import tempfile
 
-    from scipy.stats import spearmanr
-
     out: dict = {"search_args": " ".join(E2E_SEARCH)}
     with tempfile.TemporaryDirectory() as tmp:
         for when, kernel in (("before", "eager"), ("after", "fused")):
@@ -423,28 +439,22 @@ def end_to_end(cache_dir: str, threads: int, genomes: Sequence[Genome]) -> dict:
             log.info(f"  search ({kernel} rollout and update): {judged} judged in {seconds:.1f} s")
     out["judged_per_hour_speedup"] = out["judged_per_hour_after"] / out["judged_per_hour_before"]
     setup = SearchSetup(seeds=(0, 1), cache_dir=cache_dir)
-    scores: dict[str, list[float | None]] = {}
-    for kernel in ("eager", "fused"):
-        with kernels(kernel, kernel):
+    scores: dict[tuple[str, str], list[float | None]] = {}
+    for rollout, update in (("eager", "eager"), ("fused", "eager"), ("fused", "fused")):
+        with kernels(rollout, update):
             evaluator = TaskEvaluator(setup, "cpu")
             start = time.perf_counter()
-            scores[kernel] = [f.fitness for f in evaluator.fitness(genomes, evaluator.adam_reference())]
-            out[f"fitness_seconds_{kernel}"] = time.perf_counter() - start
-    pairs = [(a, b) for a, b in zip(scores["fused"], scores["eager"]) if a is not None and b is not None]
-    rel = sorted(abs(a - b) / abs(b) for a, b in pairs)
-    out.update({
-        "fitness_genomes": len(genomes),
-        "fitness_both_finite": len(pairs),
-        "fitness_finite_eager_only": sum(a is None and b is not None for a, b in zip(scores["fused"], scores["eager"])),
-        "fitness_finite_fused_only": sum(a is not None and b is None for a, b in zip(scores["fused"], scores["eager"])),
-        "fitness_median_rel_diff": rel[len(rel) // 2] if rel else None,
-        "fitness_max_rel_diff": rel[-1] if rel else None,
-        "fitness_within_1e-6": sum(r <= 1e-6 for r in rel),
-        "fitness_within_1e-3": sum(r <= 1e-3 for r in rel),
-        "fitness_spearman": float(spearmanr([a for a, _ in pairs], [b for _, b in pairs])[0]) if len(pairs) > 2 else None,
-    })
+            scores[rollout, update] = [f.fitness for f in evaluator.fitness(genomes, evaluator.adam_reference())]
+            out[f"fitness_seconds_{rollout}_rollout_{update}_update"] = time.perf_counter() - start
+    out["fitness_seconds_eager"] = out["fitness_seconds_eager_rollout_eager_update"]
+    out["fitness_seconds_fused"] = out["fitness_seconds_fused_rollout_fused_update"]
+    out["fitness_genomes"] = len(genomes)
+    # after vs before (both kernels), and the update's share alone (the fused rollout either way)
+    out.update(_fitness_moves(scores["fused", "fused"], scores["eager", "eager"], ""))
+    out.update(_fitness_moves(scores["fused", "fused"], scores["fused", "eager"], "update_"))
     log.info(f"  fitness of {len(genomes)} fixed genomes, fused vs eager: median relative difference "
-             f"{out['fitness_median_rel_diff']:.1e}, Spearman {out['fitness_spearman']:.3f}")
+             f"{out['fitness_median_rel_diff']:.1e}, Spearman {out['fitness_spearman']:.3f}; the fused update "
+             f"alone: {out['update_fitness_within_1e-6']} of {out['update_fitness_both_finite']} within 1e-6")
     return out
 
 
@@ -657,9 +667,11 @@ def _print_table(out: dict) -> None:
         e = out["end_to_end"]
         print(f"\nend to end ({e['search_args']}): {e['judged_per_hour_before']:.0f} judged/hour before (eager "
               f"rollout and update), {e['judged_per_hour_after']:.0f} after (fused): {e['judged_per_hour_speedup']:.1f}x")
-        print(f"search fitness of {e['fitness_genomes']} fixed genomes, fused vs eager: median relative difference "
-              f"{e['fitness_median_rel_diff']:.1e}, max {e['fitness_max_rel_diff']:.1e}, "
-              f"{e['fitness_within_1e-3']} of {e['fitness_both_finite']} within 1e-3, Spearman {e['fitness_spearman']:.3f}")
+        for prefix, what in (("", "fused vs eager (rollout and update)"), ("update_", "the fused update alone")):
+            print(f"search fitness of {e['fitness_genomes']} fixed genomes, {what}: median relative difference "
+                  f"{e[prefix + 'fitness_median_rel_diff']:.1e}, max {e[prefix + 'fitness_max_rel_diff']:.1e}, "
+                  f"{e[prefix + 'fitness_within_1e-6']} / {e[prefix + 'fitness_within_1e-3']} of "
+                  f"{e[prefix + 'fitness_both_finite']} within 1e-6 / 1e-3, Spearman {e[prefix + 'fitness_spearman']:.3f}")
     print("\nsharing the CPU with a busy torch process (interpreter, Adam genome, candidate-steps/s):")
     print(format_table([{"threads": int(n), **r} for n, r in out["shared_cpu"].items()],
                        ["threads", "alone", "shared", "slowdown"], ["threads", "alone", "shared", "slowdown"]))

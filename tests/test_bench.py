@@ -123,3 +123,12 @@ def test_threads_flag(keep_threads: None) -> None:
     n = apply_threads(p.parse_args([]))
     assert n >= 1 and torch.get_num_threads() == n
 
+
+
+def test_fitness_moves_counts_what_moved() -> None:
+    new = [1.0, 2.0 * (1 + 5e-7), 3.3, None, 5.0]
+    old = [1.0, 2.0, 3.0, 4.0, None]
+    m = bench._fitness_moves(new, old, "x_")
+    assert m["x_fitness_both_finite"] == 3 and m["x_fitness_within_1e-6"] == 2 and m["x_fitness_within_1e-3"] == 2
+    assert m["x_fitness_finite_eager_only"] == 1 and m["x_fitness_finite_fused_only"] == 1
+    assert m["x_fitness_max_rel_diff"] == pytest.approx(0.1) and m["x_fitness_spearman"] == pytest.approx(1.0)
