@@ -265,3 +265,19 @@ def test_finite_rows_is_isfinite_all() -> None:
     x[30] = 3e38  # huge but finite: a sum would overflow, this must not
     for t in (x, x.double(), x[:, ::2]):
         assert torch.equal(fused.finite_rows(t), torch.isfinite(t).all(dim=1))
+
+
+def test_an_overflowing_gradient_norm_is_the_same_in_both_paths_and_in_any_batch() -> None:
+    """A diverging candidate's gradient norm overflows float32 (torch's norm is then inf): a clipped
+    row steps by zero, as torch's clip does, and an unclipped row beside it keeps its gradient
+    (the eager path used to turn it into NaN whenever another row of the batch had a clip)."""
+    genomes = [G([{"op": "neg", "in": ["g"]}], clip=1.0), G([{"op": "neg", "in": ["g"]}])]
+    grad = torch.full((2, SEG.n_params), 3e19)  # finite, but the sum of squares is past float32's range
+    grad[:, ::2] = -1e19
+    assert torch.all(torch.isinf(grad.norm(dim=1)))
+    theta = torch.zeros(2, SEG.n_params)
+    for path in fused.UPDATES:
+        both = BatchedOptimizer(genomes, [1.0, 1.0], [3, 3], [0, 1], SEG, update=path).direction(theta, grad)
+        alone = BatchedOptimizer(genomes[1:], [1.0], [3], [1], SEG, update=path).direction(theta[1:], grad[1:])
+        assert torch.all(both[0] == 0), path
+        assert torch.equal(both[1], alone[0]) and torch.equal(both[1], -grad[1]), path

@@ -41,6 +41,7 @@ _F = np.float32
 BIG = _F(1e15)
 _DROP_P = (_F(0.5), _F(0.3), _F(0.1))
 _MOMENTUM = _F(0.9)
+_FLOAT32_MAX = 3.4028234663852886e38
 _WEIGHT_DECAY = (_F(1e-6), _F(1e-5), _F(1e-4), _F(1e-3))
 # the moments of `update_moments`, in the order of the `need` bits: m, v, y, m99, v99; their
 # values sit in the rows (0, 1, 2, 3, 5) of the kernel's moment scratch, m99_prev in row 4
@@ -395,7 +396,10 @@ def rows(ops: Any, refs: Any, edges: Any, state_rows: Any, node_idx: Any, need: 
             acc = 0.0
             for p in range(P):
                 acc += float(gc[p]) * float(gc[p])
-            scale = clip[c] / (_F(math.sqrt(acc)) + _F(1e-6))
+            # torch's float32 norm overflows to inf once the sum of squares passes float32's
+            # largest value (the step is then clipped to zero): the same here, in every path
+            norm = _F(math.sqrt(acc)) if acc <= _FLOAT32_MAX else _F(np.inf)
+            scale = clip[c] / (norm + _F(1e-6))
             if scale > _F(1.0):
                 scale = _F(1.0)
             for p in range(P):

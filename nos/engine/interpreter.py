@@ -239,7 +239,10 @@ class BatchedOptimizer:
         C, P = theta.shape
         if self.any_clip:
             norm = grad.norm(dim=1)
-            grad = grad * torch.clamp(self.clip / (norm + 1e-6), max=1.0)[:, None]
+            scale = torch.clamp(self.clip / (norm + 1e-6), max=1.0)
+            # rows without a clip (clip inf) keep their gradient even when its norm overflows
+            # (inf / inf would be NaN): a row's numbers must not depend on its batch
+            grad = grad * torch.where(torch.isinf(self.clip), 1.0, scale)[:, None]
         values: dict[str | int, torch.Tensor] = self._operand_values(grad, theta)
         for s, slot in enumerate(self.slots):
             if slot is None:
