@@ -405,6 +405,8 @@ def rows(ops: Any, refs: Any, edges: Any, state_rows: Any, node_idx: Any, need: 
             for p in range(P):
                 gclip[p] = gc[p] * scale
             gc = gclip
+        wc = theta[c]
+        noise_c = noise[c] if noise.shape[0] == grad.shape[0] else noise[0]  # else the unused stand-in
         nd = need[c]
         for i in range(5):
             if nd & (1 << i):
@@ -419,11 +421,10 @@ def rows(ops: Any, refs: Any, edges: Any, state_rows: Any, node_idx: Any, need: 
             op = ops[c, s]
             if op < 0:
                 continue
-            noise_c = noise[c] if noise.shape[0] == grad.shape[0] else noise[0]
-            x = _input(refs[c, s, 0], edges[c, s, 0], c, S, vals, gc, theta[c], mom, noise_c, dec, tmp0)
+            x = _input(refs[c, s, 0], edges[c, s, 0], c, S, vals, gc, wc, mom, noise_c, dec, tmp0)
             dst = vals[s]
             if op >= FIRST_BINARY:
-                y = _input(refs[c, s, 1], edges[c, s, 1], c, S, vals, gc, theta[c], mom, noise_c, dec, tmp1)
+                y = _input(refs[c, s, 1], edges[c, s, 1], c, S, vals, gc, wc, mom, noise_c, dec, tmp1)
                 _binary(op - FIRST_BINARY, x, y, dst)
             elif op < FIRST_SPECIAL:
                 _unary(op, x, dst)

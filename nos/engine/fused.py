@@ -181,16 +181,17 @@ class FusedUpdate:
 
 
 def perturbation(theta: torch.Tensor, rows: torch.Tensor, seeds: torch.Tensor, step: int, stream: int,
-                 sigma: torch.Tensor, layer_std: torch.Tensor, seg_ids: torch.Tensor) -> torch.Tensor:
+                 sigma: torch.Tensor, layer_std: torch.Tensor, seg_ids: torch.Tensor,
+                 seg_counts: torch.Tensor) -> torch.Tensor:
     """`BatchedOptimizer.perturbation` in one compiled pass over the perturbed `rows` (zeros in the
-    others): sigma [C] at this step, layer_std [C] bool (scale by each tensor's std)."""
+    others): sigma [C] at this step, layer_std [C] bool (scale by each tensor's std), seg_counts
+    [n_seg] float32 (the parameters in each tensor)."""
     from ._update_numba import perturb
 
     out = torch.zeros_like(theta)
     th = theta.detach().contiguous().numpy()
-    counts = torch.bincount(seg_ids).to(torch.float32).numpy()
     before = (th, rows.numpy(), seeds.numpy(), step, stream, sigma.contiguous().numpy(),
-              layer_std.contiguous().numpy(), seg_ids.numpy(), counts)
+              layer_std.contiguous().numpy(), seg_ids.numpy(), seg_counts.numpy())
     run_rows(perturb, rows.numel(), before, (out.numpy(),))
     return out
 

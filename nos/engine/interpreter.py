@@ -182,10 +182,11 @@ class BatchedOptimizer:
     def _compile_fused(self, previous: fused.FusedUpdate | None = None, keep: torch.Tensor | None = None) -> None:
         """The fused update's tables (None when the batch takes the eager path)."""
         self.fused: fused.FusedUpdate | None = None
-        self.edge_keys = sorted(self.edge_tables)
-        self.edge_stack = torch.stack([self.edge_tables[k] for k in self.edge_keys]) if self.edge_keys else None
         if self.update != "fused" or not fused.supports(self.genomes, self.device, self.dtype):
             return
+        self.edge_keys = sorted(self.edge_tables)
+        self.edge_stack = torch.stack([self.edge_tables[k] for k in self.edge_keys]) if self.edge_keys else None
+        self.seg_counts = torch.bincount(self.seg_ids, minlength=len(self.segments.bounds)).to(torch.float32)
         if previous is not None and keep is not None:
             self.fused = previous.select(keep, self.genomes, self.edge_keys)
         else:
@@ -281,7 +282,7 @@ class BatchedOptimizer:
             return None
         if self.fused is not None:
             return fused.perturbation(theta, self.perturbed_rows, self.seeds, self.t, STREAM_PERTURBATION,
-                                      self.sigma_table[:, self.t], self.layer_std[:, 0], self.seg_ids)
+                                      self.sigma_table[:, self.t], self.layer_std[:, 0], self.seg_ids, self.seg_counts)
         eps = self._normal_rows(self.perturbed_rows, STREAM_PERTURBATION, 1.0)
         scale = torch.where(self.layer_std, segment_std(theta, self.seg_ids, len(self.segments.bounds)), 1.0)
         return self.sigma_table[:, self.t : self.t + 1] * scale * eps
