@@ -6,7 +6,7 @@ again after it. Real subprocesses, real SQLite files, real SIGKILLs.
 
 How a kill is aimed: the run's stderr is not a terminal, so it carries a timestamped line at the
 start and end of every stage (`nos.ui.progress`); a thread reads the child's stderr and the test
-SIGKILLs it a random moment after the wanted stage's start line. What "not trained again" means is
+SIGKILLs it a random moment after the wanted stage's start line (at the latest at its end line). What "not trained again" means is
 read from the progress lines of the run that resumes: each stage starts with its own count of work
 (`pretraining: started, 3 networks`, `funnel (validation): started, 2 horizons`), which must be
 exactly what the database and the cache held undone at the kill -- and the stored rows and cache
@@ -101,6 +101,25 @@ class Child:
                     return None
                 left = deadline - time.monotonic()
                 assert left > 0, f"no stage of {sorted(stages)} started in {timeout} s:\n{self.text()[-3000:]}"
+                self._cond.wait(left)
+
+    def wait_in_stage(self, stage: str, seconds: float) -> None:
+        """Wait `seconds`, but no longer than until `stage`'s done line appears (or the child
+        ends): a kill aimed inside a stage stays inside it (or at its very end) however much
+        faster this run is than the reference whose seconds the aim was scaled by -- the stages
+        of the tiny run take tenths of a second, so the jitter of one run is as large as a stage."""
+        deadline = time.monotonic() + seconds
+        seen = 0
+        with self._cond:
+            while True:
+                for _, line in self.lines[seen:]:
+                    m = LINE.match(line)
+                    if m and m["what"] == "done" and m["stage"] == stage:
+                        return
+                seen = len(self.lines)
+                left = deadline - time.monotonic()
+                if self._eof or left <= 0:
+                    return
                 self._cond.wait(left)
 
     def kill(self) -> bool:
@@ -347,7 +366,7 @@ def kill_and_resume(base: Path, plan: list[tuple[str, float | None]], ref: Refer
             time.sleep(rng.uniform(0, 0.03))
         elif hit is not None and u is not None:
             frac = 1.0 if stored is None else left_fraction(hit, stored, ref)
-            time.sleep(u * ref.seconds[hit] * frac)
+            child.wait_in_stage(hit, u * ref.seconds[hit] * frac)
         if not child.kill():
             assert child.popen.returncode == 0, child.text()[-3000:]
             if stored is not None:
