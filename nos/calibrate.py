@@ -22,6 +22,14 @@ with 80% power, how many seeds detect a ratio of `--ratio` (or its inverse) with
 span less than `--span` (high / low); see `nos.evaluation.stats`.
 
     python -m nos.calibrate --power RUN [--ratio 2] [--span 10] [--db runs/nos.sqlite] [--format json]
+
+**Race stage sizes from a pilot** (`--race RUN`: reads the database only, evaluates nothing): the
+stored race of RUN measures the noise of one validation seed and the spread of its candidates'
+scores; every plan of 1-3 stages within `--budget` candidate-seed trainings (default: RUN's own)
+is simulated on them, and the plans are ranked by the champion's expected shortfall against the
+best entrant (`nos.search.race_sizing`). Prints the `--race` to use next.
+
+    python -m nos.calibrate --race RUN [--budget N] [--draws 2000] [--db runs/nos.sqlite] [--format json]
 """
 
 from __future__ import annotations
@@ -49,10 +57,12 @@ from .evaluation.fitness import (
     geometric_mean_ratio,
 )
 from .evaluation.stats import ALPHA, CONFIDENCE, MAX_SEEDS, POWER, seeds_for, seeds_for_span
+from .search.race_sizing import DRAWS
 from .tasks.sine import DEFAULT_CACHE_DIR, SineConfig
 from .ui.cli import (
     DEFAULT_DB,
     ArgumentParser,
+    UsageError,
     add_device,
     add_format,
     bounded_int,
@@ -90,12 +100,19 @@ def _parser() -> ArgumentParser:
                    help="--power: the loss ratio (or its inverse) to detect with 80%% power (2)")
     p.add_argument("--span", type=finite_float(1, 1e12, "--span (> 1)", lo_open=True), default=10.0,
                    help="--power: the 95%% CI's width high / low to stay under (10)")
-    p.add_argument("--db", type=db_arg, default=DEFAULT_DB, help=f"--power: database path or URL ({DEFAULT_DB})")
+    p.add_argument("--race", metavar="RUN", type=run_ref,
+                   help="race stage sizes from a pilot: read RUN's stored race from --db (evaluates nothing)")
+    p.add_argument("--budget", type=bounded_int(2, 10_000_000, "--budget"),
+                   help="--race: candidate-seed trainings of the validation stages (default: RUN's own)")
+    p.add_argument("--draws", type=bounded_int(100, 1_000_000, "--draws"), default=DRAWS,
+                   help=f"--race: simulated races per plan ({DRAWS})")
+    p.add_argument("--db", type=db_arg, default=DEFAULT_DB, help=f"--power, --race: database path or URL ({DEFAULT_DB})")
     add_device(p)
     add_format(p)
     return p
 
 
+MAX_TEST_SEEDS = 10_000  # what `nos evolve --test-seeds` takes
 POWER_COLUMNS = ("task", "horizon", "baseline", "n", "gmean_ratio", "log_std", "detectable_ratio",
                  "seeds_for_ratio", "seeds_for_span")
 
@@ -139,10 +156,12 @@ def power_main(args: argparse.Namespace) -> int:
     if cmp.champion is None:
         raise UsageError(f"run {shown(run['name'])} has no champion (no funnel candidate has a validation score)")
     rows = power_rows(cmp, args.ratio, args.span)
+    per_horizon, nxt = next_test_seeds(rows)
     if args.format == "json":
         print_json({"run": run["name"], "champion": cmp.champion, "test_seeds": len(cmp.seeds.test),
                     "ratio": args.ratio, "span": args.span, "power": POWER, "alpha": ALPHA,
-                    "confidence": CONFIDENCE, "rows": rows})
+                    "confidence": CONFIDENCE, "rows": rows, "test_seeds_per_horizon": per_horizon,
+                    "next_test_seeds": nxt})
         return 0
     print(f"run {run['name']!r} (id {run['id']}, {run['status']}): champion {cmp.champion} vs each baseline on "
           f"{len(cmp.seeds.test)} test seeds. log std = std of the per-seed log loss ratios; detects = the ratio "
@@ -155,6 +174,101 @@ def power_main(args: argparse.Namespace) -> int:
               _seeds(r, "seeds_for_ratio"), _seeds(r, "seeds_for_span")] for r in rows]
     print(render_table(cells, ["task", "horizon", "baseline", "n", "ratio", "log std", "detects",
                                f"seeds for {args.ratio:g}x", f"seeds for span < {args.span:g}x"]))
+    if nxt is not None:
+        each = ", ".join(f"{k} {v:,}" for k, v in per_horizon.items())
+        advice = (f"next: --test-seeds {nxt} (one count serves every horizon, so the largest)" if nxt <= MAX_TEST_SEEDS
+                  else f"more than --test-seeds allows ({MAX_TEST_SEEDS:,}): a span < {args.span:g}x is out of reach")
+        print(f"seeds for span < {args.span:g}x against every baseline, per horizon: {each}; {advice}")
+    return 0
+
+
+def next_test_seeds(rows: Sequence[dict[str, Any]]) -> tuple[dict[str, int], int | None]:
+    """Per "task t_max" the test seeds whose 95% CI spans less than `--span` against every
+    baseline (the largest of its rows; `MAX_SEEDS` where more are needed), and the count for the
+    next run's `--test-seeds`: the largest of them, as one count serves every horizon. None when
+    no row has a spread (one test seed)."""
+    per: dict[str, int] = {}
+    for r in rows:
+        if r["log_std"] is None:
+            continue
+        key = f"{r['task']} {r['horizon']:g}"
+        per[key] = max(per.get(key, 2), MAX_SEEDS if r["seeds_for_span"] is None else r["seeds_for_span"])
+    return per, max(per.values()) if per else None
+
+
+def race_main(args: argparse.Namespace) -> int:
+    """`--race RUN`: race stage sizes from RUN's stored race; never writes the database."""
+    from db.store import Store
+
+    from .query import find_run, run_config
+    from .search.config import parse_race
+    from .search.race import seed_scores
+    from .search.race_sizing import fit_pilot, plan_cost, plan_text, propose, recommend
+    from .ui.cli import UsageError, shown
+
+    store = Store(args.db, readonly=True)
+    try:
+        run = find_run(store, args.race)
+        cfg = run_config(run)
+        if not cfg.race:
+            raise UsageError(f"run {shown(run['name'])} ran no race (no --race): there is no pilot to size one from")
+        got = seed_scores(store, run["id"], cfg)
+    finally:
+        store.close()
+    if got is None or not got[0].stages[0].complete:
+        raise UsageError(f"run {shown(run['name'])} has not stored its race's first stage yet")
+    race, table = got
+    done = [s for s in race.stages if s.complete]
+    try:
+        pilot = fit_pilot(table, [(s.entrants, s.seeds) for s in done])
+    except ValueError as e:
+        raise UsageError(f"run {shown(run['name'])}: {e}") from None
+    own = tuple(parse_race(cfg.race))
+    budget = args.budget or plan_cost(own)
+    head = (f"run {run['name']!r} (id {run['id']}): a pilot of {len(pilot.candidates)} entrants, {len(done)} stage(s) "
+            f"stored. One validation seed's noise (log units) {pilot.sigma_within:.3g} (per block "
+            + ", ".join(f"{b['candidates']}x{b['seeds']}: {b['sigma_within']:.3g}" for b in pilot.blocks
+                        if b["sigma_within"] is not None)
+            + f"); the spread of the entrants' true scores {pilot.sigma_between:.3g}.")
+    measured = {"run": run["name"], "entrants": len(pilot.candidates), "stages_measured": len(done),
+                "sigma_within": pilot.sigma_within, "sigma_between": pilot.sigma_between,
+                "spread_ratio": pilot.spread_ratio, "blocks": pilot.blocks, "budget": budget, "draws": args.draws}
+    if pilot.spread_ratio <= 1:
+        # every true score equal: each plan's regret is 0 and "the best" is an arbitrary entrant,
+        # so a ranking of plans would be noise dressed as advice
+        if args.format == "json":
+            print_json({**measured, "seconds": 0.0, "recommended": None, "own": None, "plans": []})
+            return 0
+        print(head)
+        print(f"The entrants' scores spread no more than their noise would ({pilot.spread_ratio:.2f}x on the first "
+              "block): this pilot cannot tell its candidates apart, so no plan is better than another and the race "
+              "chose by chance. No --race to propose from it: a next run needs more seeds per candidate in every "
+              "stage, or a more varied pool of candidates.")
+        return 0
+    log.info(f"simulating the race plans of 1-3 stages within {budget} candidate-seed trainings ...")
+    start = time.perf_counter()
+    try:
+        ranked = propose(pilot, budget, args.draws, also=[own] if own[0][0] == len(pilot.truth) else [])
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    pick = recommend(ranked)
+    mine = next((r for r in ranked if r.plan == own), None)
+    seconds = time.perf_counter() - start
+    shown_rows = list(dict.fromkeys([pick, *ranked[:5], *([mine] if mine else [])]))
+    if args.format == "json":
+        print_json({**measured, "seconds": seconds, "recommended": pick.json(), "own": mine.json() if mine else None,
+                    "plans": [r.json() for r in ranked]})
+        return 0
+    print(head)
+    print(f"Plans within {budget} candidate-seed trainings, {args.draws} simulated races each ({seconds:.0f} s): "
+          "worse = how much worse on validation the champion is than the best entrant, on average; "
+          "P(best) = the best entrant is chosen; P(final) = it reaches the last stage.")
+    cells = [[plan_text(r.plan) + (" (recommended)" if r is pick else "") + (" (this run's)" if r is mine else ""),
+              str(sum(s for _, s in r.plan)), str(r.cost), f"{100 * math.expm1(r.regret):.1f}%",
+              f"{100 * r.regret_se:.1f}%", f"{r.p_best:.2f}", f"{r.p_best_final:.2f}"] for r in shown_rows]
+    print(render_table(cells, ["race", "validation seeds", "cost", "worse", "+-", "P(best)", "P(final)"]))
+    print(f"next: --race {plan_text(pick.plan)} (cost {pick.cost} candidate-seed trainings; this run's "
+          f"{plan_text(own)}: {plan_cost(own)})")
     return 0
 
 
@@ -190,8 +304,12 @@ def top10_dropped(full: Sequence[float | None], cheap: Sequence[float | None], p
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.power is not None and args.race is not None:
+        raise UsageError("--power and --race: one pilot question at a time")
     if args.power is not None:
         return power_main(args)
+    if args.race is not None:
+        return race_main(args)
     device = resolve_device(args.device)
     sine = SineConfig(**{k: v for k, v in (("pretrain_steps", args.sine_pretrain_steps),
                                             ("width", args.sine_width)) if v})

@@ -289,6 +289,7 @@ def test_calibrate_power(capsys: pytest.CaptureFixture[str], db: Path) -> None:
     methods = {(m["method"], m["horizon"]): m for m in ref["methods"]}
     want = [v for v in ref["versus"] if v["candidate"] == ref["champion"] and v["horizon"] is not None]
     assert len(doc["rows"]) == len(want) == 5 * len(ref["horizons"])
+    span_seeds: dict[str, int] = {}
     for row, v in zip(doc["rows"], want):
         assert (row["task"], row["horizon"], row["baseline"], row["n"]) == (v["task"], v["horizon"], v["baseline"],
                                                                             v["n"])
@@ -304,14 +305,20 @@ def test_calibrate_power(capsys: pytest.CaptureFixture[str], db: Path) -> None:
         assert n == 2 or detectable_ratio(log_std, n - 1) > 1.5
         m = row["seeds_for_span"]
         assert m == seeds_for_span(log_std, 4.0) and ci_span(log_std, m) < 4 and (m == 2 or ci_span(log_std, m - 1) >= 4)
+        key = f"{v['task']} {v['horizon']:g}"
+        span_seeds[key] = max(span_seeds.get(key, 2), m)
+    # the next run's test seeds: per horizon the most any baseline needs, then the most of those
+    assert doc["test_seeds_per_horizon"] == span_seeds and doc["next_test_seeds"] == max(span_seeds.values())
     code, out, err = table.result()
     assert code == 0, err
     lines = out.splitlines()
     assert lines[0].startswith(f"run {RUN!r} (id ") and f"champion {ref['champion']} " in lines[0]
     assert lines[1].split() == ["task", "horizon", "baseline", "n", "ratio", "log", "std", "detects", "seeds", "for",
                                 "2x", "seeds", "for", "span", "<", "10x"]
-    body = [line.split() for line in lines[3:]]
+    body = [line.split() for line in lines[3:-1]]
     assert len(body) == len(want)
+    assert lines[-1].startswith("seeds for span < 10x against every baseline, per horizon: ") and \
+        lines[-1].endswith("(one count serves every horizon, so the largest)")
     for cells, v in zip(body, want):
         assert cells[2] == v["baseline"] and cells[6] == f"{num(v['detectable_ratio'])}x"
     for proc, expect in errors:

@@ -5,6 +5,7 @@ evolve, kill, resume, the same rows; a damaged unit refused."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sqlite3
@@ -205,3 +206,93 @@ def test_a_damaged_race_unit_is_refused(raced: Path, tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "damaged" in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert db.read_bytes() == before
+
+
+def _calibrate(db: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nos", "calibrate", "--db", str(db), *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_calibrate_race_measures_the_stored_race(raced: Path, tmp_path: Path) -> None:
+    """`nos calibrate --race` on the real race reads the database only and measures the pilot:
+    each eliminated entrant's per-seed score is its best lr's mean log loss over horizons, the
+    noise is the finalists' 2 x 2 block's interaction, the spread the first block's variance,
+    all recomputed here from the stored rows. This tiny race's entrants spread less than that
+    noise, so it proposes nothing and says why; bad questions are one line and exit 2."""
+    from nos.search.race import seed_scores
+
+    before = raced.read_bytes()
+    as_json = _calibrate(raced, "--race", "r", "--draws", "500", "--format", "json")
+    text = _calibrate(raced, "--race", "r", "--draws", "500")
+    assert as_json.returncode == 0 and text.returncode == 0, as_json.stderr[-2000:] + text.stderr[-2000:]
+    assert raced.read_bytes() == before
+    doc = json.loads(as_json.stdout)
+    assert (doc["run"], doc["entrants"], doc["stages_measured"], doc["budget"]) == ("r", 6, 3, 6 + 3 + 4)
+    assert [b["sigma_within"] is None for b in doc["blocks"]] == [True, True, False]  # only 2x2 has noise to see
+    with Store(str(raced), create=False) as store:
+        run = store.get_run("r")
+        race, table = seed_scores(store, run["id"], SearchConfig.checked(run["config"]))  # type: ignore[misc]
+    assert set(table) == set(race.stages[0].entrants)
+    with sqlite3.connect(f"file:{raced}?mode=ro", uri=True) as con:
+        rows = con.execute("SELECT individual_id, horizon, lr, seed, loss FROM evaluations WHERE split = 'validation'"
+                           ).fetchall()
+    checked = 0
+    for name in set(race.stages[0].entrants) - set(race.stages[1].entrants):
+        mine = [r for r in rows if f"#{r[0]}" == name]
+        (seed,) = {r[3] for r in mine}
+        assert list(table[name]) == [seed]
+        if any(r[4] is None or not math.isfinite(r[4]) for r in mine):
+            continue
+        best = [min(r[4] for r in mine if r[1] == h) for h in sorted({r[1] for r in mine})]
+        assert table[name][seed] == pytest.approx(float(np.mean(np.log(best))), rel=1e-6, abs=1e-9)
+        checked += 1
+    assert checked >= 1
+    (f1, f2), (s1, s2) = race.finalists, race.stages[2].seeds
+    sigma = abs(table[f1][s1] - table[f1][s2] - table[f2][s1] + table[f2][s2]) / 2
+    (first,) = race.stages[0].seeds
+    spread = float(np.var([table[n][first] for n in race.stages[0].entrants], ddof=1))
+    assert doc["sigma_within"] == pytest.approx(sigma, rel=1e-9)
+    assert doc["spread_ratio"] == pytest.approx(spread / sigma ** 2, rel=1e-9) and doc["spread_ratio"] <= 1
+    assert doc["recommended"] is None and doc["plans"] == [] and doc["sigma_between"] == 0
+    assert "cannot tell its candidates apart" in text.stdout and "next:" not in text.stdout
+    copy = tmp_path / "nos.sqlite"
+    copy.write_bytes(before)
+    with Store(str(copy), create=False) as store:  # a run of the same config without a race
+        store.set_run_status(store.create_run("plain", {**run["config"], "race": ""}, seed=3), "finished")
+    for args, expect in [(["--race", "nope"], "no run named 'nope'"), (["--race", "r", "--power", "r"], "one pilot"),
+                         (["--race", "plain"], "ran no race")]:
+        bad = _calibrate(copy, *args)
+        assert bad.returncode == 2 and bad.stdout == "" and len(bad.stderr.splitlines()) == 1, bad.stderr
+        assert expect in bad.stderr, bad.stderr
+    assert raced.read_bytes() == before
+
+
+def test_calibrate_race_proposes_the_next_race(raced: Path, tmp_path: Path) -> None:
+    """The race's rows with the entrants the first stage eliminated made e^3, e^4, e^5 times worse
+    on every row (what the race stored is otherwise the same: the same candidates advance, the
+    finalists' rows and so the noise are untouched): now the entrants differ beyond the noise,
+    and the command ranks the plans within the run's budget and names a `--race` evolve takes."""
+    db = tmp_path / "spread.sqlite"
+    db.write_bytes(raced.read_bytes())
+    with Store(str(db), create=False) as store:
+        run = store.get_run("r")
+        race = stored_race(store, run["id"], SearchConfig.checked(run["config"]))
+    assert race is not None
+    out = sorted(set(race.stages[0].entrants) - set(race.stages[1].entrants), key=lambda n: int(n[1:]))
+    with sqlite3.connect(db) as con:
+        for k, name in enumerate(out):
+            con.execute("UPDATE evaluations SET loss = loss * ? WHERE individual_id = ?", (math.exp(3 + k), int(name[1:])))
+    orig = json.loads(_calibrate(raced, "--race", "r", "--format", "json").stdout)
+    as_json = _calibrate(db, "--race", "r", "--draws", "500", "--format", "json")
+    text = _calibrate(db, "--race", "r", "--draws", "500")
+    assert as_json.returncode == 0 and text.returncode == 0, as_json.stderr[-2000:] + text.stderr[-2000:]
+    doc = json.loads(as_json.stdout)
+    assert doc["sigma_within"] == pytest.approx(orig["sigma_within"], rel=1e-9)  # the finalists' block: untouched
+    assert doc["spread_ratio"] > 1 and doc["sigma_between"] > 0
+    assert doc["own"]["race"] == "6x1,3x1,2x2" and doc["own"]["cost"] == 13
+    pick = parse_race(doc["recommended"]["race"])
+    assert pick[0][0] == 6 and 6.5 <= sum(n * s for n, s in pick) <= 13 and pick[-1][1] >= 2
+    assert all(0 <= p["p_best"] <= p["p_best_final"] <= 1 and p["cost"] <= 13 for p in doc["plans"])
+    assert f"next: --race {doc['recommended']['race']} " in text.stdout and "(this run's)" in text.stdout
+    bad = _calibrate(db, "--race", "r", "--budget", "5")
+    assert bad.returncode == 2 and bad.stdout == "" and "no plan fits" in bad.stderr, bad.stderr

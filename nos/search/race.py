@@ -377,6 +377,27 @@ def stored_race(store: Storage, run_id: int, cfg: SearchConfig) -> Race | None:
     return record(cand, base, plan, sorted(first), _protocols(cfg), _genomes(store, run_id, sorted(first)), run_id)
 
 
+def seed_scores(store: Storage, run_id: int, cfg: SearchConfig) -> tuple[Race, dict[str, dict[int, float]]] | None:
+    """The stored race and, for every first-stage entrant, its score on each validation seed it
+    ran, in log units: per search task the mean over horizons of its log loss at the lr chosen on
+    all of those seeds (as the race's running score chooses it), then the mean over tasks -- the
+    race's score per seed, up to a per-seed term (tuned Adam's loss on that seed) that every
+    candidate shares and that ranking within a stage cancels. What `nos calibrate --race` sizes
+    the next race from; None before the first stage is stored."""
+    race = stored_race(store, run_id, cfg)
+    if race is None:
+        return None
+    cand = _search_rows(store, run_id, cfg)
+    base = {cfg.protocol(spec).task: _stored_base(store, cfg, spec) for spec in cfg.tasks}
+    protocols = _protocols(cfg)
+    table: dict[str, dict[int, float]] = {}
+    for name in race.stages[0].entrants:
+        seeds = [s for st in race.stages if st.complete and name in st.entrants for s in st.seeds]
+        per_task = [_profile(cand, base, name, seeds, {task: p}).mean(axis=0) for task, p in protocols.items()]
+        table[name] = dict(zip(seeds, np.mean(per_task, axis=0).tolist()))
+    return race, table
+
+
 def _stored_base(store: Storage, cfg: SearchConfig, spec: str) -> list[Row]:
     return stored_baselines(store, cfg.protocol(spec).key("validation"))
 
