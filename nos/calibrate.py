@@ -24,10 +24,11 @@ span less than `--span` (high / low); see `nos.evaluation.stats`.
     python -m nos.calibrate --power RUN [--ratio 2] [--span 10] [--db runs/nos.sqlite] [--format json]
 
 **Race stage sizes from a pilot** (`--race RUN`: reads the database only, evaluates nothing): the
-stored race of RUN measures the noise of one validation seed and the spread of its candidates'
-scores; every plan of 1-3 stages within `--budget` candidate-seed trainings (default: RUN's own)
-is simulated on them, and the plans are ranked by the champion's expected shortfall against the
-best entrant (`nos.search.race_sizing`). Prints the `--race` to use next.
+stored race of RUN measures the noise of one validation seed, the spread of its candidates' true
+scores (with an F test: a pilot that cannot tell its entrants apart gets no plan) and their
+posterior; every plan of 1-3 stages spending half to all of `--budget` candidate-seed trainings
+(default: RUN's own) is simulated on them, and the plans are ranked by the champion's expected
+shortfall against the best entrant (`nos.search.race_sizing`). Prints the `--race` to use next.
 
     python -m nos.calibrate --race RUN [--budget N] [--draws 2000] [--db runs/nos.sqlite] [--format json]
 """
@@ -203,7 +204,14 @@ def race_main(args: argparse.Namespace) -> int:
     from .query import find_run, run_config
     from .search.config import parse_race
     from .search.race import seed_scores
-    from .search.race_sizing import fit_pilot, plan_cost, plan_text, propose, recommend
+    from .search.race_sizing import (
+        SPREAD_ALPHA,
+        fit_pilot,
+        plan_cost,
+        plan_text,
+        propose,
+        recommend,
+    )
     from .ui.cli import UsageError, shown
 
     store = Store(args.db, readonly=True)
@@ -229,40 +237,42 @@ def race_main(args: argparse.Namespace) -> int:
             f"stored. One validation seed's noise (log units) {pilot.sigma_within:.3g} (per block "
             + ", ".join(f"{b['candidates']}x{b['seeds']}: {b['sigma_within']:.3g}" for b in pilot.blocks
                         if b["sigma_within"] is not None)
-            + f"); the spread of the entrants' true scores {pilot.sigma_between:.3g}.")
+            + f"); the spread of the entrants' true scores {pilot.sigma_between:.3g} ({pilot.spread_ratio:.2f}x the "
+            f"noise of a first-block mean, F test p = {pilot.spread_p:.2g}).")
     measured = {"run": run["name"], "entrants": len(pilot.candidates), "stages_measured": len(done),
                 "sigma_within": pilot.sigma_within, "sigma_between": pilot.sigma_between,
-                "spread_ratio": pilot.spread_ratio, "blocks": pilot.blocks, "budget": budget, "draws": args.draws}
-    if pilot.spread_ratio <= 1:
-        # every true score equal: each plan's regret is 0 and "the best" is an arbitrary entrant,
-        # so a ranking of plans would be noise dressed as advice
+                "spread_ratio": pilot.spread_ratio, "spread_p": pilot.spread_p, "blocks": pilot.blocks,
+                "budget": budget, "draws": args.draws}
+    if not pilot.separable:
+        # no spread beyond the noise: "the best entrant" is a coin toss and a ranking of plans
+        # would be noise dressed as advice
         if args.format == "json":
             print_json({**measured, "seconds": 0.0, "recommended": None, "own": None, "plans": []})
             return 0
         print(head)
-        print(f"The entrants' scores spread no more than their noise would ({pilot.spread_ratio:.2f}x on the first "
-              "block): this pilot cannot tell its candidates apart, so no plan is better than another and the race "
-              "chose by chance. No --race to propose from it: a next run needs more seeds per candidate in every "
-              "stage, or a more varied pool of candidates.")
+        print(f"The entrants' scores on the first block spread {pilot.spread_ratio:.2f}x what noise alone gives "
+              f"(F test p = {pilot.spread_p:.2g}, not below {SPREAD_ALPHA:g}): this pilot cannot tell its candidates "
+              "apart, so it cannot rank plans and its race chose among near-equals. No --race to propose from it: a "
+              "next run needs more seeds per candidate in every stage, or a more varied pool of candidates.")
         return 0
     log.info(f"simulating the race plans of 1-3 stages within {budget} candidate-seed trainings ...")
     start = time.perf_counter()
     try:
-        ranked = propose(pilot, budget, args.draws, also=[own] if own[0][0] == len(pilot.truth) else [])
+        ranked = propose(pilot, budget, args.draws, also=[own] if own[0][0] == len(pilot.candidates) else [])
+        pick = recommend(ranked, budget)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    pick = recommend(ranked)
     mine = next((r for r in ranked if r.plan == own), None)
     seconds = time.perf_counter() - start
-    shown_rows = list(dict.fromkeys([pick, *ranked[:5], *([mine] if mine else [])]))
+    shown_rows = sorted(dict.fromkeys([*ranked[:5], pick, *([mine] if mine else [])]), key=ranked.index)
     if args.format == "json":
         print_json({**measured, "seconds": seconds, "recommended": pick.json(), "own": mine.json() if mine else None,
                     "plans": [r.json() for r in ranked]})
         return 0
     print(head)
     print(f"Plans within {budget} candidate-seed trainings, {args.draws} simulated races each ({seconds:.0f} s): "
-          "worse = how much worse on validation the champion is than the best entrant, on average; "
-          "P(best) = the best entrant is chosen; P(final) = it reaches the last stage.")
+          "worse = how much worse on validation the champion (chosen as the race chooses it) is than the best "
+          "entrant, on average; P(best) = the best entrant is chosen; P(final) = it reaches the last stage.")
     cells = [[plan_text(r.plan) + (" (recommended)" if r is pick else "") + (" (this run's)" if r is mine else ""),
               str(sum(s for _, s in r.plan)), str(r.cost), f"{100 * math.expm1(r.regret):.1f}%",
               f"{100 * r.regret_se:.1f}%", f"{r.p_best:.2f}", f"{r.p_best_final:.2f}"] for r in shown_rows]

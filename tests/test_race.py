@@ -268,7 +268,7 @@ def test_calibrate_race_measures_the_stored_race(raced: Path, tmp_path: Path) ->
 
 
 def test_calibrate_race_proposes_the_next_race(raced: Path, tmp_path: Path) -> None:
-    """The race's rows with the entrants the first stage eliminated made e^3, e^4, e^5 times worse
+    """The race's rows with the entrants the first stage eliminated made e^20, e^40, e^60 times worse
     on every row (what the race stored is otherwise the same: the same candidates advance, the
     finalists' rows and so the noise are untouched): now the entrants differ beyond the noise,
     and the command ranks the plans within the run's budget and names a `--race` evolve takes."""
@@ -281,14 +281,16 @@ def test_calibrate_race_proposes_the_next_race(raced: Path, tmp_path: Path) -> N
     out = sorted(set(race.stages[0].entrants) - set(race.stages[1].entrants), key=lambda n: int(n[1:]))
     with sqlite3.connect(db) as con:
         for k, name in enumerate(out):
-            con.execute("UPDATE evaluations SET loss = loss * ? WHERE individual_id = ?", (math.exp(3 + k), int(name[1:])))
+            # far apart: the spread's F test has one residual degree of freedom (the 2 x 2 block)
+            con.execute("UPDATE evaluations SET loss = loss * ? WHERE individual_id = ?", (math.exp(20 + 20 * k),
+                                                                                          int(name[1:])))
     orig = json.loads(_calibrate(raced, "--race", "r", "--format", "json").stdout)
     as_json = _calibrate(db, "--race", "r", "--draws", "500", "--format", "json")
     text = _calibrate(db, "--race", "r", "--draws", "500")
     assert as_json.returncode == 0 and text.returncode == 0, as_json.stderr[-2000:] + text.stderr[-2000:]
     doc = json.loads(as_json.stdout)
     assert doc["sigma_within"] == pytest.approx(orig["sigma_within"], rel=1e-9)  # the finalists' block: untouched
-    assert doc["spread_ratio"] > 1 and doc["sigma_between"] > 0
+    assert doc["spread_p"] < 0.05 and doc["sigma_between"] > 0
     assert doc["own"]["race"] == "6x1,3x1,2x2" and doc["own"]["cost"] == 13
     pick = parse_race(doc["recommended"]["race"])
     assert pick[0][0] == 6 and 6.5 <= sum(n * s for n, s in pick) <= 13 and pick[-1][1] >= 2

@@ -2,40 +2,47 @@
 validation seeds, set by measurement (`nos calibrate --race RUN`) rather than by a default.
 
 A stored race (`nos.search.race`) is a pilot: every first-stage entrant has a score on each
-validation seed it ran (`race.seed_scores`, log units), the better ones on more seeds. From it:
+validation seed it ran (`race.seed_scores`, log units), the better ones on more seeds. Model:
+score(candidate c, seed s) = mu_c + beta_s + noise. From the pilot:
 
 1. **the noise**: within each stage's block (its entrants x its seeds, a full table) the
    residuals of the additive fit candidate + seed are what ranking within a stage cannot cancel;
    pooled over blocks (each scaled by sqrt(n s / ((n - 1)(s - 1))) so that its mean square is the
    variance), `sigma_within` is one seed's noise, and the pooled residuals themselves are what the
    simulation draws from (their heavy tails included);
-2. **the candidates' true scores**: the additive fit over every seed each entrant ran (seed effects
-   shared, so a candidate that ran the easy block is not flattered), shrunk towards the mean by the
-   normal-normal factor sigma_between^2 / (sigma_between^2 + sigma_within^2 / seeds), with
-   sigma_between^2 the variance of the first block's candidate means less their noise (method of
-   moments; the first block, because no entrant was selected on it yet) -- a candidate eliminated
-   after two seeds is pulled in more than a finalist measured on sixteen;
-3. **a simulated race per plan** (parametric bootstrap): stage 1 takes every entrant; each stage
-   draws each survivor's per-seed scores as its true score plus residuals drawn with replacement,
-   ranks by the mean over every seed so far and keeps the best n of the next stage; the champion is
-   the best of the last block alone. The plan's *regret* is the champion's true score above the
-   best entrant's (log units: exp(regret) - 1 is how much worse the chosen optimizer is on
-   validation than the best one the search had offered), averaged over draws, with P(the best is
-   chosen) and P(the best reaches the last stage);
-4. **a proposal**: every plan of 1-3 stages with n and s from a grid, s never decreasing, from half
-   the budget to all of it in candidate-seed trainings (default: the pilot's own), screened on a few draws, the
-   best few simulated on many and ranked by regret (the same random stream for each plan, so that
-   their differences are not sampling noise alone); the recommendation is the cheapest plan within
-   one Monte-Carlo standard error of the best.
+2. **the spread of the true scores**: the first block's variance of candidate means less their
+   noise (method of moments; the first block because every entrant ran it and none was selected
+   on it yet), with an F test of "no spread at all": a pilot whose spread is not significant (p >=
+   0.05) cannot tell its entrants apart and gets no plan -- ranking plans on it would rank noise;
+3. **the true scores' posterior**: a normal prior N(m, sigma_between^2) on every mu_c, a flat one
+   on the seed effects, and the pilot's table: the joint Gaussian posterior of the mu_c. This is
+   what makes the pilot's own selection harmless: a later block's seed effects are fitted from the
+   candidates that advanced alone, so it says how they differ from each other, not how far ahead of
+   the eliminated they are -- a finalist's lead rests on the first block's few seeds, and the
+   posterior's covariance says so (a plain shrinkage by its sixteen seeds would not);
+4. **a simulated race per plan**: each draw takes true scores from the posterior, then runs the
+   plan: stage 1 takes every entrant; each stage draws each survivor's per-seed scores as its true
+   score plus residuals resampled from the pool, ranks by the mean over every seed so far and keeps
+   the best n of the next stage; the champion is chosen on the last block alone by the race's rule:
+   the finalists within one standard error of the paired per-seed difference to the block's best
+   are equally good by what the block can tell, and among them the simpler one wins -- complexity is
+   taken as unrelated to quality, so one of them at random. The plan's *regret* is the champion's
+   true score above that draw's best entrant (log units: exp(regret) - 1 is how much worse the
+   chosen optimizer is on validation than the best one the search offered), with P(the best is
+   chosen) and P(the best reaches the last stage). Every plan sees the same true scores and the same
+   residual for a (draw, candidate, seed position): a counter hash, not a stream, so that plans
+   differ by what they do, not by their luck;
+5. **a proposal**: every plan of 1-3 stages with n and s from a grid (s never decreasing, at least 2
+   candidates and 2 seeds in the last stage) that spends half to all of the budget in candidate-seed
+   trainings (default: the pilot's own), screened on a few draws, the best few simulated on many;
+   the recommendation is the cheapest of them within one standard error of the paired difference
+   to the best.
 
 What it leaves out, as the simulation's limits: the lr each candidate's score is chosen at is
 taken as fixed (choosing it on few seeds flatters a candidate a little more than the simulation
-says), the race's one-per-cluster rule and its simplicity rule for the champion (near-copies share
-a true score, so regret ignores them), and the search tasks (a multi-task score is one number per
-seed here as in the race). A finalist's fitted score includes the seeds it was selected on, which
-flatters it a little (the winner's curse): the best entrants look further ahead than they are, so
-the regrets are, if anything, optimistic. The true scores are the pilot's own pool: a new search
-offers other candidates, drawn from much the same distribution.
+says), the race's one-per-cluster rule (near-copies share a true score), a skewed spread of true
+scores (the prior is normal), and the search tasks (a multi-task score is one number per seed here
+as in the race). The pool is drawn around the pilot's own: a new search offers other candidates.
 """
 
 from __future__ import annotations
@@ -45,13 +52,15 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy import stats
 
-DRAWS = 2000  # simulated races per plan: regret's Monte-Carlo SE is ~2% of its spread
+DRAWS = 2000  # simulated races per plan
 SCREEN = 200  # draws per plan when screening every plan; the best `KEPT` get `DRAWS`
 KEPT = 40
 SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)  # candidates kept by a stage
 SEEDS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)  # a stage's validation seeds
 MAX_STAGES = 3  # a 4th stage multiplies the plans by ~10 and bought < 1 MC SE on the pilots tried
+SPREAD_ALPHA = 0.05  # the F test's level for "the entrants differ at all"
 
 Plan = tuple[tuple[int, int], ...]  # (candidates, seeds) per stage, as `--race` spells it
 
@@ -69,37 +78,24 @@ def plan_cost(plan: Plan) -> int:
 
 @dataclass
 class Pilot:
-    """What a stored race measured (module docstring, steps 1 and 2)."""
+    """What a stored race measured (module docstring, steps 1-3)."""
 
     candidates: tuple[str, ...]  # the first stage's entrants
-    truth: np.ndarray  # their shrunk true scores, log units relative to the mean (lower is better)
-    fitted: np.ndarray  # their additive-fit scores before shrinking
+    mean: np.ndarray  # posterior mean of their true scores, log units relative to the prior mean
+    cov: np.ndarray  # its covariance (zero when the spread is)
+    fitted: np.ndarray  # their least-squares candidate effects (no prior), same origin
     seeds: np.ndarray  # how many validation seeds each ran
     residuals: np.ndarray  # pooled, variance-scaled within-block residuals
     sigma_within: float  # one seed's noise (log units)
     sigma_between: float  # the spread of the true scores (log units)
-    # the first block's variance of candidate means / what noise alone would give it: <= 1, the
-    # pilot cannot tell its entrants apart
-    # (sigma_between is then 0, every plan's regret 0: the race chose by chance)
-    spread_ratio: float
+    spread_ratio: float  # the first block's variance of candidate means / what noise alone gives
+    spread_p: float  # the F test's p-value for no spread at all
     blocks: list[dict] = field(default_factory=list)  # per stage block: candidates, seeds, its sigma
 
-
-def _additive_fit(x: np.ndarray, seen: np.ndarray, iters: int = 200) -> tuple[np.ndarray, np.ndarray]:
-    """Least-squares candidate + seed effects of a table with missing cells (`seen` False), by
-    alternating means (each step can only lower the squared error; the table is connected, as
-    every candidate ran the first block). Seed effects sum to zero."""
-    mu = np.where(seen, x, 0).sum(1) / seen.sum(1)
-    beta = np.zeros(x.shape[1])
-    for _ in range(iters):
-        beta = np.where(seen, x - mu[:, None], 0).sum(0) / np.maximum(seen.sum(0), 1)
-        beta -= beta[seen.any(0)].mean()
-        new = np.where(seen, x - beta[None, :], 0).sum(1) / seen.sum(1)
-        if np.allclose(new, mu, rtol=0, atol=1e-12):
-            mu = new
-            break
-        mu = new
-    return mu, beta
+    @property
+    def separable(self) -> bool:
+        """Do the entrants differ beyond the noise (module docstring, step 2)?"""
+        return self.spread_p < SPREAD_ALPHA and self.sigma_between > 0
 
 
 def block_residuals(x: np.ndarray) -> np.ndarray:
@@ -112,11 +108,34 @@ def block_residuals(x: np.ndarray) -> np.ndarray:
     return (r * math.sqrt(n * s / ((n - 1) * (s - 1)))).ravel()
 
 
+def posterior(x: np.ndarray, seen: np.ndarray, sw2: float, m: float, sb2: float
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Candidate effects of the additive model on the observed cells of `x`: the least-squares
+    ones (minimum norm: the origin is arbitrary), and the Gaussian posterior's mean and covariance
+    under mu ~ N(m, sb2) each, flat seed effects and N(0, sw2) noise (sb2 = 0: all equal to m)."""
+    n, s = x.shape
+    rows, cols = np.nonzero(seen)
+    design = np.zeros((rows.size, n + s))
+    design[np.arange(rows.size), rows] = 1.0
+    design[np.arange(rows.size), n + cols] = 1.0
+    y = x[rows, cols]
+    fitted = np.linalg.lstsq(design, y, rcond=None)[0][:n]
+    if sb2 <= 0:
+        return fitted - fitted.mean(), np.full(n, m), np.zeros((n, n))
+    precision = design.T @ design / sw2
+    precision[np.arange(n), np.arange(n)] += 1 / sb2
+    precision[np.arange(n, n + s), np.arange(n, n + s)] += 1e-9  # flat, but solvable
+    rhs = design.T @ y / sw2
+    rhs[:n] += m / sb2
+    cov = np.linalg.inv(precision)
+    return fitted - fitted.mean(), (cov @ rhs)[:n], (cov[:n, :n] + cov[:n, :n].T) / 2
+
+
 def fit_pilot(table: Mapping[str, Mapping[int, float]], blocks: Sequence[tuple[Sequence[str], Sequence[int]]]
               ) -> Pilot:
     """The pilot of per-seed scores `table` (candidate -> seed -> log score) whose stages ran
-    `blocks` (entrants, seeds) each; a ValueError when no block has 2 candidates on 2 seeds (no
-    noise to measure) or a score is not finite."""
+    `blocks` (entrants, seeds) each, the first block holding every candidate; a ValueError when
+    no block has 2 candidates on 2 seeds (no noise to measure) or a score is not finite."""
     names = tuple(table)
     seeds = sorted({s for row in table.values() for s in row})
     col = {s: j for j, s in enumerate(seeds)}
@@ -127,32 +146,54 @@ def fit_pilot(table: Mapping[str, Mapping[int, float]], blocks: Sequence[tuple[S
             if not math.isfinite(v):
                 raise ValueError(f"candidate {n}: its score on seed {s} is not finite")
             x[i, col[s]], seen[i, col[s]] = v, True
-    if not seen.any(1).all():
-        raise ValueError("a candidate of the pilot has no score")
-    pooled, info = [], []
     row = {n: i for i, n in enumerate(names)}
+    if not blocks or set(blocks[0][0]) != set(names) or not all(seen[row[n], col[s]] for n in names
+                                                                  for s in blocks[0][1]):
+        raise ValueError("the pilot's first block must hold every candidate on every one of its seeds")
+    pooled, info, df = [], [], 0
     for entrants, block in blocks:
         sub = x[np.ix_([row[n] for n in entrants], [col[s] for s in block])]
         r = block_residuals(sub)
         pooled.append(r)
+        df += (len(entrants) - 1) * (len(block) - 1) if r.size else 0
         info.append({"candidates": len(entrants), "seeds": len(block),
                      "sigma_within": float(np.sqrt(np.mean(r ** 2))) if r.size else None})
-    residuals = np.concatenate(pooled) if pooled else np.zeros(0)
+    residuals = np.concatenate(pooled)
     if residuals.size == 0:
         raise ValueError("no stage of the pilot has 2 candidates on 2 seeds: its noise cannot be measured")
     sw2 = float(np.mean(residuals ** 2))
-    mu, _ = _additive_fit(x, seen)
-    k = seen.sum(1).astype(float)
-    # the spread from the first block alone: every entrant on the same seeds, none selected yet
-    # (the later blocks hold the candidates chosen for doing well, whose scores flatter them)
-    first = x[np.ix_([row[n] for n in blocks[0][0]], [col[s] for s in blocks[0][1]])] if blocks else x[:, :0]
-    spread = float(np.var(first.mean(1), ddof=1)) if first.shape[0] > 1 and first.shape[1] else 0.0
-    noise = sw2 / max(first.shape[1], 1)
-    sb2 = max(spread - noise, 0.0)
-    m = float(mu.mean())
-    truth = m + (mu - m) * sb2 / (sb2 + sw2 / k) if sw2 > 0 else mu
-    return Pilot(names, truth - m, mu - m, k.astype(int), residuals, math.sqrt(sw2), math.sqrt(sb2),
-                 spread / noise if noise > 0 else math.inf, info)
+    first = x[np.ix_([row[n] for n in blocks[0][0]], [col[s] for s in blocks[0][1]])].mean(1)
+    s1 = len(blocks[0][1])
+    spread = float(np.var(first, ddof=1)) if first.size > 1 else 0.0
+    ratio = spread / (sw2 / s1) if sw2 > 0 else math.inf
+    p = float(stats.f.sf(ratio, first.size - 1, df)) if first.size > 1 and math.isfinite(ratio) else 0.0
+    sb2 = max(spread - sw2 / s1, 0.0)
+    m = float(first.mean())
+    fitted, mean, cov = posterior(x, seen, sw2, m, sb2)
+    return Pilot(names, mean - m, cov, fitted, seen.sum(1).astype(int), residuals, math.sqrt(sw2), math.sqrt(sb2),
+                 ratio, p, info)
+
+
+# ------------------------------------------------------------------------------- simulating
+
+
+_M1, _M2, _GOLD = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB), np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser, elementwise on uint64 (wrapping arithmetic)."""
+    x = x + _GOLD
+    x = (x ^ (x >> np.uint64(30))) * _M1
+    x = (x ^ (x >> np.uint64(27))) * _M2
+    return x ^ (x >> np.uint64(31))
+
+
+def _counter(seed: int, *keys: np.ndarray) -> np.ndarray:
+    """A uint64 per combination of `keys` (broadcast), the same whatever else is drawn."""
+    h = _mix(np.full(1, seed, dtype=np.uint64))
+    for k in keys:
+        h = _mix(h ^ k.astype(np.uint64))
+    return h
 
 
 @dataclass(eq=False)  # one per simulated plan, told apart by identity
@@ -162,6 +203,7 @@ class Simulated:
     regret_se: float  # its Monte-Carlo standard error
     p_best: float  # P(the champion is the best entrant)
     p_best_final: float  # P(the best entrant reaches the last stage)
+    per_draw: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))  # regret of each draw
 
     @property
     def cost(self) -> int:
@@ -173,49 +215,81 @@ class Simulated:
                 "p_best": self.p_best, "p_best_final": self.p_best_final}
 
 
-def simulate_draws(truth: np.ndarray, residuals: np.ndarray, plan: Plan, draws: int = DRAWS, seed: int = 0
+def true_scores(mean: np.ndarray, cov: np.ndarray | None, draws: int, seed: int) -> np.ndarray:
+    """(draws, candidates) true scores from N(mean, cov); `mean` itself in every draw if cov is None."""
+    if cov is None or not np.any(cov):
+        return np.broadcast_to(mean, (draws, mean.size)).copy()
+    w, v = np.linalg.eigh(cov)
+    root = v * np.sqrt(np.clip(w, 0, None))
+    return mean + np.random.default_rng(seed).standard_normal((draws, mean.size)) @ root.T
+
+
+def simulate_draws(truth: np.ndarray, residuals: np.ndarray, plan: Plan, seed: int = 0, rule: str = "race"
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """`draws` simulated races of `plan` over candidates of true scores `truth` (module docstring,
-    step 3): per draw the champion's regret, whether it is the best, whether the best reached the
-    last stage."""
-    if not plan or plan[0][0] != len(truth):
-        raise ValueError(f"a plan's first stage takes every entrant ({len(truth)}), got {plan_text(plan)}")
+    """A simulated race of `plan` per row of `truth` (draws x candidates; module docstring, step
+    4): per draw the champion's regret, whether it is the best, whether the best reached the last
+    stage. `rule` "race": the champion as the race chooses it (within one SE of the last block's
+    best, one at random); "best": the last block's best."""
+    draws, entrants = truth.shape
+    if not plan or plan[0][0] != entrants:
+        raise ValueError(f"a plan's first stage takes every entrant ({entrants}), got {plan_text(plan)}")
     if any(b[0] > a[0] for a, b in zip(plan, plan[1:])) or any(n < 1 or s < 1 for n, s in plan):
         raise ValueError(f"a plan's stages keep at most the candidates of the stage before: {plan_text(plan)}")
-    rng = np.random.default_rng(seed)
-    best = int(np.argmin(truth))
-    alive = np.broadcast_to(np.arange(len(truth)), (draws, len(truth)))
-    total = np.zeros((draws, len(truth)))
-    count = 0
-    block = total
+    d = np.arange(draws)[:, None, None]
+    alive = np.broadcast_to(np.arange(entrants), (draws, entrants))
+    total = np.zeros((draws, entrants))
+    count, offset = 0, 0
+    per_seed = np.zeros((draws, entrants, 1))
     for k, (n, s) in enumerate(plan):
         if k:
             order = np.argsort(total / count, axis=1, kind="stable")[:, :n]
             alive = np.take_along_axis(alive, order, 1)
             total = np.take_along_axis(total, order, 1)
-        noise = residuals[rng.integers(0, residuals.size, size=(draws, alive.shape[1], s))].sum(2)
-        block = truth[alive] * s + noise
-        total = total + block
-        count += s
-    champ = np.take_along_axis(alive, np.argmin(block, axis=1)[:, None], 1)[:, 0]
-    return truth[champ] - truth[best], champ == best, (alive == best).any(1)
+        j = np.arange(offset, offset + s)[None, None, :]
+        noise = residuals[_counter(seed, d, alive[:, :, None], j) % np.uint64(residuals.size)]
+        per_seed = np.take_along_axis(truth, alive, 1)[:, :, None] + noise
+        total = total + per_seed.sum(2)
+        count, offset = count + s, offset + s
+    block = per_seed.mean(2)
+    lead = np.argmin(block, axis=1)
+    if rule == "best" or per_seed.shape[2] < 2:
+        pick = lead
+    else:
+        diff = per_seed - np.take_along_axis(per_seed, lead[:, None, None], 1)
+        se = diff.std(axis=2, ddof=1) / math.sqrt(per_seed.shape[2])
+        within = diff.mean(2) <= se  # the lead itself: 0 <= 0
+        u = (_counter(seed, np.arange(draws), np.array([2**32])) >> np.uint64(11)).astype(float) / 2.0 ** 53
+        nth = np.floor(u * within.sum(1)).astype(int)
+        pick = np.argmax(within & (np.cumsum(within, 1) - 1 == nth[:, None]), axis=1)
+    champ = alive[np.arange(draws), pick]
+    best = np.argmin(truth, axis=1)
+    rows = np.arange(draws)
+    return truth[rows, champ] - truth[rows, best], champ == best, (alive == best[:, None]).any(1)
 
 
-def simulate(truth: np.ndarray, residuals: np.ndarray, plan: Plan, draws: int = DRAWS, seed: int = 0) -> Simulated:
-    regret, chosen, final = simulate_draws(truth, residuals, plan, draws, seed)
-    return Simulated(plan, float(regret.mean()), float(regret.std(ddof=1) / math.sqrt(draws)), float(chosen.mean()),
-                     float(final.mean()))
+def simulate(pilot: Pilot, plan: Plan, draws: int = DRAWS, seed: int = 0, rule: str = "race") -> Simulated:
+    truth = true_scores(pilot.mean, pilot.cov, draws, seed)
+    return simulate_truth(truth, pilot.residuals, plan, seed, rule)
+
+
+def simulate_truth(truth: np.ndarray, residuals: np.ndarray, plan: Plan, seed: int = 0, rule: str = "race"
+                   ) -> Simulated:
+    regret, chosen, final = simulate_draws(truth, residuals, plan, seed, rule)
+    n = regret.size
+    return Simulated(plan, float(regret.mean()), float(regret.std(ddof=1) / math.sqrt(n)), float(chosen.mean()),
+                     float(final.mean()), regret)
 
 
 def plans(first: int, budget: int, max_stages: int = MAX_STAGES) -> Iterator[Plan]:
     """Every plan whose first stage takes all `first` entrants, later stages fewer candidates from
-    `SIZES`, seeds from `SEEDS` never fewer than the stage before, at least 2 seeds in the last
-    stage (the champion rule needs a noise estimate), at most `budget` candidate-seed trainings and
-    at least half of them (a plan that leaves half the budget unspent is not what was asked for)."""
+    `SIZES`, seeds from `SEEDS` never fewer than the stage before, at least 2 candidates and 2
+    seeds in the last stage (the champion rule compares finalists on a noise estimate), at most
+    `budget` candidate-seed trainings and at least half of them (a plan that leaves half the budget
+    unspent is not what was asked for)."""
     sizes = [n for n in SIZES if n < first]
 
     def more(plan: Plan, cost: int) -> Iterator[Plan]:
-        if plan[-1][1] >= 2 and 2 * cost >= budget:
+        if plan[-1][0] >= 2 and plan[-1][1] >= 2 and 2 * cost >= budget:
             yield plan
         if len(plan) == max_stages:
             return
@@ -232,24 +306,42 @@ def plans(first: int, budget: int, max_stages: int = MAX_STAGES) -> Iterator[Pla
         yield from more(((first, s),), first * s)
 
 
+def within_budget(plan: Plan, budget: int) -> bool:
+    return budget <= 2 * plan_cost(plan) and plan_cost(plan) <= budget
+
+
 def propose(pilot: Pilot, budget: int, draws: int = DRAWS, seed: int = 0, also: Sequence[Plan] = ()) -> list[Simulated]:
     """Every plan of `plans` for the pilot's entrants within `budget`, screened on `SCREEN` draws;
-    the best `KEPT` of them and the plans `also` (e.g. the pilot's own) simulated again on `draws`
-    draws of one random stream each, best (least regret, then cheapest, then fewest stages) first."""
-    screened = sorted(((simulate(pilot.truth, pilot.residuals, p, min(SCREEN, draws), seed + 1).regret, p)
-                       for p in plans(len(pilot.truth), budget)), key=lambda t: (t[0], plan_cost(t[1]), len(t[1])))
-    if not screened:
-        raise ValueError(f"no plan fits a budget of {budget} candidate-seed trainings for {len(pilot.truth)} "
-                         "entrants (each needs at least 2 seeds in its last stage)")
-    kept = list(dict.fromkeys([p for _, p in screened[:KEPT]] + list(also)))
-    out = [simulate(pilot.truth, pilot.residuals, p, draws, seed) for p in kept]
+    the best `KEPT` of them and the plans `also` (e.g. the pilot's own, whatever its cost) simulated
+    again on `draws` draws, all on the same true scores and residuals; best (least regret, then
+    cheapest, then fewest stages) first."""
+    entrants = len(pilot.candidates)
+    screen = true_scores(pilot.mean, pilot.cov, min(SCREEN, draws), seed + 1)
+    scored = sorted(((simulate_truth(screen, pilot.residuals, p, seed + 1).regret, p) for p in plans(entrants, budget)),
+                    key=lambda t: (t[0], plan_cost(t[1]), len(t[1])))
+    if not scored:
+        raise ValueError(f"no plan fits a budget of {budget} candidate-seed trainings for {entrants} entrants (each "
+                         "spends at least half of it and needs 2 candidates on 2 seeds in its last stage)")
+    kept = list(dict.fromkeys([p for _, p in scored[:KEPT]] + list(also)))
+    truth = true_scores(pilot.mean, pilot.cov, draws, seed)
+    out = [simulate_truth(truth, pilot.residuals, p, seed) for p in kept]
     return sorted(out, key=lambda r: (r.regret, r.cost, len(r.plan)))
 
 
-def recommend(ranked: Sequence[Simulated]) -> Simulated:
-    """The cheapest plan (then the fewest stages) whose regret is within one Monte-Carlo standard
-    error of the best's: a plan that only sampling noise ranks above a cheaper one does not earn
-    its extra trainings."""
-    best = ranked[0]
-    close = [r for r in ranked if r.regret <= best.regret + best.regret_se]
-    return min(close, key=lambda r: (r.cost, len(r.plan), r.regret))
+def recommend(ranked: Sequence[Simulated], budget: int) -> Simulated:
+    """Among the plans within the budget (half of it to all of it), the cheapest (then the fewest
+    stages) whose regret exceeds the best's by at most one standard error of their paired
+    difference: a plan that only sampling noise ranks above a cheaper one does not earn its extra
+    trainings."""
+    fit = [r for r in ranked if within_budget(r.plan, budget)]
+    if not fit:
+        raise ValueError(f"no simulated plan spends half to all of {budget} candidate-seed trainings")
+    best = min(fit, key=lambda r: (r.regret, r.cost, len(r.plan)))
+
+    def close(r: Simulated) -> bool:
+        if r is best:
+            return True
+        d = r.per_draw - best.per_draw
+        return float(d.mean()) <= float(d.std(ddof=1)) / math.sqrt(d.size)
+
+    return min((r for r in fit if close(r)), key=lambda r: (r.cost, len(r.plan), r.regret))
