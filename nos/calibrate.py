@@ -275,7 +275,8 @@ def race_main(args: argparse.Namespace) -> int:
           "entrant, on average; P(best) = the best entrant is chosen; P(final) = it reaches the last stage.")
     cells = [[plan_text(r.plan) + (" (recommended)" if r is pick else "") + (" (this run's)" if r is mine else ""),
               str(sum(s for _, s in r.plan)), str(r.cost), f"{100 * math.expm1(r.regret):.1f}%",
-              f"{100 * r.regret_se:.1f}%", f"{r.p_best:.2f}", f"{r.p_best_final:.2f}"] for r in shown_rows]
+              f"{100 * math.exp(r.regret) * r.regret_se:.1f}%", f"{r.p_best:.2f}", f"{r.p_best_final:.2f}"]
+             for r in shown_rows]
     print(render_table(cells, ["race", "validation seeds", "cost", "worse", "+-", "P(best)", "P(final)"]))
     print(f"next: --race {plan_text(pick.plan)} (cost {pick.cost} candidate-seed trainings; this run's "
           f"{plan_text(own)}: {plan_cost(own)})")

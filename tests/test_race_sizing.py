@@ -185,7 +185,7 @@ def test_no_noise_always_chooses_the_best_and_pure_noise_any() -> None:
 def test_simulated_race_is_the_plain_loop(rule: str) -> None:
     """The vectorised simulation against a plain loop over the same draws: three stages ranking by
     the running mean, the champion on the last block alone (the race's rule: one of those within
-    one SE of the paired per-seed difference to the block's best, by the same uniform number)."""
+    one SE of the paired per-seed difference to the block's best, the one of least complexity rank)."""
     rng = np.random.default_rng(8)
     truth, res, plan = rng.normal(size=(60, 10)), rng.standard_t(3, size=50), ((10, 2), (5, 3), (3, 4))
     regret, chosen, final = simulate_draws(truth, res, plan, seed=9, rule=rule)
@@ -206,13 +206,10 @@ def test_simulated_race_is_the_plain_loop(rule: str) -> None:
         lead = min(alive, key=lambda i: np.mean(per[i]))
         champ = lead
         if rule == "race":
-            within = []
-            for i in alive:  # in the order of the last stage's ranking, as the vectorised code holds them
-                diff = np.subtract(per[i], per[lead])
-                if diff.mean() <= diff.std(ddof=1) / math.sqrt(diff.size):
-                    within.append(i)
-            u = int(_counter(9, np.array(d), np.array(2**32))[0] >> np.uint64(11)) / 2.0 ** 53
-            champ = within[int(u * len(within))]
+            within = [i for i in alive if (diff := np.subtract(per[i], per[lead])).mean()
+                      <= diff.std(ddof=1) / math.sqrt(diff.size)]
+            # the simplest of them: each candidate's complexity rank in this draw
+            champ = min(within, key=lambda i: int(_counter(9, np.array(d), np.array(i), np.array(2**33))[0]))
         best = int(np.argmin(truth[d]))
         assert regret[d] == pytest.approx(truth[d, champ] - truth[d, best], abs=1e-12)
         assert chosen[d] == (champ == best) and final[d] == (best in alive)
@@ -233,6 +230,16 @@ def test_the_noise_of_a_candidate_on_a_seed_is_the_same_in_every_plan() -> None:
     assert np.corrcoef(a, b)[0, 1] > 0.5  # the same first stage: alike draw by draw
 
 
+def test_one_seed_in_the_last_stage_is_within_noise_for_all() -> None:
+    """The race gives a last block of one seed an infinite SE: every finalist is within it, so the
+    simplest wins whatever its score -- with no noise at all the champion is still not always best."""
+    truth = np.arange(8.0)
+    race = simulate_truth(_fixed(truth, 4000), np.zeros(5), ((8, 2), (4, 1)), seed=3)
+    assert race.p_best_final == 1.0 and race.p_best == pytest.approx(0.25, abs=0.03)
+    assert race.regret == pytest.approx(np.mean([0, 1, 2, 3]), abs=0.1)
+    assert simulate_truth(_fixed(truth, 100), np.zeros(5), ((8, 2), (4, 1)), rule="best").p_best == 1.0
+
+
 def test_a_bad_plan_is_refused() -> None:
     with pytest.raises(ValueError, match="takes every entrant"):
         simulate_draws(np.zeros((2, 4)), np.zeros(3), ((3, 2),))
@@ -244,7 +251,8 @@ def test_the_prediction_is_what_racing_the_pool_again_gives() -> None:
     """Synthetic searches with known true scores (spread 0.5, noise 0.7, as the random-search
     pilots measured): a pilot race of 32x2,8x4,3x10 on each, fit_pilot and simulate predict a plan's
     regret, and racing the true pool again with fresh noise realizes one. Averaged over the pilots
-    that pass the F test the two agree, for the pilot's own plan and one four times its cost."""
+    that pass the F test the two agree within their sampling noise, for the pilot's own plan and
+    one four times its cost (the model before its posterior under-predicted by 25-45% here)."""
     rng = np.random.default_rng(11)
     for plan in (PILOT, ((32, 8), (12, 8), (3, 48))):
         pred, real = [], []
@@ -256,7 +264,9 @@ def test_the_prediction_is_what_racing_the_pool_again_gives() -> None:
             pred.append(simulate(p, plan, draws=500, seed=t).regret)
             real.append(simulate_truth(_fixed(truth, 500), rng.normal(size=20_000) * 0.7, plan, seed=t + 99).regret)
         assert len(pred) >= 40
-        assert np.mean(pred) == pytest.approx(np.mean(real), rel=0.2), (plan, np.mean(pred), np.mean(real))
+        d = np.subtract(pred, real)  # paired by pool; 3 SE of its mean, and never 30% apart
+        assert abs(d.mean()) <= 3 * d.std(ddof=1) / math.sqrt(d.size), (plan, np.mean(pred), np.mean(real))
+        assert np.mean(pred) == pytest.approx(np.mean(real), rel=0.3), (plan, np.mean(pred), np.mean(real))
 
 
 def test_plans_are_every_plan_within_the_budget() -> None:

@@ -26,7 +26,7 @@ score(candidate c, seed s) = mu_c + beta_s + noise. From the pilot:
    the best n of the next stage; the champion is chosen on the last block alone by the race's rule:
    the finalists within one standard error of the paired per-seed difference to the block's best
    are equally good by what the block can tell, and among them the simpler one wins -- complexity is
-   taken as unrelated to quality, so one of them at random. The plan's *regret* is the champion's
+   taken as unrelated to quality: a random rank per (draw, candidate). The plan's *regret* is the champion's
    true score above that draw's best entrant (log units: exp(regret) - 1 is how much worse the
    chosen optimizer is on validation than the best one the search offered), with P(the best is
    chosen) and P(the best reaches the last stage). Every plan sees the same true scores and the same
@@ -34,9 +34,10 @@ score(candidate c, seed s) = mu_c + beta_s + noise. From the pilot:
    differ by what they do, not by their luck;
 5. **a proposal**: every plan of 1-3 stages with n and s from a grid (s never decreasing, at least 2
    candidates and 2 seeds in the last stage) that spends half to all of the budget in candidate-seed
-   trainings (default: the pilot's own), screened on a few draws, the best few simulated on many;
+   trainings (default: the pilot's own), screened on a few draws, the best few and every plan the
+   screen cannot tell from the best simulated on many;
    the recommendation is the cheapest of them within one standard error of the paired difference
-   to the best.
+   to the best (among the plans within the budget whose last stage has 2 candidates on 2 seeds).
 
 What it leaves out, as the simulation's limits: the lr each candidate's score is chosen at is
 taken as fixed (choosing it on few seeds flatters a candidate a little more than the simulation
@@ -57,6 +58,7 @@ from scipy import stats
 DRAWS = 2000  # simulated races per plan
 SCREEN = 200  # draws per plan when screening every plan; the best `KEPT` get `DRAWS`
 KEPT = 40
+MAX_KEPT = 400
 SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)  # candidates kept by a stage
 SEEDS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)  # a stage's validation seeds
 MAX_STAGES = 3  # a 4th stage multiplies the plans by ~10 and bought < 1 MC SE on the pilots tried
@@ -83,7 +85,7 @@ class Pilot:
     candidates: tuple[str, ...]  # the first stage's entrants
     mean: np.ndarray  # posterior mean of their true scores, log units relative to the prior mean
     cov: np.ndarray  # its covariance (zero when the spread is)
-    fitted: np.ndarray  # their least-squares candidate effects (no prior), same origin
+    fitted: np.ndarray  # their least-squares candidate effects (no prior), centred on their own mean
     seeds: np.ndarray  # how many validation seeds each ran
     residuals: np.ndarray  # pooled, variance-scaled within-block residuals
     sigma_within: float  # one seed's noise (log units)
@@ -150,18 +152,20 @@ def fit_pilot(table: Mapping[str, Mapping[int, float]], blocks: Sequence[tuple[S
     if not blocks or set(blocks[0][0]) != set(names) or not all(seen[row[n], col[s]] for n in names
                                                                   for s in blocks[0][1]):
         raise ValueError("the pilot's first block must hold every candidate on every one of its seeds")
-    pooled, info, df = [], [], 0
+    pooled, info, df, rss = [], [], 0, 0.0
     for entrants, block in blocks:
         sub = x[np.ix_([row[n] for n in entrants], [col[s] for s in block])]
         r = block_residuals(sub)
         pooled.append(r)
-        df += (len(entrants) - 1) * (len(block) - 1) if r.size else 0
+        if r.size:
+            k = (len(entrants) - 1) * (len(block) - 1)
+            df, rss = df + k, rss + float(np.mean(r ** 2)) * k  # each block's unbiased variance, by its df
         info.append({"candidates": len(entrants), "seeds": len(block),
                      "sigma_within": float(np.sqrt(np.mean(r ** 2))) if r.size else None})
     residuals = np.concatenate(pooled)
     if residuals.size == 0:
         raise ValueError("no stage of the pilot has 2 candidates on 2 seeds: its noise cannot be measured")
-    sw2 = float(np.mean(residuals ** 2))
+    sw2 = rss / df  # the pooled residual variance: what the F test's denominator, on df degrees, is
     first = x[np.ix_([row[n] for n in blocks[0][0]], [col[s] for s in blocks[0][1]])].mean(1)
     s1 = len(blocks[0][1])
     spread = float(np.var(first, ddof=1)) if first.size > 1 else 0.0
@@ -252,15 +256,19 @@ def simulate_draws(truth: np.ndarray, residuals: np.ndarray, plan: Plan, seed: i
         count, offset = count + s, offset + s
     block = per_seed.mean(2)
     lead = np.argmin(block, axis=1)
-    if rule == "best" or per_seed.shape[2] < 2:
+    if rule == "best":
         pick = lead
     else:
-        diff = per_seed - np.take_along_axis(per_seed, lead[:, None, None], 1)
-        se = diff.std(axis=2, ddof=1) / math.sqrt(per_seed.shape[2])
-        within = diff.mean(2) <= se  # the lead itself: 0 <= 0
-        u = (_counter(seed, np.arange(draws), np.array([2**32])) >> np.uint64(11)).astype(float) / 2.0 ** 53
-        nth = np.floor(u * within.sum(1)).astype(int)
-        pick = np.argmax(within & (np.cumsum(within, 1) - 1 == nth[:, None]), axis=1)
+        if per_seed.shape[2] < 2:  # no noise estimate: the race counts every finalist within it
+            within = np.ones(block.shape, dtype=bool)
+        else:
+            diff = per_seed - np.take_along_axis(per_seed, lead[:, None, None], 1)
+            se = diff.std(axis=2, ddof=1) / math.sqrt(per_seed.shape[2])
+            within = diff.mean(2) <= se  # the lead itself: 0 <= 0
+        # the simplest of them: a complexity rank per (draw, candidate), unrelated to its quality and
+        # the same in every plan, as a candidate's effective nodes are
+        rank = _counter(seed, d[:, :, 0], alive, np.array(2**33))
+        pick = np.argmin(np.where(within, rank, np.iinfo(np.uint64).max), axis=1)
     champ = alive[np.arange(draws), pick]
     best = np.argmin(truth, axis=1)
     rows = np.arange(draws)
@@ -312,17 +320,20 @@ def within_budget(plan: Plan, budget: int) -> bool:
 
 def propose(pilot: Pilot, budget: int, draws: int = DRAWS, seed: int = 0, also: Sequence[Plan] = ()) -> list[Simulated]:
     """Every plan of `plans` for the pilot's entrants within `budget`, screened on `SCREEN` draws;
-    the best `KEPT` of them and the plans `also` (e.g. the pilot's own, whatever its cost) simulated
-    again on `draws` draws, all on the same true scores and residuals; best (least regret, then
-    cheapest, then fewest stages) first."""
+    the best `KEPT` of them, every other within two paired standard errors of the screen's best (up
+    to `MAX_KEPT`: a screen that cannot tell them apart does not drop them) and the plans `also`
+    (e.g. the pilot's own, whatever its cost) simulated again on `draws` draws, all on the same
+    true scores and residuals; best (least regret, then cheapest, then fewest stages) first."""
     entrants = len(pilot.candidates)
     screen = true_scores(pilot.mean, pilot.cov, min(SCREEN, draws), seed + 1)
-    scored = sorted(((simulate_truth(screen, pilot.residuals, p, seed + 1).regret, p) for p in plans(entrants, budget)),
-                    key=lambda t: (t[0], plan_cost(t[1]), len(t[1])))
+    scored = sorted((simulate_truth(screen, pilot.residuals, p, seed + 1) for p in plans(entrants, budget)),
+                    key=lambda r: (r.regret, r.cost, len(r.plan)))
     if not scored:
         raise ValueError(f"no plan fits a budget of {budget} candidate-seed trainings for {entrants} entrants (each "
                          "spends at least half of it and needs 2 candidates on 2 seeds in its last stage)")
-    kept = list(dict.fromkeys([p for _, p in scored[:KEPT]] + list(also)))
+    top = scored[0].per_draw
+    close = [r.plan for r in scored[KEPT:] if _paired(r.per_draw, top) <= 2][: MAX_KEPT - KEPT]
+    kept = list(dict.fromkeys([r.plan for r in scored[:KEPT]] + close + list(also)))
     truth = true_scores(pilot.mean, pilot.cov, draws, seed)
     out = [simulate_truth(truth, pilot.residuals, p, seed) for p in kept]
     return sorted(out, key=lambda r: (r.regret, r.cost, len(r.plan)))
@@ -333,15 +344,17 @@ def recommend(ranked: Sequence[Simulated], budget: int) -> Simulated:
     stages) whose regret exceeds the best's by at most one standard error of their paired
     difference: a plan that only sampling noise ranks above a cheaper one does not earn its extra
     trainings."""
-    fit = [r for r in ranked if within_budget(r.plan, budget)]
+    fit = [r for r in ranked if within_budget(r.plan, budget) and min(r.plan[-1]) >= 2]
     if not fit:
         raise ValueError(f"no simulated plan spends half to all of {budget} candidate-seed trainings")
     best = min(fit, key=lambda r: (r.regret, r.cost, len(r.plan)))
 
-    def close(r: Simulated) -> bool:
-        if r is best:
-            return True
-        d = r.per_draw - best.per_draw
-        return float(d.mean()) <= float(d.std(ddof=1)) / math.sqrt(d.size)
+    close = [r for r in fit if r is best or _paired(r.per_draw, best.per_draw) <= 1]
+    return min(close, key=lambda r: (r.cost, len(r.plan), r.regret))
 
-    return min((r for r in fit if close(r)), key=lambda r: (r.cost, len(r.plan), r.regret))
+
+def _paired(a: np.ndarray, b: np.ndarray) -> float:
+    """How many standard errors of the paired difference the mean regret `a` is above `b`'s."""
+    d = a - b
+    se = float(d.std(ddof=1)) / math.sqrt(d.size)
+    return float(d.mean()) / se if se > 0 else (0.0 if float(d.mean()) <= 0 else math.inf)
