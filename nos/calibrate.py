@@ -212,7 +212,7 @@ def race_main(args: argparse.Namespace) -> int:
         propose,
         recommend,
     )
-    from .ui.cli import UsageError, shown
+    from .ui.cli import shown
 
     store = Store(args.db, readonly=True)
     try:

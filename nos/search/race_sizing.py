@@ -25,19 +25,19 @@ score(candidate c, seed s) = mu_c + beta_s + noise. From the pilot:
    score plus residuals resampled from the pool, ranks by the mean over every seed so far and keeps
    the best n of the next stage; the champion is chosen on the last block alone by the race's rule:
    the finalists within one standard error of the paired per-seed difference to the block's best
-   are equally good by what the block can tell, and among them the simpler one wins -- complexity is
-   taken as unrelated to quality: a random rank per (draw, candidate). The plan's *regret* is the champion's
-   true score above that draw's best entrant (log units: exp(regret) - 1 is how much worse the
-   chosen optimizer is on validation than the best one the search offered), with P(the best is
-   chosen) and P(the best reaches the last stage). Every plan sees the same true scores and the same
-   residual for a (draw, candidate, seed position): a counter hash, not a stream, so that plans
-   differ by what they do, not by their luck;
+   are equally good by what the block can tell, and among them the simplest wins -- complexity is
+   taken as unrelated to quality: a random rank per (draw, candidate). The plan's *regret* is the
+   champion's true score above that draw's best entrant (log units: exp(regret) - 1 is how much
+   worse the chosen optimizer is on validation than the best one the search offered), with P(the
+   best is chosen) and P(the best reaches the last stage). Every plan sees the same true scores and
+   the same residual for a (draw, candidate, seed position): a counter hash, not a stream, so that
+   plans differ by what they do, not by their luck;
 5. **a proposal**: every plan of 1-3 stages with n and s from a grid (s never decreasing, at least 2
    candidates and 2 seeds in the last stage) that spends half to all of the budget in candidate-seed
-   trainings (default: the pilot's own), screened on a few draws, the best few and every plan the
-   screen cannot tell from the best simulated on many;
-   the recommendation is the cheapest of them within one standard error of the paired difference
-   to the best (among the plans within the budget whose last stage has 2 candidates on 2 seeds).
+   trainings (default: the pilot's own), screened on a few draws; the best few, and every plan the
+   screen cannot tell from the best, simulated on many. The recommendation is the cheapest of them
+   within one standard error of the paired difference to the best (among the plans within the
+   budget whose last stage has 2 candidates on 2 seeds).
 
 What it leaves out, as the simulation's limits: the lr each candidate's score is chosen at is
 taken as fixed (choosing it on few seeds flatters a candidate a little more than the simulation
