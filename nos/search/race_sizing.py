@@ -233,7 +233,7 @@ def simulate_draws(truth: np.ndarray, residuals: np.ndarray, plan: Plan, seed: i
     """A simulated race of `plan` per row of `truth` (draws x candidates; module docstring, step
     4): per draw the champion's regret, whether it is the best, whether the best reached the last
     stage. `rule` "race": the champion as the race chooses it (within one SE of the last block's
-    best, one at random); "best": the last block's best."""
+    best, the one of least complexity rank); "best": the last block's best."""
     draws, entrants = truth.shape
     if not plan or plan[0][0] != entrants:
         raise ValueError(f"a plan's first stage takes every entrant ({entrants}), got {plan_text(plan)}")
