@@ -368,13 +368,21 @@ def _test_rows(rows: Sequence[Row], finalists: Mapping[str, object], p: Protocol
 def stored_race(store: Storage, run_id: int, cfg: SearchConfig) -> Race | None:
     """The race of a run as stored (None before its first stage is stored): what the comparison,
     `nos query stats` and the report read."""
+    got = _stored(store, run_id, cfg)
+    return None if got is None else got[0]
+
+
+def _stored(store: Storage, run_id: int, cfg: SearchConfig
+            ) -> tuple[Race, dict[str, list[Row]], dict[str, list[Row]]] | None:
+    """The stored race with the rows it was recorded from: candidates' and baselines' per task."""
     cand = _search_rows(store, run_id, cfg)
     plan = cfg.race_plan()
     first = {r.method for rows in cand.values() for r in rows if r.split == "validation" and r.seed in set(plan[0][1])}
     if not first:
         return None
     base = {cfg.protocol(spec).task: _stored_base(store, cfg, spec) for spec in cfg.tasks}
-    return record(cand, base, plan, sorted(first), _protocols(cfg), _genomes(store, run_id, sorted(first)), run_id)
+    race = record(cand, base, plan, sorted(first), _protocols(cfg), _genomes(store, run_id, sorted(first)), run_id)
+    return race, cand, base
 
 
 def seed_scores(store: Storage, run_id: int, cfg: SearchConfig) -> tuple[Race, dict[str, dict[int, float]]] | None:
@@ -384,11 +392,10 @@ def seed_scores(store: Storage, run_id: int, cfg: SearchConfig) -> tuple[Race, d
     race's score per seed, up to a per-seed term (tuned Adam's loss on that seed) that every
     candidate shares and that ranking within a stage cancels. What `nos calibrate --race` sizes
     the next race from; None before the first stage is stored."""
-    race = stored_race(store, run_id, cfg)
-    if race is None:
+    got = _stored(store, run_id, cfg)
+    if got is None:
         return None
-    cand = _search_rows(store, run_id, cfg)
-    base = {cfg.protocol(spec).task: _stored_base(store, cfg, spec) for spec in cfg.tasks}
+    race, cand, base = got
     protocols = _protocols(cfg)
     table: dict[str, dict[int, float]] = {}
     for name in race.stages[0].entrants:

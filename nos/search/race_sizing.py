@@ -85,7 +85,6 @@ class Pilot:
     candidates: tuple[str, ...]  # the first stage's entrants
     mean: np.ndarray  # posterior mean of their true scores, log units relative to the prior mean
     cov: np.ndarray  # its covariance (zero when the spread is)
-    fitted: np.ndarray  # their least-squares candidate effects (no prior), centred on their own mean
     seeds: np.ndarray  # how many validation seeds each ran
     residuals: np.ndarray  # pooled, variance-scaled within-block residuals
     sigma_within: float  # one seed's noise (log units)
@@ -173,8 +172,8 @@ def fit_pilot(table: Mapping[str, Mapping[int, float]], blocks: Sequence[tuple[S
     p = float(stats.f.sf(ratio, first.size - 1, df)) if first.size > 1 and math.isfinite(ratio) else 0.0
     sb2 = max(spread - sw2 / s1, 0.0)
     m = float(first.mean())
-    fitted, mean, cov = posterior(x, seen, sw2, m, sb2)
-    return Pilot(names, mean - m, cov, fitted, seen.sum(1).astype(int), residuals, math.sqrt(sw2), math.sqrt(sb2),
+    _, mean, cov = posterior(x, seen, sw2, m, sb2)
+    return Pilot(names, mean - m, cov, seen.sum(1).astype(int), residuals, math.sqrt(sw2), math.sqrt(sb2),
                  ratio, p, info)
 
 
@@ -297,7 +296,7 @@ def plans(first: int, budget: int, max_stages: int = MAX_STAGES) -> Iterator[Pla
     sizes = [n for n in SIZES if n < first]
 
     def more(plan: Plan, cost: int) -> Iterator[Plan]:
-        if plan[-1][0] >= 2 and plan[-1][1] >= 2 and 2 * cost >= budget:
+        if eligible(plan, budget):
             yield plan
         if len(plan) == max_stages:
             return
@@ -314,8 +313,9 @@ def plans(first: int, budget: int, max_stages: int = MAX_STAGES) -> Iterator[Pla
         yield from more(((first, s),), first * s)
 
 
-def within_budget(plan: Plan, budget: int) -> bool:
-    return budget <= 2 * plan_cost(plan) and plan_cost(plan) <= budget
+def eligible(plan: Plan, budget: int) -> bool:
+    """A plan that may be proposed: half to all of the budget, 2 candidates on 2 seeds at the end."""
+    return min(plan[-1]) >= 2 and budget <= 2 * plan_cost(plan) <= 2 * budget
 
 
 def propose(pilot: Pilot, budget: int, draws: int = DRAWS, seed: int = 0, also: Sequence[Plan] = ()) -> list[Simulated]:
@@ -344,7 +344,7 @@ def recommend(ranked: Sequence[Simulated], budget: int) -> Simulated:
     stages) whose regret exceeds the best's by at most one standard error of their paired
     difference: a plan that only sampling noise ranks above a cheaper one does not earn its extra
     trainings."""
-    fit = [r for r in ranked if within_budget(r.plan, budget) and min(r.plan[-1]) >= 2]
+    fit = [r for r in ranked if eligible(r.plan, budget)]
     if not fit:
         raise ValueError(f"no simulated plan spends half to all of {budget} candidate-seed trainings")
     best = min(fit, key=lambda r: (r.regret, r.cost, len(r.plan)))
