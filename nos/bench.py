@@ -222,8 +222,9 @@ def task_only(task: StackedSineTask | SineTask, candidates: int, steps: int) -> 
 
 
 def update_only(task: StackedSineTask, genomes: Sequence[Genome], steps: int) -> None:
-    """The interpreter's update alone (`direction` and `perturbation`), `steps` times, on a fixed
-    gradient: what the trainer adds to the task's forward + backward, less the `if_better` trials."""
+    """The interpreter's update alone (`direction` and the noise, `perturb_`), `steps` times, on a
+    fixed gradient: what the trainer adds to the task's forward + backward, less the `if_better`
+    trials (their noisy copies are made, not scored)."""
     C = len(genomes)
     opt = BatchedOptimizer(genomes, [ADAM_LR] * C, [steps] * C, [0] * C, task.segments, task.device)
     theta = task.init_params(C)
@@ -231,9 +232,7 @@ def update_only(task: StackedSineTask, genomes: Sequence[Genome], steps: int) ->
     with torch.no_grad():
         for _ in range(steps):
             theta = theta - opt.direction(theta, grad)
-            delta = opt.perturbation(theta)
-            if delta is not None:
-                theta = theta + delta
+            opt.perturb_(theta)
             opt.advance()
 
 

@@ -1,8 +1,8 @@
 """The fused update (nos.engine.fused) against the eager interpreter and against float64.
 
-The kernel computes the ops' formulas in float32 like torch, but its exp, log, erf, ... come from
-libm rather than torch's SLEEF, so single values may differ in their last bit or two: each op is
-held to a few ulp of the eager path. Through a chain of ops (a `delta` of nearly equal values
+The kernel computes the ops' formulas in float32 like torch, but its exp, log, tanh, ... come from
+nos.engine._vecmath (float64, rounded once; erf and a few more from libm) rather than torch's SLEEF,
+so single values may differ in their last bit or two: each op is held to a few ulp of the eager path. Through a chain of ops (a `delta` of nearly equal values
 cancels, for one) those bits can grow, so whole random genomes are held to the eager path's own
 distance from float64, as the fused rollout is (tests/test_sine_kernel.py). Where there is no
 rounding to differ (dropout masks, the batch a row sits in, the threads, `select`), the numbers
@@ -110,7 +110,10 @@ def test_i1e_against_scipy_in_float64() -> None:
 
 @pytest.mark.parametrize("operand", sorted(OPERANDS))
 def test_each_operand_matches_eager(operand: str) -> None:
-    genome = G([{"op": "neg", "in": [operand]}], update="nesterov")
+    # The noise operand's normals are computed in float64 and rounded once, eager's in float32
+    # steps: up to 2 ulp apart, which Nesterov's u + 0.9 buf of noise cancels into many; its
+    # chains are held by the float64 test below, its values here without the buffer.
+    genome = G([{"op": "neg", "in": [operand]}], update="plain" if operand == "noise" else "nesterov")
     eager, fast = _pair([genome, genome])
     data = _inputs(2, 4, seed=2)
     for e, f in zip(_directions(eager, data), _directions(fast, data)):
@@ -225,6 +228,31 @@ def test_perturbation_matches_eager() -> None:
         assert float(_row_err(f[rows].double(), e[rows].double()).max()) < 1e-6
         eager.advance()
         fast.advance()
+
+
+def test_perturb_in_place_is_theta_plus_the_perturbation() -> None:
+    """`perturb_` (what the trainer runs) gives the numbers of theta + perturbation(theta), bit for
+    bit on both paths: always-rows get their noise in place, if_better rows stay as they were and
+    their noisy copies come back in if_better_rows' order, rows without noise are untouched."""
+    genomes = [G([{"op": "neg", "in": ["g"]}], noise={"sigma": s, "decay": None, "scale": sc, "accept": a})
+               for s, sc, a in [(0.1, "layer_std", "if_better"), (0.0, "absolute", "always"),
+                                (0.01, "layer_std", "always"), (0.3, "absolute", "if_better"),
+                                (0.2, "absolute", "always")]]
+    for path in fused.UPDATES:
+        args = (genomes, [0.1] * 5, [4] * 5, [7, 8, 9, 10, 11], SEG)
+        a, b = BatchedOptimizer(*args, update=path), BatchedOptimizer(*args, update=path)
+        for theta, _ in _inputs(5, 3, seed=4):
+            delta = a.perturbation(theta)
+            assert delta is not None
+            whole = theta + delta
+            new = theta.clone()
+            trial = b.perturb_(new)
+            assert trial is not None and torch.equal(trial, whole[[0, 3]]), path
+            assert torch.equal(new[[2, 4]], whole[[2, 4]]), path  # noise kept in place
+            assert torch.equal(new[[0, 1, 3]], theta[[0, 1, 3]]), path  # if_better and quiet rows untouched
+            assert not torch.equal(new[2], theta[2])
+            a.advance()
+            b.advance()
 
 
 def test_training_matches_eager() -> None:

@@ -5,7 +5,8 @@ nodes run in slot order, each as one tight loop over the P parameters, into a [M
 scratch that stays in L1/L2; the moments buffer, the lr and the sign come last, in the same pass.
 The formulas are `search_space.ops` / `search_space.operands`, op for op, in float32 (constants as
 float32, no fast-math, so no contraction into FMAs) and with torch's NaN handling (clamps and
-maximum/minimum propagate NaN). Transcendental functions come from libm rather than torch's
+maximum/minimum propagate NaN). Transcendental functions are `_vecmath`'s (vectorisable, evaluated
+in float64 and rounded once; erf, erfc and the Bessel function are libm's) rather than torch's
 SLEEF, so a value may differ in its last bit; the tests hold the two paths to 1e-6.
 """
 
@@ -16,6 +17,8 @@ from typing import Any
 
 import numba
 import numpy as np
+
+from . import _vecmath as vm
 
 _jit = numba.njit(cache=True, nogil=True, error_model="numpy")
 
@@ -129,25 +132,26 @@ def _unary(op: int, x: Any, out: Any) -> None:
     elif op == 1:  # log_abs
         for p in range(P):
             a = abs(x[p])
-            out[p] = math.log(_F(1e-30) if a < _F(1e-30) else a)
+            out[p] = vm.log(_F(1e-30) if a < _F(1e-30) else a)
     elif op == 2:  # sqrt_abs
         for p in range(P):
             out[p] = math.sqrt(abs(x[p]))
     elif op == 3:  # exp
         for p in range(P):
-            out[p] = math.exp(_F(40.0) if x[p] > _F(40.0) else x[p])
+            out[p] = vm.exp(_F(40.0) if x[p] > _F(40.0) else x[p])
     elif op == 4:  # abs
         for p in range(P):
             out[p] = abs(x[p])
     elif op == 5:  # sigmoid
         for p in range(P):
-            out[p] = one / (one + math.exp(-x[p]))
+            e = _F(vm.exp(-x[p]))  # rounded to float32 as torch's is: inf (so 0) below about -88.7
+            out[p] = 1.0 / (1.0 + np.float64(e))
     elif op == 6:  # inv_1p_abs
         for p in range(P):
             out[p] = one / (one + abs(x[p]))
     elif op == 7:  # softplus (beta 1, threshold 20, as torch's)
         for p in range(P):
-            out[p] = x[p] if x[p] > _F(20.0) else math.log1p(math.exp(x[p]))
+            out[p] = x[p] if x[p] > _F(20.0) else vm.log1p(vm.exp(x[p]))
     elif op == 8:  # erf
         for p in range(P):
             out[p] = math.erf(x[p])
@@ -156,13 +160,13 @@ def _unary(op: int, x: Any, out: Any) -> None:
             out[p] = math.erfc(x[p])
     elif op == 10:  # asinh
         for p in range(P):
-            out[p] = math.asinh(x[p])
+            out[p] = vm.asinh(x[p])
     elif op == 11:  # tanh
         for p in range(P):
-            out[p] = math.tanh(x[p])
+            out[p] = vm.tanh(x[p])
     elif op == 12:  # atan
         for p in range(P):
-            out[p] = math.atan(x[p])
+            out[p] = vm.atan(x[p])
     elif op == 13:  # reciprocal: sign(x) / max(|x|, 1e-15)
         for p in range(P):
             a = abs(x[p])
@@ -221,7 +225,7 @@ def _binary(op: int, x: Any, y: Any, out: Any) -> None:
             out[p] = _F(0.95) * x[p] + _F(0.05) * y[p]
     else:  # pow_abs
         for p in range(P):
-            r = abs(x[p]) ** y[p]
+            r = vm.pow_abs(x[p], y[p])
             out[p] = BIG if r > BIG else r
 
 
@@ -461,42 +465,77 @@ def rows(ops: Any, refs: Any, edges: Any, state_rows: Any, node_idx: Any, need: 
                 oc[p] = rate * (u[p] + _MOMENTUM * b)
 
 
+# reassoc lets LLVM split these sums over vector lanes (a plain float loop is one serial chain of
+# adds); in float64 the order changes nothing at float32's precision
+_jit_sum = numba.njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc"})
+
+
+@_jit_sum
+def _sum(x: Any, a: int, b: int) -> float:
+    acc = 0.0
+    for p in range(a, b):
+        acc += np.float64(x[p])
+    return acc
+
+
+@_jit_sum
+def _sum_sq_dev(x: Any, a: int, b: int, mean: float) -> float:
+    acc = 0.0
+    for p in range(a, b):
+        d = np.float64(x[p]) - mean
+        acc += d * d
+    return acc
+
+
+@_jit
+def _fill_normal(seed: int, step: int, stream: int, out: Any) -> None:
+    """out = `rng_normal`'s numbers for one candidate (Box-Muller on the two counter streams)."""
+    k1 = _key(seed, step, stream)
+    k2 = _key(seed, step, stream + 0x10000)
+    two_pi = _F(6.283185307179586)
+    for p in range(out.shape[0]):  # no gather or call in this loop, so it is vectorised
+        u1 = _F(1.0) - _uniform(k1, p)
+        out[p] = vm.normal(u1, two_pi * _uniform(k2, p))  # the angle rounded to float32, as in torch
+
+
+@_jit
+def normals(rows: Any, seeds: Any, step: int, stream: int, std: Any, lo: int, hi: int, out: Any) -> None:
+    """out[c] = std * N(0, 1) for c = rows[lo..hi-1]: `BatchedOptimizer._normal_rows` (the noise
+    operand's numbers)."""
+    for r in range(lo, hi):
+        c = rows[r]
+        oc = out[c]
+        _fill_normal(seeds[c], step, stream, oc)
+        for p in range(oc.shape[0]):
+            oc[p] = std * oc[p]
+
+
 @_jit
 def perturb(theta: Any, rows: Any, seeds: Any, step: int, stream: int, sigma: Any, layer_std: Any,
-            seg_ids: Any, counts: Any, lo: int, hi: int, out: Any) -> None:
-    """out[c] = sigma[c] * scale * N(0, 1) for c = rows[lo..hi-1]: `BatchedOptimizer.perturbation`
-    (the numbers of `rng_normal`, Box-Muller; scale is the population std of each parameter
-    tensor of theta[c] where layer_std[c], else 1)."""
-    P = theta.shape[1]
-    n_seg = counts.shape[0]
-    mean = np.empty(n_seg, np.float32)
-    std = np.empty(n_seg, np.float32)
-    two_pi = _F(6.283185307179586)
+            bounds: Any, dest: Any, add: bool, lo: int, hi: int, out: Any) -> None:
+    """The noise rule's sigma[c] * scale * N(0, 1) for c = rows[lo..hi-1] (`BatchedOptimizer.
+    perturbation`: the numbers of `rng_normal`, Box-Muller; scale is the population std of each
+    parameter tensor of theta[c], `bounds` [n_seg, 2] their [start, end), where layer_std[c], else
+    1), written to out[dest[c]], or, where dest[c] < 0, into theta[c] itself; `add`: theta[c] +
+    the noise rather than the noise alone. In place, each tensor's std is read before it is written."""
+    z = np.empty(theta.shape[1], np.float32)
     for r in range(lo, hi):
         c = rows[r]
         th = theta[c]
-        if layer_std[c]:
-            mean[:] = 0.0
-            for p in range(P):
-                mean[seg_ids[p]] += th[p]
-            for i in range(n_seg):
-                mean[i] = mean[i] / counts[i]
-            std[:] = 0.0
-            for p in range(P):
-                d = th[p] - mean[seg_ids[p]]
-                std[seg_ids[p]] += d * d
-            for i in range(n_seg):
-                std[i] = math.sqrt(std[i] / counts[i])
-        else:
-            std[:] = 1.0
-        k1 = _key(seeds[c], step, stream)
-        k2 = _key(seeds[c], step, stream + 0x10000)
-        s = sigma[c]
-        oc = out[c]
-        for p in range(P):
-            u1 = _F(1.0) - _uniform(k1, p)
-            z = math.sqrt(_F(-2.0) * math.log(u1)) * math.cos(two_pi * _uniform(k2, p))
-            oc[p] = s * std[seg_ids[p]] * _F(z)
+        dst = th if dest[c] < 0 else out[dest[c]]
+        _fill_normal(seeds[c], step, stream, z)
+        for i in range(bounds.shape[0]):
+            a, b = bounds[i, 0], bounds[i, 1]
+            scale = sigma[c]
+            if layer_std[c]:
+                mean = _sum(th, a, b) / (b - a)
+                scale = sigma[c] * _F(math.sqrt(_sum_sq_dev(th, a, b, mean) / (b - a)))
+            if add:
+                for p in range(a, b):
+                    dst[p] = th[p] + scale * z[p]
+            else:
+                for p in range(a, b):
+                    dst[p] = scale * z[p]
 
 
 @_jit

@@ -10,7 +10,7 @@ in cache, after the global gradient clip and the moments the candidate reads, an
 momentum buffer and the lr, all in the same call. The compiled code is one generic kernel, not
 code generated per genome: there is nothing to compile per batch, and numba caches the kernel on
 disk after its first build (about 10 s, once per machine). The noise rule
-(`BatchedOptimizer.perturbation`) has a kernel of its own; the noise operand stays in torch.
+(`BatchedOptimizer.perturbation`) and the noise operand's numbers have kernels of their own.
 
 The eager path is the reference and the fallback: CUDA, float64, no numba, an op the kernel does
 not know, or `NOS_UPDATE=eager`.
@@ -181,18 +181,39 @@ class FusedUpdate:
 
 
 def perturbation(theta: torch.Tensor, rows: torch.Tensor, seeds: torch.Tensor, step: int, stream: int,
-                 sigma: torch.Tensor, layer_std: torch.Tensor, seg_ids: torch.Tensor,
-                 seg_counts: torch.Tensor) -> torch.Tensor:
-    """`BatchedOptimizer.perturbation` in one compiled pass over the perturbed `rows` (zeros in the
-    others): sigma [C] at this step, layer_std [C] bool (scale by each tensor's std), seg_counts
-    [n_seg] float32 (the parameters in each tensor)."""
+                 sigma: torch.Tensor, layer_std: torch.Tensor, bounds: torch.Tensor,
+                 trial_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """`BatchedOptimizer.perturbation` in one compiled pass over the perturbed `rows`: sigma [C] at
+    this step, layer_std [C] bool (scale by each tensor's std), bounds [n_seg, 2] int64 (each
+    tensor's [start, end) in the flat parameters). Returns the [C, P] delta (zeros in the rows not
+    perturbed); with `trial_rows`, `BatchedOptimizer.perturb_`: the noise is added to theta in
+    place, except in `trial_rows`, whose noisy copies are returned ([len(trial_rows), P])."""
     from ._update_numba import perturb
 
-    out = torch.zeros_like(theta)
-    th = theta.detach().contiguous().numpy()
-    before = (th, rows.numpy(), seeds.numpy(), step, stream, sigma.contiguous().numpy(),
-              layer_std.contiguous().numpy(), seg_ids.numpy(), seg_counts.numpy())
+    C = theta.shape[0]
+    th = theta.detach().contiguous()
+    if trial_rows is None:
+        dest, add = torch.arange(C), False
+        out = torch.zeros_like(th)
+    else:
+        assert th.data_ptr() == theta.data_ptr(), "perturb_ needs a contiguous theta"
+        dest, add = torch.full((C,), -1, dtype=torch.long), True
+        dest[trial_rows] = torch.arange(trial_rows.numel())
+        out = torch.empty(trial_rows.numel(), th.shape[1], dtype=th.dtype)
+    before = (th.numpy(), rows.numpy(), seeds.numpy(), step, stream, sigma.contiguous().numpy(),
+              layer_std.contiguous().numpy(), bounds.numpy(), dest.numpy(), add)
     run_rows(perturb, rows.numel(), before, (out.numpy(),))
+    return out
+
+
+def normals(rows: torch.Tensor, seeds: torch.Tensor, step: int, stream: int, std: float, C: int,
+            P: int) -> torch.Tensor:
+    """`BatchedOptimizer._normal_rows` compiled: std * `rng_normal` in the given rows of a [C, P]
+    float32 tensor, zeros elsewhere."""
+    from ._update_numba import normals as kernel
+
+    out = torch.zeros(C, P, dtype=torch.float32)
+    run_rows(kernel, rows.numel(), (rows.numpy(), seeds.numpy(), step, stream, np.float32(std)), (out.numpy(),))
     return out
 
 

@@ -186,7 +186,7 @@ class BatchedOptimizer:
             return
         self.edge_keys = sorted(self.edge_tables)
         self.edge_stack = torch.stack([self.edge_tables[k] for k in self.edge_keys]) if self.edge_keys else None
-        self.seg_counts = torch.bincount(self.seg_ids, minlength=len(self.segments.bounds)).to(torch.float32)
+        self.seg_bounds = torch.tensor(self.segments.bounds, dtype=torch.long).reshape(-1, 2)
         if previous is not None and keep is not None:
             self.fused = previous.select(keep, self.genomes, self.edge_keys)
         else:
@@ -282,13 +282,33 @@ class BatchedOptimizer:
             return None
         if self.fused is not None:
             return fused.perturbation(theta, self.perturbed_rows, self.seeds, self.t, STREAM_PERTURBATION,
-                                      self.sigma_table[:, self.t], self.layer_std[:, 0], self.seg_ids, self.seg_counts)
+                                      self.sigma_table[:, self.t], self.layer_std[:, 0], self.seg_bounds)
         eps = self._normal_rows(self.perturbed_rows, STREAM_PERTURBATION, 1.0)
         scale = torch.where(self.layer_std, segment_std(theta, self.seg_ids, len(self.segments.bounds)), 1.0)
         return self.sigma_table[:, self.t : self.t + 1] * scale * eps
 
+    def perturb_(self, theta: torch.Tensor) -> torch.Tensor | None:
+        """Adds this step's noise to `theta` in place in the rows that always keep it, and returns
+        the noisy trial of the `if_better` rows ([len(if_better_rows), P]; None when there are
+        none), which the trainer keeps only where it lowers the loss. The numbers of
+        `theta + perturbation(theta)`, without a [C, P] delta and a pass over the rows without noise."""
+        if not self.any_noise:
+            return None
+        if self.fused is not None and theta.is_contiguous():
+            trial = fused.perturbation(theta, self.perturbed_rows, self.seeds, self.t, STREAM_PERTURBATION,
+                                       self.sigma_table[:, self.t], self.layer_std[:, 0], self.seg_bounds,
+                                       self.if_better_rows)
+            return trial if self.any_if_better else None
+        delta = self.perturbation(theta)
+        assert delta is not None
+        noisy = theta + delta
+        theta.copy_(torch.where(self.if_better[:, None], theta, noisy))
+        return noisy[self.if_better_rows] if self.any_if_better else None
+
     def _normal_rows(self, rows: torch.Tensor, stream: int, std: float) -> torch.Tensor:
         """std * N(0, 1) for the given rows (zeros elsewhere): hashing costs, so only where used."""
+        if self.fused is not None:
+            return fused.normals(rows, self.seeds, self.t, stream, std, self.C, self.segments.n_params)
         out = torch.zeros(self.C, self.segments.n_params, dtype=self.dtype, device=self.device)
         seeds = self.seeds[rows]
         z = rng_normal(seeds, self.t, torch.full_like(seeds, stream), self.index).to(self.dtype)

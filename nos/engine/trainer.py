@@ -161,17 +161,14 @@ def _trial_task(task: Task, opt: BatchedOptimizer) -> Task | None:
 
 
 def _with_noise(trial_task: Task | None, opt: BatchedOptimizer, new: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
-    """The step's noise (if any rule is active); `if_better` rows keep it only when the loss improves
-    (`trial_task`: `_trial_task`'s, None when no row is `if_better`)."""
-    delta = opt.perturbation(new)
-    if delta is None:
-        return new
-    trial = new + delta
-    if trial_task is not None:
+    """The step's noise (if any rule is active), added to `new` in place; `if_better` rows keep it
+    only when the loss improves (`trial_task`: `_trial_task`'s, None when no row is `if_better`)."""
+    trial = opt.perturb_(new)
+    if trial is not None and trial_task is not None:
         rows = opt.if_better_rows
-        worse = ~(trial_task.loss(trial[rows]) < loss[rows])  # NaN trials are rejected too
-        trial[rows[worse]] = new[rows[worse]]
-    return trial
+        better = trial_task.loss(trial) < loss[rows]  # NaN trials are rejected
+        new[rows[better]] = trial[better]
+    return new
 
 
 def _final(task: Task, theta: torch.Tensor, rows: torch.Tensor, dead: torch.Tensor,
