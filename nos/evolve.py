@@ -336,7 +336,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         except RunError as e:
             stages.close()
             raise UsageError(str(e)) from None
-        log.info(f"run {run.name!r} (id {run.id}) -> {store.url}")
         return _search(run, stages, args.format)
     finally:
         if client is not None:
@@ -351,13 +350,17 @@ def _search(run: Run, stages: Stages, fmt: str) -> int:
     per stage on stderr, and in the JSON document)."""
     start = time.perf_counter()
     try:
-        with run:
+        with run:  # first thing: from here on a Ctrl-C marks the run interrupted
+            log.info(f"run {run.name!r} (id {run.id}) -> {run.storage.url}")
             best = run.optimize()
             comparison = run.funnel(best)
     except KeyboardInterrupt:
         stages.close()
         log.warning(stages.summary())
-        log.warning(f"interrupted: continue with  python -m nos.evolve --resume {run.name}")
+        if run.status == "finished":  # the signal came while the finished run was being marked so
+            log.warning(f"interrupted after run {run.name!r} finished: its results are stored (nos query runs)")
+        else:
+            log.warning(f"interrupted: continue with  python -m nos.evolve --resume {run.name}")
         return 130
     finally:
         stages.close()  # ends the last stage before the run's seconds are taken

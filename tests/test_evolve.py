@@ -8,10 +8,12 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from db.memory import MemoryStorage
 from db.store import Store
 from nos.search import Proposal, Run, SearchConfig
 from nos.search.objective import LocalEvaluator
@@ -291,3 +293,69 @@ def test_promotion_follows_the_configured_rule(finished_promoted_run: Path) -> N
         ranked = sorted(chunk, key=lambda r: (r["cheap"], r["id"]))
         n = max(1, -(-len(chunk) // 2))  # ceil(0.5 * n), at least one
         assert {r["id"] for r in chunk if r["promoted"]} == {r["id"] for r in ranked[:n]}
+
+
+class SignalledStorage(MemoryStorage):
+    """A real in-memory storage on which a signal lands while a status is being written: the
+    moment that, unguarded, rolls the write back and leaves a stopped run `running`."""
+
+    def __init__(self, sig: signal.Signals) -> None:
+        super().__init__()
+        self.sig = sig
+        self.armed = False
+
+    def set_run_status(self, run_id: int, status: str) -> None:
+        if self.armed:
+            self.armed = False
+            signal.raise_signal(self.sig)  # Python runs the handler here, before the write
+        super().set_run_status(run_id, status)
+
+
+@pytest.fixture
+def stop_handlers() -> Iterator[None]:
+    """The handlers `nos.evolve` installs (Ctrl-C and SIGTERM raise KeyboardInterrupt), restored after."""
+    from nos.evolve import _stop_on_sigterm
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    _stop_on_sigterm()
+    yield
+    for s, h in before.items():
+        signal.signal(s, h)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_signal_while_the_run_is_marked_finished_leaves_it_finished(tmp_path: Path, sig: signal.Signals,
+                                                                      stop_handlers: None) -> None:
+    storage = SignalledStorage(sig)
+    cfg = SearchConfig(horizons=(1.0,), budget_fpe=60, funnel=0, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(KeyboardInterrupt):  # the signal is delivered, once the status is written
+        with Run.create(storage, "late", cfg, "cpu") as run:
+            storage.armed = True
+    assert storage.get_run("late")["status"] == "finished" and run.status == "finished"
+    assert not storage.armed and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_second_ctrl_c_while_the_run_is_marked_interrupted_still_marks_it(tmp_path: Path,
+                                                                           stop_handlers: None) -> None:
+    storage = SignalledStorage(signal.SIGINT)
+    cfg = SearchConfig(horizons=(1.0,), budget_fpe=60, funnel=0, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(KeyboardInterrupt):
+        with Run.create(storage, "twice", cfg, "cpu") as run:
+            storage.armed = True
+            raise KeyboardInterrupt  # the first Ctrl-C; the second lands inside the status write
+    assert storage.get_run("twice")["status"] == "interrupted" and run.status == "interrupted"
+
+
+def test_interrupts_deferred_delivers_each_signal_once_after_the_block(stop_handlers: None) -> None:
+    from nos.search.run import interrupts_deferred
+
+    reached = []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_deferred():
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+            reached.append("end of block")  # not cut short
+    assert reached == ["end of block"]
+    with interrupts_deferred():  # nothing noted, nothing raised; the handlers are back
+        pass
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -20,7 +20,11 @@ other exception.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import threading
+from collections.abc import Iterator
 from dataclasses import replace
 from types import TracebackType
 from typing import Any
@@ -59,6 +63,41 @@ class RunError(Exception):
     """A run cannot be created, resumed or found (one line for the user)."""
 
 
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM back while a run's status is written, then deliver them.
+
+    A signal that lands inside the write would roll it back and leave a stopped run `running`
+    for good (it blocks its name, and `--resume` would be the only way out). Inside the block
+    Python's handlers only note the signal; afterwards the handlers the process had are back
+    and each noted signal is raised again, so it stops the process exactly as it would have.
+    Signals reach Python's handlers in the main thread only, so elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    watched = (signal.SIGINT, signal.SIGTERM)
+    before = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum)) for sig in watched}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():  # None: a handler not set from Python, i.e. the default
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        for signum in dict.fromkeys(caught):  # once each, in the order they came
+            signal.raise_signal(signum)
+
+
+def mark_run(storage: Storage, run_id: int, status: str) -> None:
+    """Write a run's status with interrupts held back (`interrupts_deferred`)."""
+    with interrupts_deferred():
+        storage.set_run_status(run_id, status)
+
+
+def stop_status(exc_type: type[BaseException]) -> str:
+    """The status of a run stopped by `exc_type`: Ctrl-C and SIGTERM interrupt it, anything else fails it."""
+    return "interrupted" if issubclass(exc_type, KeyboardInterrupt) else "failed"
+
+
 def default_strategy(config: SearchConfig) -> Strategy[Any]:
     """The strategy a run's config names (`algorithm`: the particle GA or its random control)."""
     from ..ga.particle import STRATEGIES  # here: nos.ga imports this package's records
@@ -85,6 +124,7 @@ class Run:
         self._counts = {"judged": 0, "evaluated": 0, "duplicate": 0}
         self._best_fitness: float | None = None
         self.funnel_done = config.funnel == 0
+        self.status = "running"  # the last status this object wrote (a run object is a running run)
         self._adam: dict[str, AdamReference] = {}
         self._best: list[Candidate] = []
         self._heldout: dict[str, TaskEvaluator] = {}
@@ -125,7 +165,7 @@ class Run:
         config = cls.stored_config(storage, name)
         record = storage.get_run(name)
         assert record is not None
-        storage.set_run_status(record["id"], "running")
+        mark_run(storage, record["id"], "running")
         return cls._started(storage, record, config, device, objective, strategy, kw)
 
     @classmethod
@@ -135,8 +175,8 @@ class Run:
         try:
             return cls(storage, record, config, objective=objective or Objective(config, device),
                        strategy=strategy or default_strategy(config), **kw)
-        except BaseException:
-            storage.set_run_status(record["id"], "failed")
+        except BaseException as e:
+            mark_run(storage, record["id"], stop_status(type(e)))
             raise
 
     @property
@@ -157,13 +197,19 @@ class Run:
             self.claims.close()
         if exc_type is None:
             if self.funnel_done:
-                self.storage.set_run_status(self.id, "finished")
+                self._mark("finished")
         else:
-            status = "interrupted" if issubclass(exc_type, KeyboardInterrupt) else "failed"
             try:
-                self.storage.set_run_status(self.id, status)
+                self._mark(stop_status(exc_type))
             except StoreError as e:  # the database itself failed (a full disk): its first error is what to say
-                log.warning(f"could not mark run {self.name!r} {status}: {e}")
+                log.warning(f"could not mark run {self.name!r} {stop_status(exc_type)}: {e}")
+
+    def _mark(self, status: str) -> None:
+        """Write the run's status; a Ctrl-C meanwhile is delivered once it is written, so the run
+        never stays `running` after it stopped (`self.status` says which status landed)."""
+        with interrupts_deferred():
+            self.storage.set_run_status(self.id, status)
+            self.status = status
 
     # ------------------------------------------------------------------ the search
     def adam_reference(self, evaluator: TaskEvaluator | None = None) -> AdamReference:
