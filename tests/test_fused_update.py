@@ -255,6 +255,19 @@ def test_perturb_in_place_is_theta_plus_the_perturbation() -> None:
             b.advance()
 
 
+def test_layer_std_of_a_diverging_candidate_is_the_same_on_both_paths() -> None:
+    """Parameters near 1e18 (a candidate on its way to blowing up): each tensor's std is a float32
+    but its float32 sum of squares is not. Both paths sum in float64, so both give the same finite
+    noise and judge the candidate alike (an overflow on one path only would keep it on the other)."""
+    genome = G([{"op": "neg", "in": ["g"]}], noise={"sigma": 0.01, "decay": None, "scale": "layer_std",
+                                                   "accept": "always"})
+    theta = torch.randn(2, SEG.n_params, generator=torch.Generator().manual_seed(5)) * 2e18
+    deltas = [BatchedOptimizer([genome] * 2, [0.1] * 2, [4] * 2, [3, 4], SEG, update=path).perturbation(theta)
+              for path in fused.UPDATES]
+    assert all(d is not None and torch.isfinite(d).all() for d in deltas)
+    torch.testing.assert_close(deltas[0], deltas[1], rtol=4 * ULP, atol=0)
+
+
 def test_training_matches_eager() -> None:
     """Whole trainings (the trainer's `if_better` trials now score only those rows): on the sphere
     and on an MLP, final losses of the two update paths agree."""

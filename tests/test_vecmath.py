@@ -75,6 +75,20 @@ def test_each_function_rounds_like_float64(name: str) -> None:
     # within half an ulp: float32's rounding of the exact value (an inf, NaN or 0 of the reference
     # that the function misses is an infinite error)
     assert err.max() <= 0.5 + 1e-6, (name, x[err.argmax()], out[err.argmax()], ref[err.argmax()])
+    zero = (out == 0) & (ref == 0)  # -0 == +0 above: the sign of a zero result is checked apart
+    assert np.array_equal(np.signbit(out[zero]), np.signbit(ref[zero])), (name, x[zero], out[zero])
+
+
+def test_the_kernels_stamp_names_this_vecmath() -> None:
+    """The compiled kernels inline `_vecmath`, and numba's cache looks at `_update_numba.py` only:
+    its VECMATH_STAMP must be `_vecmath.py`'s hash, so that an edit here recompiles them."""
+    import hashlib
+    from pathlib import Path
+
+    from nos.engine import _update_numba, _vecmath
+
+    stamp = hashlib.sha256(Path(_vecmath.__file__).read_bytes()).hexdigest()[:16]
+    assert _update_numba.VECMATH_STAMP == stamp, f"set VECMATH_STAMP = {stamp!r} in nos/engine/_update_numba.py"
 
 
 def test_box_muller_is_closer_to_float64_than_torch_is() -> None:

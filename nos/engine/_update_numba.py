@@ -22,6 +22,11 @@ from . import _vecmath as vm
 
 _jit = numba.njit(cache=True, nogil=True, error_model="numpy")
 
+# numba keys its disk cache of these kernels on this file alone, not on the `_vecmath` functions
+# inlined into them, so an edit there would leave the old code cached. An edit there comes with a
+# new stamp here (tests/test_vecmath.py checks it), and this file's change recompiles them.
+VECMATH_STAMP = "9f4c8a4da9e0872f"  # sha256 of _vecmath.py, first 16 hex digits
+
 # The op and operand codes the kernel knows, by position. `nos.engine.fused` maps names to codes
 # and sends a batch with any other name to the eager interpreter, so a new op cannot be silently
 # mis-evaluated here.

@@ -151,7 +151,7 @@ def atan(x: Any) -> Any:
         r = r + _QUARTER_PI
     if big:
         r = _HALF_PI - r
-    r = -r if x < 0.0 else r
+    r = math.copysign(r, x)  # odd, and -0 stays -0 as in libm
     return r if x == x else x
 
 
@@ -164,7 +164,7 @@ def asinh(x: Any) -> Any:
     r = log1p(a + a * a / (1.0 + math.sqrt(1.0 + a * a)))
     if a == math.inf:
         r = math.inf
-    r = -r if x < 0.0 else r
+    r = math.copysign(r, x)  # odd, and -0 stays -0 as in libm
     return r if x == x else x
 
 
@@ -183,7 +183,7 @@ def tanh(x: Any) -> Any:
     x = np.float64(x)
     e = expm1(-2.0 * abs(x))
     r = -e / (e + 2.0)
-    r = -r if x < 0.0 else r
+    r = math.copysign(r, x)  # odd, and -0 stays -0 as in libm
     return r if x == x else x
 
 

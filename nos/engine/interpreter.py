@@ -38,13 +38,16 @@ def segment_norm(x: torch.Tensor, seg_ids: torch.Tensor, n_seg: int) -> torch.Te
 
 
 def segment_std(x: torch.Tensor, seg_ids: torch.Tensor, n_seg: int) -> torch.Tensor:
-    """Population std (correction 0) of each row's segments, broadcast back to x's shape."""
-    counts = torch.bincount(seg_ids, minlength=n_seg).to(x.dtype)
-    zeros = torch.zeros(x.shape[0], n_seg, dtype=x.dtype, device=x.device)
-    mean = zeros.index_add(1, seg_ids, x) / counts
-    dev = x - mean[:, seg_ids]
+    """Population std (correction 0) of each row's segments, broadcast back to x's shape.
+    Summed in float64 and rounded once, as the fused kernel does: float32 sums of squares
+    overflow for a diverging candidate (|theta| ~ 1e18) whose std is still a float32."""
+    x64 = x.double()
+    counts = torch.bincount(seg_ids, minlength=n_seg).double()
+    zeros = torch.zeros(x.shape[0], n_seg, dtype=torch.float64, device=x.device)
+    mean = zeros.index_add(1, seg_ids, x64) / counts
+    dev = x64 - mean[:, seg_ids]
     var = zeros.index_add(1, seg_ids, dev * dev) / counts
-    return torch.sqrt(var)[:, seg_ids]
+    return torch.sqrt(var).to(x.dtype)[:, seg_ids]
 
 
 @lru_cache(maxsize=4096)
