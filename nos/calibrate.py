@@ -162,7 +162,7 @@ def power_main(args: argparse.Namespace) -> int:
         print_json({"run": run["name"], "champion": cmp.champion, "test_seeds": len(cmp.seeds.test),
                     "ratio": args.ratio, "span": args.span, "power": POWER, "alpha": ALPHA,
                     "confidence": CONFIDENCE, "rows": rows, "test_seeds_per_horizon": per_horizon,
-                    "next_test_seeds": nxt})
+                    "next_test_seeds": nxt, "next_test_seeds_spec": None if nxt is None else test_seeds_spec(rows)})
         return 0
     print(f"run {run['name']!r} (id {run['id']}, {run['status']}): champion {cmp.champion} vs each baseline on "
           f"{len(cmp.seeds.test)} test seeds. log std = std of the per-seed log loss ratios; detects = the ratio "
@@ -177,7 +177,8 @@ def power_main(args: argparse.Namespace) -> int:
                                f"seeds for {args.ratio:g}x", f"seeds for span < {args.span:g}x"]))
     if nxt is not None:
         each = ", ".join(f"{k} {v:,}" for k, v in per_horizon.items())
-        advice = (f"next: --test-seeds {nxt} (one count serves every horizon, so the largest)" if nxt <= MAX_TEST_SEEDS
+        advice = (f"next: --test-seeds {test_seeds_spec(rows)} (per horizon what it needs; --test-seeds {nxt}: "
+                  "that many everywhere)" if nxt <= MAX_TEST_SEEDS
                   else f"more than --test-seeds allows ({MAX_TEST_SEEDS:,}): a span < {args.span:g}x is out of reach")
         print(f"seeds for span < {args.span:g}x against every baseline, per horizon: {each}; {advice}")
     return 0
@@ -186,7 +187,7 @@ def power_main(args: argparse.Namespace) -> int:
 def next_test_seeds(rows: Sequence[dict[str, Any]]) -> tuple[dict[str, int], int | None]:
     """Per "task t_max" the test seeds whose 95% CI spans less than `--span` against every
     baseline (the largest of its rows; `MAX_SEEDS` where more are needed), and the count for the
-    next run's `--test-seeds`: the largest of them, as one count serves every horizon. None when
+    next run's `--test-seeds N`: the largest of them (`test_seeds_spec` gives each its own). None when
     no row has a spread (one test seed)."""
     per: dict[str, int] = {}
     for r in rows:
@@ -195,6 +196,19 @@ def next_test_seeds(rows: Sequence[dict[str, Any]]) -> tuple[dict[str, int], int
         key = f"{r['task']} {r['horizon']:g}"
         per[key] = max(per.get(key, 2), MAX_SEEDS if r["seeds_for_span"] is None else r["seeds_for_span"])
     return per, max(per.values()) if per else None
+
+
+def test_seeds_spec(rows: Sequence[dict[str, Any]]) -> str:
+    """`nos evolve --test-seeds` for `next_test_seeds`'s counts, one per horizon (the most any
+    task needs there): the smallest count, then H=N for each horizon that needs more."""
+    per: dict[float, int] = {}
+    for r in rows:
+        if r["log_std"] is not None:
+            h = float(r["horizon"])
+            per[h] = max(per.get(h, 2), MAX_SEEDS if r["seeds_for_span"] is None else r["seeds_for_span"])
+    low = min(per.values())
+    short = {h: f"{h:g}" if float(f"{h:g}") == h else repr(h) for h in per}  # exact, as evolve parses it
+    return ",".join([str(low), *(f"{short[h]}={n}" for h, n in sorted(per.items()) if n > low)])
 
 
 def race_main(args: argparse.Namespace) -> int:

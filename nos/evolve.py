@@ -131,8 +131,10 @@ def _parser() -> ArgumentParser:
     p.add_argument("--validation-seeds", type=bounded_int(1, 900, "--validation-seeds"),
                    help=f"seeds that make every choice: lrs, sigmas, the champion ({len(seeds.validation)}: "
                         f"{_seed_range(seeds.validation)})")
-    p.add_argument("--test-seeds", type=bounded_int(1, 10_000, "--test-seeds"),
-                   help=f"seeds only reported, never used for a choice ({len(seeds.test)}: {_seed_range(seeds.test)})")
+    p.add_argument("--test-seeds", type=_test_seeds_spec, metavar="N[,H=N...]",
+                   help=f"seeds only reported, never used for a choice ({len(seeds.test)}: {_seed_range(seeds.test)}); "
+                        "N,H=M: M of them at horizon H (t_max, or a task's variant), N at the others, e.g. "
+                        "50,20=150 (what `nos calibrate --power` advises)")
     f = p.add_argument_group("multi-fidelity (successive halving): a cheap first stage, the best fraction promoted")
     f.add_argument("--promote", type=finite_float(0, 1, "--promote (a fraction)", lo_open=True),
                    help=f"fraction of each chunk's candidates promoted from the cheap stage to the full fitness "
@@ -218,7 +220,8 @@ def _config(args) -> SearchConfig:
             raise UsageError(f"--race judges {stages[0][0]} candidates at its first stage, --funnel says {args.funnel}")
         cfg.race, cfg.funnel = args.race.replace(" ", ""), stages[0][0]
         n_validation = args.validation_seeds or sum(s for _, s in stages)
-    seeds = Seeds.counted(args.search_seeds or len(d.search), n_validation, args.test_seeds or len(d.test))
+    n_test, test_at = args.test_seeds or (len(d.test), {})
+    seeds = Seeds.counted(args.search_seeds or len(d.search), n_validation, max([n_test, *test_at.values()]))
     cfg.search_seeds, cfg.validation_seeds, cfg.test_seeds = seeds.search, seeds.validation, seeds.test
     cfg.fidelity = _fidelity(args, cfg)
     if args.sine_pretrain_steps:
@@ -230,6 +233,8 @@ def _config(args) -> SearchConfig:
         search = _specs(args.task or args.tasks) if (args.task or args.tasks) else cfg.tasks
         cfg.tasks, cfg.test_tasks = tuple(search), tuple(_specs(args.test_tasks)) if args.test_tasks else ()
         cfg.add_task_info({s: f for s, f in families.items() if is_code(s)})
+    if test_at:
+        cfg.test_seeds_at = _test_seeds_at(cfg, n_test, test_at)
     try:  # the same checks a stored config gets when it is read back
         return SearchConfig.checked(cfg.to_json())
     except (ValueError, TypeError) as e:
@@ -263,6 +268,34 @@ def _progress(stages: Stages) -> Progress:
     """The run's progress callbacks drawn by `stages` (bars in a terminal, timestamped lines
     elsewhere): each stage with its own fixed count, the batch labels as what it is doing now."""
     return Progress(message=stages.message, stage=stages.stage, advance=stages.advance, end=stages.end)
+
+
+def _test_seeds_spec(text: str) -> tuple[int, dict[float, int]]:
+    """`--test-seeds N` or `N,H=M,...`: N test seeds at every horizon, M at horizon H."""
+    count = bounded_int(1, 10_000, "--test-seeds")
+    horizon = finite_float(0, 1e9, "--test-seeds: a horizon", lo_open=True)
+    head, *rest = text.split(",")
+    at: dict[float, int] = {}
+    for item in rest:
+        h, eq, m = item.partition("=")
+        if not eq:
+            raise argparse.ArgumentTypeError(f"--test-seeds: expected N or N,H=N,... (e.g. 50,20=150), got {text!r}")
+        if horizon(h.strip()) in at:
+            raise argparse.ArgumentTypeError(f"--test-seeds: horizon {h.strip()} is named twice")
+        at[horizon(h.strip())] = count(m.strip())
+    return count(head.strip()), at
+
+
+def _test_seeds_at(cfg: SearchConfig, default: int, at: dict[float, int]) -> dict[str, int]:
+    """The config's `test_seeds_at` for `--test-seeds default,H=N,...`: each variant of every task
+    that gets fewer than the largest count, by its count. A horizon no task has is one line."""
+    variants = {float(v) for spec in cfg.all_tasks for v in cfg.info(spec)["variants"]}
+    missing = sorted(set(at) - variants)
+    if missing:
+        raise UsageError(f"--test-seeds: no task has horizon {', '.join(f'{h:g}' for h in missing)} "
+                         f"(held-out horizons / variants: {', '.join(f'{v:g}' for v in sorted(variants))})")
+    most = max([default, *at.values()])
+    return {repr(v): at.get(v, default) for v in sorted(variants) if at.get(v, default) < most}
 
 
 def _stop_on_sigterm() -> None:

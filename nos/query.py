@@ -465,7 +465,7 @@ def compare_csv(loaded: Sequence[tuple[dict, Comparison]], table: str) -> str:
 def _run_line(run: dict, cmp: Comparison) -> str:
     seeds = cmp.seeds
     return (f"run {run['name']!r} (id {run['id']}, {run['status']}, {run_algorithm(run) or '?'}): champion "
-            f"{cmp.champion or '-'}; test seeds {seeds.test[0]}..{seeds.test[-1]} (n = {len(seeds.test)}), "
+            f"{cmp.champion or '-'}; test seeds {seeds.test_text()}, "
             f"choices on validation seeds {', '.join(map(str, seeds.validation))}")
 
 

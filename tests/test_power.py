@@ -37,7 +37,15 @@ from nos.evaluation.stats import (
 from nos.search.metrics import rank_correlation
 from nos.ui.tables import comparison_text, num
 
-from .conftest import RUN, Proc, assert_one_line_error, in_process, tiny_search
+from .conftest import (
+    RUN,
+    TINY_EVOLVE,
+    Proc,
+    assert_one_line_error,
+    in_process,
+    run_module,
+    tiny_search,
+)
 
 Z = 1.959963984540054 + 0.8416212335729143  # z_{0.975} + z_{0.8}, from a normal table
 NO_FUNNEL = "no-funnel"
@@ -309,6 +317,10 @@ def test_calibrate_power(capsys: pytest.CaptureFixture[str], db: Path) -> None:
         span_seeds[key] = max(span_seeds.get(key, 2), m)
     # the next run's test seeds: per horizon the most any baseline needs, then the most of those
     assert doc["test_seeds_per_horizon"] == span_seeds and doc["next_test_seeds"] == max(span_seeds.values())
+    # ... and per horizon, as `nos evolve --test-seeds` reads it: the fewest, then each horizon needing more
+    low = min(span_seeds.values())
+    spec = ",".join([str(low), *(f"{k.split()[1]}={n}" for k, n in span_seeds.items() if n > low)])
+    assert doc["next_test_seeds_spec"] == spec
     code, out, err = table.result()
     assert code == 0, err
     lines = out.splitlines()
@@ -318,7 +330,13 @@ def test_calibrate_power(capsys: pytest.CaptureFixture[str], db: Path) -> None:
     body = [line.split() for line in lines[3:-1]]
     assert len(body) == len(want)
     assert lines[-1].startswith("seeds for span < 10x against every baseline, per horizon: ") and \
-        lines[-1].endswith("(one count serves every horizon, so the largest)")
+        lines[-1].endswith("that many everywhere)")
+    each = dict(item.rsplit(" ", 1) for item in lines[-1].split(": ", 1)[1].split("; ")[0].split(", "))  # --span 10's
+    counts = {k.split()[1]: int(n) for k, n in each.items()}
+    low = min(counts.values())
+    spec10 = ",".join([str(low), *(f"{h}={n}" for h, n in counts.items() if n > low)])
+    assert lines[-1].endswith(f"next: --test-seeds {spec10} (per horizon what it needs; --test-seeds "
+                              f"{max(counts.values())}: that many everywhere)")
     for cells, v in zip(body, want):
         assert cells[2] == v["baseline"] and cells[6] == f"{num(v['detectable_ratio'])}x"
     for proc, expect in errors:
@@ -332,3 +350,40 @@ def _ok(proc: Proc) -> dict[str, Any]:
     code, out, err = proc.result()
     assert code == 0, err
     return json.loads(out)
+
+
+def test_per_horizon_test_seeds_end_to_end(tmp_path: Path) -> None:
+    """`nos evolve --test-seeds 2,5=4`: the funnel's candidates and every baseline are tested on 4
+    seeds at t_max = 5 and on the first 2 of them at t_max = 1, the comparison's statistics use
+    exactly those, and the seeds text and JSON say so. A horizon no task has, or a malformed
+    spec, is one line and exit 2, with nothing written."""
+    db = tmp_path / "ph.sqlite"
+    base = ["--db", str(db), "--cache-dir", str(tmp_path / "cache"), *TINY_EVOLVE, "--heldout-horizons", "1,5",
+            "--validation-seeds", "2"]
+    for bad, expect in [("2,7=4", "no task has horizon 7"), ("2,5", "expected N or N,H=N"), ("2,5=0", "--test-seeds"),
+                        ("2,5=3,5=4", "named twice")]:
+        proc = run_module("nos.evolve", *base, "--test-seeds", bad, "--name", "bad")
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and expect in proc.stderr, proc.stderr
+    assert not db.exists()
+    proc = run_module("nos.evolve", *base, "--test-seeds", "2,5=4", "--name", "ph", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_module("nos.query", "compare", "ph", "--db", str(db), "--format", "json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(proc.stdout)
+    assert doc["seeds"]["test"] == [1000, 1001, 1002, 1003] and doc["seeds"]["test_per_horizon"] == {"1": 2}
+    want = {1.0: 2, 5.0: 4}
+    assert {m["horizon"] for m in doc["methods"]} == set(want)
+    assert all(len(m["per_seed"]) == want[m["horizon"]] for m in doc["methods"])
+    versus = [v for v in doc["versus"] if v["horizon"] is not None]
+    assert versus and all(v["n"] == want[v["horizon"]] for v in versus)
+    with Store(str(db), create=False) as store:
+        run = store.get_run("ph")
+        assert run["status"] == "finished" and run["config"]["test_seeds_at"] == {"1.0": 2}
+        test = [r for _, r in store.heldout_evaluations(run["id"], "sine") if r["split"] == "test"]
+        baselines = [b for b in store.baselines() if b["split"] == "test"]  # this database's only run
+    for rows in (test, baselines):
+        assert {r["horizon"] for r in rows} == set(want)
+        for h, n in want.items():
+            assert {r["seed"] for r in rows if r["horizon"] == h} == set(range(1000, 1000 + n))
+    proc = run_module("nos.query", "compare", "ph", "--db", str(db))
+    assert "test seeds 1000..1003 (n = 4; 2 at horizon 1)" in proc.stdout, proc.stdout[:500]

@@ -3,6 +3,7 @@ statistics that match an independent computation, and batch-independent losses."
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
@@ -18,7 +19,7 @@ import torch
 from db.store import Store
 from nos.evaluation.compare import compare
 from nos.evaluation.fitness import SearchSetup, TaskEvaluator
-from nos.evaluation.protocol import Protocol, Row, Seeds, baseline_genome, choose
+from nos.evaluation.protocol import PROTOCOL_VERSION, Protocol, Row, Seeds, baseline_genome, choose
 from nos.evaluation.stats import first_best, settle, summarize, versus
 from nos.search import SearchConfig
 from nos.search.funnel import before_of, stored_candidate_rows
@@ -256,6 +257,30 @@ def test_protocol_key_depends_on_what_baselines_depend_on() -> None:
     assert other_val.key("validation") != p.key("validation") and other_val.key("test") != p.key("test")
     assert Protocol(SineConfig(width=8), p.seeds, horizons=(1.0,), budget_fpe=90).key("test") != p.key("test")
     _ = torch  # noqa: F841 -- torch imported for the evaluator's tensors
+
+
+def test_test_seeds_per_horizon() -> None:
+    """A horizon named in `test_at` is tested on the first n test seeds, the others on all; the
+    test key covers it (different rows) and leaves every key without it as it was (stored
+    baselines stay reusable); bad counts are a ValueError."""
+    full = Seeds.counted(2, 3, 6)
+    seeds = Seeds(full.search, full.validation, full.test, test_at=((1.0, 2), (5.0, 4)))
+    assert seeds.test_for(1.0) == (1000, 1001) and seeds.test_for(5.0) == (1000, 1001, 1002, 1003)
+    assert seeds.test_for(20.0) == full.test and seeds.of_unit("validation", 1.0) == full.validation
+    assert seeds.test_text() == "1000..1005 (n = 6; 2 at horizon 1; 4 at horizon 5)"
+    assert Seeds(full.search, full.validation, full.test, ((1.0, 2), (2.0, 2))).test_text().endswith("2 at horizon 1, 2)")
+    p = Protocol(SineConfig(width=8), full, horizons=(1.0, 5.0), budget_fpe=60)
+    q = Protocol(SineConfig(width=8), seeds, horizons=(1.0, 5.0), budget_fpe=60)
+    assert q.key("test") != p.key("test") and q.key("validation") == p.key("validation")
+    # the key of a protocol without per-horizon seeds is the one computed before they existed
+    assert p.key("test") == "test:" + hashlib.sha256(json.dumps(
+        {"version": PROTOCOL_VERSION, "sine": SineConfig(width=8).key(),
+         "seeds": [100, 101, 102, "|", *range(1000, 1006)], "horizons": [1.0, 5.0], "budget_fpe": 60,
+         "lrs": list(p.lrs), "sigmas": list(p.sigmas), "layers": list(p.randopt_layers), "top_k": p.top_k},
+        sort_keys=True).encode()).hexdigest()[:16]
+    for bad in [((1.0, 7),), ((1.0, 0),), ((5.0, 2), (1.0, 2)), ((1.0, 2), (1.0, 3)), ((1.0, 2.0),)]:
+        with pytest.raises(ValueError, match="test seeds per horizon"):
+            Seeds(full.search, full.validation, full.test, bad)  # type: ignore[arg-type]
 
 
 def test_choose_breaks_float_level_ties_by_grid_order():

@@ -9,6 +9,8 @@ contract with outside tools:
 "ci_low", "ci_high", "wins", "n", "p_value", "detectable_ratio"}]}`. `detectable_ratio` (added
 later; null below 2 seeds) is the ratio r such that a true ratio r or 1/r would be detected with 80%
 power on those seeds (`nos.evaluation.stats.detectable_ratio`): how much a "ties" can rule out.
+A run with per-horizon test seeds also has `seeds.test_per_horizon` (horizon -> its count, for the
+horizons tested on fewer than all); each method's `per_seed` and each row's `n` are its horizon's.
 """
 
 from __future__ import annotations
@@ -112,8 +114,11 @@ class Comparison:
                 for h, vs in self.verdicts(candidate, task).items()}
 
     def json(self, run: str | None = None) -> dict[str, Any]:
-        return {"run": run, "seeds": {"search": list(self.seeds.search), "validation": list(self.seeds.validation),
-                                      "test": list(self.seeds.test)},
+        seeds: dict[str, Any] = {"search": list(self.seeds.search), "validation": list(self.seeds.validation),
+                                 "test": list(self.seeds.test)}
+        if self.seeds.test_at:  # only in a run with per-horizon test seeds: the contract's keys otherwise
+            seeds["test_per_horizon"] = {f"{h:g}": n for h, n in self.seeds.test_at}
+        return {"run": run, "seeds": seeds,
                 "tasks": {"search": list(self.search_tasks), "test": list(self.test_tasks)},
                 "horizons": list(self.horizons),
                 "task_horizons": {t: list(hs) for t, hs in self.task_horizons.items()}, "variant_labels": self.labels,
@@ -151,7 +156,8 @@ def compare(rows: Sequence[Row], before: Mapping[tuple[float, int], float], seed
     out.champion = champion(out.validation_scores)
     test = {(r.method, r.horizon, r.hparam, r.seed): r.loss for r in rows if r.split == "test"}
     for h in horizons:
-        fallback = [before[(h, s)] for s in seeds.test]
+        test_seeds = seeds.test_for(h)
+        fallback = [before[(h, s)] for s in test_seeds]
         settled: dict[str, list[float]] = {}
         bsum = summarize(fallback)
         out.methods.append(MethodResult(BEFORE, h, None, tuple(fallback), bsum.median, bsum.gmean, bsum.log_std, 0,
@@ -164,8 +170,8 @@ def compare(rows: Sequence[Row], before: Mapping[tuple[float, int], float], seed
         for name, choice, variant in picks:
             if choice is None:
                 continue
-            raw = tuple(test.get((choice.method, h, choice.hparam, s)) for s in seeds.test)
-            if any((choice.method, h, choice.hparam, s) not in test for s in seeds.test):
+            raw = tuple(test.get((choice.method, h, choice.hparam, s)) for s in test_seeds)
+            if any((choice.method, h, choice.hparam, s) not in test for s in test_seeds):
                 continue  # not evaluated on test (yet)
             losses, diverged = settle(raw, fallback)
             settled[name] = losses

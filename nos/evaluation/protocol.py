@@ -84,11 +84,14 @@ def baseline_genome(method: str) -> Genome:
 
 @dataclass(frozen=True)
 class Seeds:
-    """Three disjoint seed sets."""
+    """Three disjoint seed sets. A horizon (a task's variant) named in `test_at` is tested on the
+    first n of the test seeds only, any other on all of them: a power computation may ask for
+    more seeds at one horizon than at the rest (`nos calibrate --power`)."""
 
     search: tuple[int, ...]
     validation: tuple[int, ...]
     test: tuple[int, ...]
+    test_at: tuple[tuple[float, int], ...] = ()  # (horizon, test seeds there), sorted by horizon
 
     def __post_init__(self) -> None:
         sets = [set(self.search), set(self.validation), set(self.test)]
@@ -98,6 +101,26 @@ class Seeds:
             raise ValueError("every split needs at least one seed")
         if sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2]:
             raise ValueError("search, validation and test seeds must be disjoint")
+        hs = [h for h, _ in self.test_at]
+        if hs != sorted(set(hs)) or not all(type(n) is int and 1 <= n <= len(self.test) for _, n in self.test_at):
+            raise ValueError(f"test seeds per horizon: each horizon once, with 1 to {len(self.test)} seeds")
+
+    def test_for(self, horizon: float) -> tuple[int, ...]:
+        """The test seeds of one horizon: the first n where `test_at` names it, else all."""
+        n = dict(self.test_at).get(horizon)
+        return self.test if n is None else self.test[:n]
+
+    def test_text(self) -> str:
+        """The test seeds in words: "1000..1049 (n = 50)", "... (n = 150; 50 at horizon 1, 2)"."""
+        fewer: dict[int, list[str]] = {}
+        for h, n in self.test_at:
+            fewer.setdefault(n, []).append(f"{h:g}")
+        at = "".join(f"; {n} at horizon {', '.join(hs)}" for n, hs in fewer.items())
+        return f"{self.test[0]}..{self.test[-1]} (n = {len(self.test)}{at})"
+
+    def of_unit(self, split: str, horizon: float) -> tuple[int, ...]:
+        """The seeds of one (split, horizon) unit: the split's, per horizon for test."""
+        return self.test_for(horizon) if split == "test" else self.of(split)
 
     @classmethod
     def counted(cls, n_search: int, n_validation: int, n_test: int) -> Seeds:
@@ -156,11 +179,13 @@ class Protocol:
         equal numbers. Search seeds never enter: baselines do not depend on them."""
         # test rows are run at the choices made on validation: their key covers both seed sets
         seeds = [*self.seeds.validation, "|", *self.seeds.test] if split == "test" else list(self.seeds.of(split))
+        # per-horizon test seeds change the test rows, so the key; without them it is the old key
+        per_horizon = {"test_at": [list(x) for x in self.seeds.test_at]} if split == "test" and self.seeds.test_at else {}
         # a wave task is named by its pretraining config's key (the sine task's keys predate the
         # task API and stay valid); any other family by its identity
         task = ({"sine": dataclasses.replace(self.sine, wave=self.spec).key()} if self.spec in WAVES
                 else {"task": self.identity or self.setup().resolved().identity()})
-        doc = {"version": PROTOCOL_VERSION, **task, "seeds": seeds,
+        doc = {"version": PROTOCOL_VERSION, **task, "seeds": seeds, **per_horizon,
                "horizons": list(self.horizons), "budget_fpe": self.budget_fpe, "lrs": list(self.lrs),
                "sigmas": list(self.sigmas), "layers": list(self.randopt_layers), "top_k": self.top_k}
         return f"{split}:" + hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
@@ -232,12 +257,12 @@ def best_randopt(choices: Mapping[tuple[str, float], Choice], horizon: float) ->
 Progress = Reporter | Callable[[str], None]
 
 
-def baseline_units(protocol: Protocol, split: str, gradient: Sequence[str] = GRADIENT_BASELINES,
+def baseline_units(protocol: Protocol, split: str, horizon: float, gradient: Sequence[str] = GRADIENT_BASELINES,
                    with_randopt: bool = True) -> int:
     """Trainings per horizon of `validation_baselines` / `test_baselines` (what their progress
     counts): one batch of the gradient baselines, then one RandOpt run per seed and layer variant
     (validation) or per seed at the chosen variant (test)."""
-    seeds = len(protocol.seeds.of(split))
+    seeds = len(protocol.seeds.of_unit(split, horizon))
     randopt = (seeds * len(protocol.randopt_layers) if split == "validation" else seeds) if with_randopt else 0
     return (1 if gradient else 0) + randopt
 
@@ -317,9 +342,9 @@ def test_baselines(protocol: Protocol, evaluator: TaskEvaluator, choices: Mappin
     """Each baseline once per horizon on the test seeds, at its validated choice
     (`baseline_units` units of `progress` per horizon)."""
     say = reporter(progress)
-    seeds = protocol.seeds.test
     rows = []
     for h in protocol.horizons:
+        seeds = protocol.seeds.test_for(h)
         say.message(f"{', '.join(gradient)} at the validated lr, t_max = {h:g}")
         methods = {m: baseline_genome(m) for m in gradient}
         lrs = {m: [choices[(m, h)].hparam] for m in methods}

@@ -298,7 +298,7 @@ def losses_figure(data: RunData) -> Figure:
     ax.minorticks_off()
     ax.set_xlabel("horizon t_max")
     ax.set_ylabel("test rollout MSE")
-    ax.set_title(f"run {data.run['name']!r}: test loss (dots: {len(cmp.seeds.test)} test seeds; line: geometric mean)",
+    ax.set_title(f"run {data.run['name']!r}: test loss (dots: test seeds {cmp.seeds.test_text()}; line: geometric mean)",
                  fontsize=10)
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     ax.grid(alpha=0.3, which="both")

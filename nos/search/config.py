@@ -78,6 +78,9 @@ class SearchConfig:
     search_seeds: tuple[int, ...] = DEFAULT_SEEDS.search
     validation_seeds: tuple[int, ...] = DEFAULT_SEEDS.validation
     test_seeds: tuple[int, ...] = DEFAULT_SEEDS.test
+    # horizon (repr of a float: a task's variant) -> test seeds there, the first n of test_seeds;
+    # a horizon not named is tested on all of them (`nos evolve --test-seeds 50,20=150`)
+    test_seeds_at: dict[str, int] = field(default_factory=dict)
     heldout_horizons: tuple[float, ...] = HORIZONS
     sine: dict[str, Any] = field(default_factory=dict)  # SineConfig overrides (tests use a small one)
     cache_dir: str = DEFAULT_CACHE_DIR
@@ -180,7 +183,8 @@ class SearchConfig:
                 raise ValueError("fidelity: 1 <= seeds <= search seeds, some horizons, budget >= 3, 0 < promote <= 1")
 
     def seeds(self) -> Seeds:
-        return Seeds(tuple(self.search_seeds), tuple(self.validation_seeds), tuple(self.test_seeds))
+        return Seeds(tuple(self.search_seeds), tuple(self.validation_seeds), tuple(self.test_seeds),
+                     tuple(sorted((float(h), n) for h, n in self.test_seeds_at.items())))
 
     def race_plan(self) -> list[tuple[int, tuple[int, ...]]]:
         """The racing funnel's stages: (candidates, its own block of validation seeds) each; the

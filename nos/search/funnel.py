@@ -134,10 +134,10 @@ def _tuned(store: Storage, protocol: Protocol, evaluator: TaskEvaluator, progres
         if todo:
             kind = "published" if suffix else "baselines"
             say.stage(f"{kind} ({split}{_where(protocol)})",
-                      len(todo) * baseline_units(protocol, split, gradient, with_randopt), "trainings")
+                      sum(baseline_units(protocol, split, h, gradient, with_randopt) for h in todo), "trainings")
         for h in todo:
             one = Protocol(**{**protocol.__dict__, "horizons": (h,)})
-            new = [] if base else _before_rows(evaluator, h, protocol.seeds.of(split), split)
+            new = [] if base else _before_rows(evaluator, h, protocol.seeds.of_unit(split, h), split)
             if split == "validation":
                 new += validation_baselines(one, evaluator, say, gradient, with_randopt)
             else:
@@ -189,7 +189,7 @@ def evaluate_candidates(store: Storage, run_id: int, evaluator: TaskEvaluator, p
             else:
                 say.message(f"{len(candidates)} candidate(s) at the validated lr, {where}{_variant(protocol)} = {h:g}")
                 lrs = {n: [_lr(choices[(n, h)])] for n in candidates}
-            new = gradient_rows(evaluator, candidates, h, protocol.seeds.of(split), lrs, split)
+            new = gradient_rows(evaluator, candidates, h, protocol.seeds.of_unit(split, h), lrs, split)
             # one transaction per unit: a kill leaves it whole or absent (`Store.add_evaluations`)
             store.add_evaluations(candidate_evaluations(new, candidates, protocol.budget_fpe, protocol.task,
                                                         protocol.task_key))
@@ -230,7 +230,7 @@ def _stored_units(store: Storage, run_id: int, protocol: Protocol) -> dict[tuple
     everyone = {r.method for rows in units.values() for r in rows}
     grid = set(protocol.lrs)
     for (split, h), rows in units.items():
-        seeds = set(protocol.seeds.of(split))
+        seeds = set(protocol.seeds.of_unit(split, h))
         by_method: dict[str, list[Row]] = {}
         for r in rows:
             by_method.setdefault(r.method, []).append(r)
@@ -347,8 +347,7 @@ def _task_comparison(store: Storage, run_id: int, cfg: SearchConfig, spec: str) 
     suffixes = ("", "+published") if cfg.published else ("",)
     base = [r for split in ("validation", "test") for sfx in suffixes for r in stored_baselines(store, protocol.key(split) + sfx)]
     before = before_of(base)
-    seeds = (*protocol.seeds.validation, *protocol.seeds.test)
-    if any((h, s) not in before for h in protocol.horizons for s in seeds):
+    if any((h, s) not in before for h in protocol.horizons for s in (*protocol.seeds.validation, *protocol.seeds.test_for(h))):
         raise StoreError(f"the baselines of this run's protocol ({protocol.key('test')}) are not in the database; "
                          "rerun its funnel (nos evolve --resume) or `nos baselines` with the run's settings")
     # candidates with test rows (a race's finalists; the plain funnel's every candidate)

@@ -343,7 +343,7 @@ def _test_units(store: Storage, run_id: int, evaluator: TaskEvaluator, p: Protoc
     for h in todo:
         rep.message(f"{len(finalists)} finalist(s) at the validated lr, {p.task} t_max = {h:g}")
         lrs = {n: [chosen[(n, h)].hparam or 0.0] for n in finalists}
-        new = gradient_rows(evaluator, finalists, h, p.seeds.test, lrs, "test")
+        new = gradient_rows(evaluator, finalists, h, p.seeds.test_for(h), lrs, "test")
         store.add_evaluations(candidate_evaluations(new, finalists, p.budget_fpe, p.task, p.task_key))
         rep.advance(1)
 
@@ -356,7 +356,7 @@ def _test_rows(rows: Sequence[Row], finalists: Mapping[str, object], p: Protocol
             out.setdefault(r.horizon, []).append(r)
     for h, unit in out.items():
         pairs = sorted((r.method, r.seed) for r in unit)
-        if pairs != sorted((n, s) for n in finalists for s in p.seeds.test):
+        if pairs != sorted((n, s) for n in finalists for s in p.seeds.test_for(h)):
             raise StoreError(f"run {run_id}: the stored test rows of {p.task} at t_max = {h:g} are not the race "
                              "finalists' on every test seed; the database is damaged")
     return out

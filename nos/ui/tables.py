@@ -102,7 +102,7 @@ def comparison_text(cmp: Comparison, fmt: str = "plain", parts: Sequence[str] = 
     on several tasks, the aggregates over tasks last. ``parts``: which of "methods" and "versus"
     (each candidate against each baseline, the aggregates included) to show."""
     seeds = cmp.seeds
-    out = [f"test seeds {seeds.test[0]}..{seeds.test[-1]} (n = {len(seeds.test)}); every lr / sigma / variant "
+    out = [f"test seeds {seeds.test_text()}; every lr / sigma / variant "
            f"chosen on validation seeds {', '.join(map(str, seeds.validation))}"]
     if "methods" in parts:
         out.append("cells: geometric mean [median] of the test losses (k div = diverged runs, counted as the "
