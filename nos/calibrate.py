@@ -57,6 +57,7 @@ from .evaluation.fitness import (
     TaskEvaluator,
     geometric_mean_ratio,
 )
+from .evaluation.protocol import horizon_text
 from .evaluation.stats import ALPHA, CONFIDENCE, MAX_SEEDS, POWER, seeds_for, seeds_for_span
 from .search.race_sizing import DRAWS
 from .tasks.sine import DEFAULT_CACHE_DIR, SineConfig
@@ -162,10 +163,11 @@ def power_main(args: argparse.Namespace) -> int:
         print_json({"run": run["name"], "champion": cmp.champion, "test_seeds": len(cmp.seeds.test),
                     "ratio": args.ratio, "span": args.span, "power": POWER, "alpha": ALPHA,
                     "confidence": CONFIDENCE, "rows": rows, "test_seeds_per_horizon": per_horizon,
-                    "next_test_seeds": nxt, "next_test_seeds_spec": None if nxt is None else test_seeds_spec(rows)})
+                    "next_test_seeds": nxt,
+                    "next_test_seeds_spec": None if nxt is None or nxt > MAX_TEST_SEEDS else test_seeds_spec(rows)})
         return 0
     print(f"run {run['name']!r} (id {run['id']}, {run['status']}): champion {cmp.champion} vs each baseline on "
-          f"{len(cmp.seeds.test)} test seeds. log std = std of the per-seed log loss ratios; detects = the ratio "
+          f"test seeds {cmp.seeds.test_text()}. log std = std of the per-seed log loss ratios; detects = the ratio "
           f"(or its inverse) these seeds detect with {POWER:.0%} power; seeds for {args.ratio:g}x = the seeds "
           f"that detect a {args.ratio:g}x ratio with {POWER:.0%} power (two-sided paired t test, alpha "
           f"{ALPHA:.2g}); seeds for span < {args.span:g}x = the seeds whose expected {CONFIDENCE:.0%} CI is "
@@ -207,8 +209,7 @@ def test_seeds_spec(rows: Sequence[dict[str, Any]]) -> str:
             h = float(r["horizon"])
             per[h] = max(per.get(h, 2), MAX_SEEDS if r["seeds_for_span"] is None else r["seeds_for_span"])
     low = min(per.values())
-    short = {h: f"{h:g}" if float(f"{h:g}") == h else repr(h) for h in per}  # exact, as evolve parses it
-    return ",".join([str(low), *(f"{short[h]}={n}" for h, n in sorted(per.items()) if n > low)])
+    return ",".join([str(low), *(f"{horizon_text(h)}={n}" for h, n in sorted(per.items()) if n > low)])
 
 
 def race_main(args: argparse.Namespace) -> int:

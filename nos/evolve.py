@@ -26,7 +26,7 @@ from db.store import Store, StoreError
 
 from .evaluation.compare import Comparison
 from .evaluation.fitness import REFERENCES
-from .evaluation.protocol import Seeds
+from .evaluation.protocol import Seeds, horizon_text
 from .ga.particle import STRATEGIES
 from .search import PRESETS, Cooperation, Progress, Run, RunError, SearchConfig
 from .search.config import ALGORITHMS, DEFAULT_FIDELITY, DEFAULT_SEEDS, parse_race
@@ -273,7 +273,7 @@ def _progress(stages: Stages) -> Progress:
 def _test_seeds_spec(text: str) -> tuple[int, dict[float, int]]:
     """`--test-seeds N` or `N,H=M,...`: N test seeds at every horizon, M at horizon H."""
     count = bounded_int(1, 10_000, "--test-seeds")
-    horizon = finite_float(0, 1e9, "--test-seeds: a horizon", lo_open=True)
+    horizon = finite_float(-1e300, 1e300, "--test-seeds: a horizon")  # any task variant (a noise level may be 0)
     head, *rest = text.split(",")
     at: dict[float, int] = {}
     for item in rest:
@@ -292,8 +292,8 @@ def _test_seeds_at(cfg: SearchConfig, default: int, at: dict[float, int]) -> dic
     variants = {float(v) for spec in cfg.all_tasks for v in cfg.info(spec)["variants"]}
     missing = sorted(set(at) - variants)
     if missing:
-        raise UsageError(f"--test-seeds: no task has horizon {', '.join(f'{h:g}' for h in missing)} "
-                         f"(held-out horizons / variants: {', '.join(f'{v:g}' for v in sorted(variants))})")
+        raise UsageError(f"--test-seeds: no task has horizon {', '.join(map(horizon_text, missing))} "
+                         f"(held-out horizons / variants: {', '.join(map(horizon_text, sorted(variants)))})")
     most = max([default, *at.values()])
     return {repr(v): at.get(v, default) for v in sorted(variants) if at.get(v, default) < most}
 

@@ -349,13 +349,38 @@ def test_a_second_ctrl_c_while_the_run_is_marked_interrupted_still_marks_it(tmp_
 def test_interrupts_deferred_delivers_each_signal_once_after_the_block(stop_handlers: None) -> None:
     from nos.search.run import interrupts_deferred
 
+    got: list[int] = []
+    counting = lambda signum, frame: got.append(signum)  # noqa: E731 -- the process's own handlers here
+    signal.signal(signal.SIGINT, counting)
+    signal.signal(signal.SIGTERM, counting)
+    with interrupts_deferred():
+        for sig in (signal.SIGINT, signal.SIGINT, signal.SIGTERM):
+            signal.raise_signal(sig)
+        assert got == []  # held back, and the block is not cut short
+    assert got == [signal.SIGTERM, signal.SIGINT]  # each once, a terminate first
+    assert signal.getsignal(signal.SIGINT) is counting and signal.getsignal(signal.SIGTERM) is counting
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     reached = []
     with pytest.raises(KeyboardInterrupt):
         with interrupts_deferred():
             signal.raise_signal(signal.SIGINT)
-            signal.raise_signal(signal.SIGINT)
-            reached.append("end of block")  # not cut short
-    assert reached == ["end of block"]
-    with interrupts_deferred():  # nothing noted, nothing raised; the handlers are back
-        pass
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            reached.append("end of block")
+    assert reached == ["end of block"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_ctrl_c_while_a_run_is_resumed_leaves_it_interrupted(tmp_path: Path, stop_handlers: None) -> None:
+    """Marking a run `running` again is not held back: a Ctrl-C inside that write stops the
+    resume before the run is running, so it stays `interrupted` (resumable)."""
+    storage = SignalledStorage(signal.SIGINT)
+    cfg = SearchConfig(horizons=(1.0,), budget_fpe=60, funnel=0, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(KeyboardInterrupt):
+        with Run.create(storage, "again", cfg, "cpu"):
+            raise KeyboardInterrupt
+    assert storage.get_run("again")["status"] == "interrupted"
+    storage.armed = True
+    with pytest.raises(KeyboardInterrupt):
+        Run.resume(storage, "again")
+    assert storage.get_run("again")["status"] == "interrupted"
+    with Run.resume(storage, "again") as run:  # and it resumes
+        assert storage.get_run("again")["status"] == "running"
+    assert run.status == "finished"

@@ -387,3 +387,22 @@ def test_per_horizon_test_seeds_end_to_end(tmp_path: Path) -> None:
             assert {r["seed"] for r in rows if r["horizon"] == h} == set(range(1000, 1000 + n))
     proc = run_module("nos.query", "compare", "ph", "--db", str(db))
     assert "test seeds 1000..1003 (n = 4; 2 at horizon 1)" in proc.stdout, proc.stdout[:500]
+
+
+def test_the_test_seeds_spec_reads_any_variant_and_calibrate_writes_it_back() -> None:
+    """`--test-seeds` takes any finite horizon (a task's variant may be a noise level of 0), and
+    what `nos calibrate --power` advises parses back to the same counts, horizons exact."""
+    import argparse
+
+    from nos.calibrate import test_seeds_spec
+    from nos.evolve import _test_seeds_spec
+
+    assert _test_seeds_spec("5,0=10,-1=3,0.1=7") == (5, {0.0: 10, -1.0: 3, 0.1: 7})
+    third = 1 / 3
+    rows = [{"task": "t", "horizon": h, "log_std": 1.0, "seeds_for_span": n} for h, n in
+            [(0.0, 4), (third, 9), (20.0, 30), (20.0, 12), (5.0, None)]]
+    spec = test_seeds_spec(rows)
+    assert spec == f"4,{third!r}=9,5=1000000,20=30"  # the exact 1/3; None (more than MAX_SEEDS) is MAX_SEEDS
+    assert _test_seeds_spec(spec.replace("1000000", "10")) == (4, {third: 9, 5.0: 10, 20.0: 30})
+    with pytest.raises(argparse.ArgumentTypeError):
+        _test_seeds_spec("5,nan=3")

@@ -278,6 +278,15 @@ def test_test_seeds_per_horizon() -> None:
          "seeds": [100, 101, 102, "|", *range(1000, 1006)], "horizons": [1.0, 5.0], "budget_fpe": 60,
          "lrs": list(p.lrs), "sigmas": list(p.sigmas), "layers": list(p.randopt_layers), "top_k": p.top_k},
         sort_keys=True).encode()).hexdigest()[:16]
+    # one task's protocol keeps the counts of its own horizons only (another task's variant, or a
+    # count that names every seed, would change its key and not its rows)
+    assert seeds.only((5.0, 20.0)).test_at == ((5.0, 4),) and seeds.only((2.0,)) == full
+    assert Seeds(full.search, full.validation, full.test, ((1.0, 6),)).only((1.0,)) == full
+    one = SearchConfig(horizons=(1.0,), heldout_horizons=(1.0, 5.0), test_seeds=full.test,
+                       test_seeds_at={"1.0": 2, "1000.0": 3}).protocol()
+    assert one.seeds.test_at == ((1.0, 2),)
+    assert one.key("test") == Protocol(one.sine, Seeds(one.seeds.search, one.seeds.validation, full.test, ((1.0, 2),)),
+                                       horizons=one.horizons, budget_fpe=one.budget_fpe, lrs=one.lrs).key("test")
     for bad in [((1.0, 7),), ((1.0, 0),), ((5.0, 2), (1.0, 2)), ((1.0, 2), (1.0, 3)), ((1.0, 2.0),)]:
         with pytest.raises(ValueError, match="test seeds per horizon"):
             Seeds(full.search, full.validation, full.test, bad)  # type: ignore[arg-type]

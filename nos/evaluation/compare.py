@@ -15,6 +15,7 @@ horizons tested on fewer than all); each method's `per_seed` and each row's `n` 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -29,6 +30,7 @@ from .protocol import (
     Seeds,
     best_randopt,
     choose,
+    horizon_text,
 )
 from .stats import Versus, gmean, settle, stratified_versus, summarize, versus
 
@@ -117,7 +119,7 @@ class Comparison:
         seeds: dict[str, Any] = {"search": list(self.seeds.search), "validation": list(self.seeds.validation),
                                  "test": list(self.seeds.test)}
         if self.seeds.test_at:  # only in a run with per-horizon test seeds: the contract's keys otherwise
-            seeds["test_per_horizon"] = {f"{h:g}": n for h, n in self.seeds.test_at}
+            seeds["test_per_horizon"] = {horizon_text(h): n for h, n in self.seeds.test_at}
         return {"run": run, "seeds": seeds,
                 "tasks": {"search": list(self.search_tasks), "test": list(self.test_tasks)},
                 "horizons": list(self.horizons),
@@ -225,7 +227,9 @@ def combine(per_task: Sequence[Comparison], search_tasks: Sequence[str], test_ta
     first = per_task[0]
     if len(per_task) == 1 and not test_tasks:
         return first
-    out = Comparison(first.seeds, first.horizons, candidates=first.candidates, task=first.task,
+    # every task's per-horizon test counts (one config's: a horizon has one count in all tasks)
+    seeds = dataclasses.replace(first.seeds, test_at=tuple(sorted({x for c in per_task for x in c.seeds.test_at})))
+    out = Comparison(seeds, first.horizons, candidates=first.candidates, task=first.task,
                      search_tasks=tuple(search_tasks), test_tasks=tuple(test_tasks))
     for cmp in per_task:
         out.methods += cmp.methods

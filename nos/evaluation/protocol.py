@@ -82,6 +82,12 @@ def baseline_genome(method: str) -> Genome:
     return base
 
 
+def horizon_text(h: float) -> str:
+    """A horizon as the user types it back: "20", "0.1", and the exact repr where :g would round."""
+    short = f"{h:g}"
+    return short if float(short) == h else repr(h)
+
+
 @dataclass(frozen=True)
 class Seeds:
     """Three disjoint seed sets. A horizon (a task's variant) named in `test_at` is tested on the
@@ -114,9 +120,15 @@ class Seeds:
         """The test seeds in words: "1000..1049 (n = 50)", "... (n = 150; 50 at horizon 1, 2)"."""
         fewer: dict[int, list[str]] = {}
         for h, n in self.test_at:
-            fewer.setdefault(n, []).append(f"{h:g}")
+            fewer.setdefault(n, []).append(horizon_text(h))
         at = "".join(f"; {n} at horizon {', '.join(hs)}" for n, hs in fewer.items())
         return f"{self.test[0]}..{self.test[-1]} (n = {len(self.test)}{at})"
+
+    def only(self, horizons: Sequence[float]) -> Seeds:
+        """These seeds with per-horizon counts for `horizons` alone (one task's protocol: its
+        key and tables do not depend on another task's variants), none that names every seed."""
+        keep = tuple((h, n) for h, n in self.test_at if h in horizons and n < len(self.test))
+        return self if keep == self.test_at else dataclasses.replace(self, test_at=keep)
 
     def of_unit(self, split: str, horizon: float) -> tuple[int, ...]:
         """The seeds of one (split, horizon) unit: the split's, per horizon for test."""

@@ -288,8 +288,9 @@ class SearchConfig:
         baselines (on the first search task unless `spec` names another)."""
         spec = spec or self.tasks[0]
         info = self.info(spec)
-        return Protocol(sine=SineConfig(**self.sine), seeds=self.seeds(),
-                        horizons=tuple(float(v) for v in info["variants"]), budget_fpe=self.budget_fpe,
+        horizons = tuple(float(v) for v in info["variants"])
+        return Protocol(sine=SineConfig(**self.sine), seeds=self.seeds().only(horizons), horizons=horizons,
+                        budget_fpe=self.budget_fpe,
                         lrs=tuple(float(v) for v in info["lr_grid"]), sigmas=tuple(float(v) for v in info["sigmas"]),
                         randopt_layers=tuple(str(v) for v in info["randopt_layers"]), cache_dir=self.cache_dir,
                         spec=spec, identity=str(info["identity"]), name=self.task_name(spec),

@@ -65,32 +65,43 @@ class RunError(Exception):
 
 @contextlib.contextmanager
 def interrupts_deferred() -> Iterator[None]:
-    """Hold Ctrl-C and SIGTERM back while a run's status is written, then deliver them.
+    """Hold Ctrl-C and SIGTERM back while a stopped run's status is written, then deliver them.
 
     A signal that lands inside the write would roll it back and leave a stopped run `running`
     for good (it blocks its name, and `--resume` would be the only way out). Inside the block
     Python's handlers only note the signal; afterwards the handlers the process had are back
-    and each noted signal is raised again, so it stops the process exactly as it would have.
-    Signals reach Python's handlers in the main thread only, so elsewhere this does nothing."""
+    and each noted signal is raised again (SIGTERM first), so it stops the process as it would
+    have. A signal landing while the handlers are put back can leave a noting handler installed:
+    once the block is over it puts the process's own handler back itself and passes the signal
+    on. Signals reach Python's handlers in the main thread only, so elsewhere this does nothing.
+    The write's own retries (`--db-retries`, `--db-timeout`) bound how long a signal waits."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     caught: list[int] = []
-    watched = (signal.SIGINT, signal.SIGTERM)
-    before = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum)) for sig in watched}
-    try:
-        yield
-    finally:
-        for sig, handler in before.items():  # None: a handler not set from Python, i.e. the default
-            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
-        for signum in dict.fromkeys(caught):  # once each, in the order they came
+    before: dict[int, Any] = {}
+    done = False
+
+    def restore(sig: int) -> None:  # None: a handler not set from Python, i.e. the default
+        signal.signal(sig, signal.SIG_DFL if before[sig] is None else before[sig])
+
+    def hold(signum: int, frame: object) -> None:
+        if not done:
+            caught.append(signum)
+        else:  # left installed after the block: put the process's handler back and deliver
+            restore(signum)
             signal.raise_signal(signum)
 
-
-def mark_run(storage: Storage, run_id: int, status: str) -> None:
-    """Write a run's status with interrupts held back (`interrupts_deferred`)."""
-    with interrupts_deferred():
-        storage.set_run_status(run_id, status)
+    try:
+        for watched in (signal.SIGINT, signal.SIGTERM):
+            before[watched] = signal.signal(watched, hold)
+        yield
+    finally:
+        done = True
+        for sig in before:
+            restore(sig)
+        for signum in sorted(set(caught), key=lambda s: s != signal.SIGTERM):  # once each; terminate first
+            signal.raise_signal(signum)
 
 
 def stop_status(exc_type: type[BaseException]) -> str:
@@ -138,9 +149,7 @@ class Run:
         if storage.get_run(name) is not None:
             raise RunError(f"a run named {name!r} exists; continue it with --resume {name}")
         run_id = storage.create_run(name, config.to_json(), config.seed)
-        record = storage.get_run(run_id)
-        assert record is not None
-        return cls._started(storage, record, config, device, objective, strategy, kw)
+        return cls._started(storage, run_id, config, device, objective, strategy, kw)
 
     @staticmethod
     def stored_config(storage: Storage, name: str) -> SearchConfig:
@@ -165,18 +174,23 @@ class Run:
         config = cls.stored_config(storage, name)
         record = storage.get_run(name)
         assert record is not None
-        mark_run(storage, record["id"], "running")
-        return cls._started(storage, record, config, device, objective, strategy, kw)
+        # not held back: a signal inside this write leaves the run as it was (interrupted)
+        storage.set_run_status(record["id"], "running")
+        return cls._started(storage, record["id"], config, device, objective, strategy, kw)
 
     @classmethod
-    def _started(cls, storage: Storage, record: dict, config: SearchConfig, device: torch.device | str,
+    def _started(cls, storage: Storage, run_id: int, config: SearchConfig, device: torch.device | str,
                  objective: Objective | None, strategy: Strategy[Any] | None, kw: dict[str, Any]) -> Run:
-        """The object of a run just marked running; if that fails, the run is marked failed."""
+        """The object of a run just marked running; if that fails (or Ctrl-C comes before the
+        caller's `with` block), the run is marked failed (interrupted)."""
         try:
+            record = storage.get_run(run_id)
+            assert record is not None
             return cls(storage, record, config, objective=objective or Objective(config, device),
                        strategy=strategy or default_strategy(config), **kw)
         except BaseException as e:
-            mark_run(storage, record["id"], stop_status(type(e)))
+            with interrupts_deferred():
+                storage.set_run_status(run_id, stop_status(type(e)))
             raise
 
     @property
@@ -193,23 +207,22 @@ class Run:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        if self.claims is not None:
-            self.claims.close()
-        if exc_type is None:
-            if self.funnel_done:
-                self._mark("finished")
-        else:
-            try:
-                self._mark(stop_status(exc_type))
-            except StoreError as e:  # the database itself failed (a full disk): its first error is what to say
-                log.warning(f"could not mark run {self.name!r} {stop_status(exc_type)}: {e}")
-
-    def _mark(self, status: str) -> None:
-        """Write the run's status; a Ctrl-C meanwhile is delivered once it is written, so the run
-        never stays `running` after it stopped (`self.status` says which status landed)."""
+        # all of it with Ctrl-C held back (delivered at the end): the run never stays `running`
+        # after it stopped, and `self.status` says which status landed
         with interrupts_deferred():
-            self.storage.set_run_status(self.id, status)
-            self.status = status
+            if self.claims is not None:
+                self.claims.close()
+            if exc_type is None:
+                if self.funnel_done:
+                    self.storage.set_run_status(self.id, "finished")
+                    self.status = "finished"
+            else:
+                status = stop_status(exc_type)
+                try:
+                    self.storage.set_run_status(self.id, status)
+                    self.status = status
+                except StoreError as e:  # the database itself failed (a full disk): its first error is what to say
+                    log.warning(f"could not mark run {self.name!r} {status}: {e}")
 
     # ------------------------------------------------------------------ the search
     def adam_reference(self, evaluator: TaskEvaluator | None = None) -> AdamReference:
